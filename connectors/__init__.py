@@ -1,0 +1,1 @@
+"""Adapters between writeguard and the outside world: Kafka, Debezium, the messages writeguard publishes."""

@@ -1,0 +1,303 @@
+"""Score-then-learn over every change, one set of models per (table, agent id).
+
+The engine is pure: it takes :class:`Change` records and returns :class:`Finding` decisions. Kafka,
+files and metrics stay in ``stream``; the same engine serves the Faust worker and ``writeguard replay``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import msgspec
+
+from detectors.features import Extractor
+from detectors.models import Contribution, Detector, OpBurstCeiling, RateCeiling, RiverModel, ZScore
+from detectors.spec import (
+    SEVERITY_RANK,
+    OpBurstSpec,
+    RateSpec,
+    RiverModelSpec,
+    TableSpec,
+    ZScoreSpec,
+    detector_name,
+)
+
+# Alert ids are uuid5 in this namespace, so the same triggering event always yields the same alert id.
+ALERT_NAMESPACE = uuid.UUID("6f1c3d2e-52a8-4c1b-9d0e-77a1c0ffee42")
+UNATTRIBUTED = "unattributed"
+
+
+class Change(msgspec.Struct, array_like=True, gc=False):
+    """What detection needs from one change event; also the repartition topic's wire format."""
+
+    table: str
+    op: str
+    agent_id: str
+    run_id: str | None
+    x: dict[str, float]
+    commit_ts_us: int
+    coords: str  # "topic/partition/offset" on Kafka, "path:line" in replay
+    snapshot: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    coords: str
+    commit_ts_us: int
+    score: float
+
+
+@dataclass(slots=True)
+class Finding:
+    """A decision to alert, with everything the alert message needs."""
+
+    alert_id: str
+    table: str
+    agent_id: str
+    run_id: str | None
+    detector: str
+    kind: str
+    scope: str  # "agent": its own model; "population": the table's model, while the agent warms up
+    severity: str
+    score: float
+    threshold: float
+    contributions: list[Contribution]
+    triggers: list[Trigger]
+    actions: tuple[str, ...]
+    quarantine: bool  # this finding quarantines the agent (False when it already is)
+    commit_ts_us: int
+    agent_events: int
+
+
+@dataclass(slots=True)
+class Quarantine:
+    alert_id: str | None
+    reason: str
+    since_us: int
+    events_after: int = 0
+    anomalous_after: int = 0
+
+
+@dataclass(slots=True)
+class _Plan:
+    name: str
+    kind: str
+    severity: str
+    threshold: float
+    warmup: int
+    k: int
+    nmask: int
+    value: bool  # a learned value model (skips anomalous events when learning)
+    make: Callable[[], Detector]
+    population: Detector | None
+    population_n: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass(slots=True)
+class _Table:
+    spec: TableSpec
+    extractor: Extractor
+    plans: list[_Plan]
+
+
+class _AgentState:
+    __slots__ = ("dets", "masks", "n", "open", "recent")
+
+    def __init__(self, plans: list[_Plan]) -> None:
+        self.dets: list[Detector] = [p.make() for p in plans]
+        self.masks = [0] * len(plans)
+        self.open = 0  # bit i set: an incident is open for detector i, so further anomalies do not re-alert
+        self.recent: list[list[Trigger]] | None = None
+        self.n = 0
+
+
+def _factory(spec: TableSpec, d: ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec) -> Callable[[], Detector]:
+    log = frozenset(f.name for f in spec.features if f.transform == "log")
+    if isinstance(d, ZScoreSpec):
+        feats, half_z, min_std = d.features, d.half_z, d.min_std
+        return lambda: ZScore(feats, log, half_z, min_std)
+    if isinstance(d, RiverModelSpec):
+        model, params, scaler, rfeats = d.model, d.params, d.scaler, d.features
+        return lambda: RiverModel(model, params, scaler, rfeats)
+    if isinstance(d, OpBurstSpec):
+        ops, mx, w = d.ops, d.max_events, d.window_seconds
+        return lambda: OpBurstCeiling(mx, w, ops)
+    mx2, w2 = d.max_events, d.window_seconds
+    return lambda: RateCeiling(mx2, w2)
+
+
+def compile_table(spec: TableSpec) -> _Table:
+    plans: list[_Plan] = []
+    for d in spec.detectors:
+        make = _factory(spec, d)
+        value = isinstance(d, ZScoreSpec | RiverModelSpec)
+        if isinstance(d, ZScoreSpec | RiverModelSpec):
+            threshold, warmup, k, n = d.threshold, d.warmup, d.debounce.k, d.debounce.n
+        else:
+            # A guard's incident stays open until 16 writes in a row are back under the ceiling.
+            threshold, warmup, k, n = 1.0, 0, 1, 16
+        pop = make() if isinstance(d, ZScoreSpec) and d.population else None
+        plans.append(
+            _Plan(detector_name(d), d.kind, d.severity, threshold, warmup, k, (1 << n) - 1, value, make, pop)
+        )
+    return _Table(spec, Extractor(spec), plans)
+
+
+def alert_id(table: str, agent_id: str, detector: str, coords: str) -> str:
+    return str(uuid.uuid5(ALERT_NAMESPACE, f"{table}\x1f{agent_id}\x1f{detector}\x1f{coords}"))
+
+
+class Engine:
+    """Per-(table, agent) detectors, a population model per table, and the quarantine state.
+
+    >>> from detectors.spec import TableSpec, FeatureSpec, ZScoreSpec
+    >>> spec = TableSpec(name="public.refunds", topic="shop.public.refunds",
+    ...                  features=(FeatureSpec(name="amount", column="amount", transform="log"),),
+    ...                  detectors=(ZScoreSpec(warmup=20),))
+    >>> eng = Engine([spec])
+    >>> for i in range(40):
+    ...     _ = eng.process(Change("public.refunds", "c", "a1", None, {"amount": 30.0 + i % 9}, i, f"t/0/{i}"))
+    >>> eng.process(Change("public.refunds", "c", "a1", None, {"amount": 900.0}, 41, "t/0/41"))
+    []
+    >>> [f.quarantine for f in eng.process(Change("public.refunds", "c", "a1", None, {"amount": 990.0}, 42, "t/0/42"))]
+    [True]
+    """
+
+    def __init__(self, tables: list[TableSpec]) -> None:
+        self.tables: dict[str, _Table] = {t.name: compile_table(t) for t in tables}
+        self.states: dict[tuple[str, str], _AgentState] = {}
+        self.quarantined: dict[str, Quarantine] = {}
+
+    def table(self, name: str) -> _Table | None:
+        return self.tables.get(name)
+
+    def process(self, ch: Change, scores: list[tuple[str, float]] | None = None) -> list[Finding]:
+        """Score ``ch`` with every detector of its table, then learn from it; return alert decisions."""
+        tab = self.tables[ch.table]
+        key = (ch.table, ch.agent_id)
+        st = self.states.get(key)
+        if st is None:
+            st = self.states[key] = _AgentState(tab.plans)
+        st.n += 1
+        t = ch.commit_ts_us / 1e6
+        x = ch.x
+        quarantine = self.quarantined.get(ch.agent_id)
+        findings: list[Finding] = []
+        value_anomaly = False
+        any_anomaly = False
+        for i, p in enumerate(tab.plans):
+            det = st.dets[i]
+            scope = "agent"
+            if p.value:
+                if not x:
+                    continue
+                if det.n >= p.warmup:
+                    score = det.score_one(x)
+                elif p.population is not None and p.population_n[0] >= p.warmup:
+                    det, scope = p.population, "population"
+                    score = det.score_one(x)
+                else:
+                    continue
+            else:
+                score = det.score_one(x, ch.op, t)
+            if scores is not None:
+                scores.append((p.name, score))
+            anomalous = score >= p.threshold and not ch.snapshot
+            mask = ((st.masks[i] << 1) | anomalous) & p.nmask
+            st.masks[i] = mask
+            bit = 1 << i
+            if not anomalous:
+                # A quarantined agent keeps its incidents open: late, out-of-order normal events from other
+                # CDC partitions must not close them and re-alert on the same burst.
+                if mask == 0 and st.open & bit and quarantine is None:
+                    st.open &= ~bit
+                    if st.recent is not None:
+                        st.recent[i].clear()
+                continue
+            any_anomaly = True
+            value_anomaly = value_anomaly or p.value
+            if st.recent is None:
+                st.recent = [[] for _ in tab.plans]
+            recent = st.recent[i]
+            recent.append(Trigger(ch.coords, ch.commit_ts_us, score))
+            if len(recent) > 64:
+                del recent[0]
+            if st.open & bit or mask.bit_count() < p.k:
+                continue
+            st.open |= bit
+            findings.append(self._finding(tab, p, ch, det, scope, score, list(recent), st.n, quarantine))
+        if quarantine is not None:
+            quarantine.events_after += 1
+            quarantine.anomalous_after += any_anomaly
+        for i, p in enumerate(tab.plans):
+            if not p.value:
+                st.dets[i].learn_one(x, ch.op, t)
+            elif x and not value_anomaly and quarantine is None:
+                st.dets[i].learn_one(x)
+                if p.population is not None:
+                    p.population.learn_one(x)
+                    p.population_n[0] += 1
+        return findings
+
+    def _finding(
+        self,
+        tab: _Table,
+        p: _Plan,
+        ch: Change,
+        det: Detector,
+        scope: str,
+        score: float,
+        triggers: list[Trigger],
+        n: int,
+        quarantine: Quarantine | None,
+    ) -> Finding:
+        name = p.name if scope == "agent" else f"{p.name}.population"
+        actions = tab.spec.actions.get(p.severity, ("alert",))  # type: ignore[call-overload]
+        aid = alert_id(ch.table, ch.agent_id, name, ch.coords)
+        quarantines = "quarantine" in actions and quarantine is None
+        if quarantines:
+            self.quarantined[ch.agent_id] = Quarantine(aid, f"{name} on {ch.table}", ch.commit_ts_us)
+        return Finding(
+            alert_id=aid,
+            table=ch.table,
+            agent_id=ch.agent_id,
+            run_id=ch.run_id,
+            detector=name,
+            kind=p.kind,
+            scope=scope,
+            severity=p.severity,
+            score=score,
+            threshold=p.threshold,
+            contributions=det.explain(ch.x, ch.op, ch.commit_ts_us / 1e6)[:5],
+            triggers=triggers,
+            actions=tuple(actions),
+            quarantine=quarantines,
+            commit_ts_us=ch.commit_ts_us,
+            agent_events=n,
+        )
+
+    def apply_control(self, agent_id: str, state: str, alert_id: str | None, reason: str, at_us: int) -> None:
+        """Follow the control topic: a record written by any worker or by ``writeguard release``."""
+        if state == "quarantined":
+            if agent_id not in self.quarantined:
+                self.quarantined[agent_id] = Quarantine(alert_id, reason, at_us)
+        elif state == "released":
+            self.quarantined.pop(agent_id, None)
+
+    @property
+    def active_models(self) -> int:
+        return len(self.states)
+
+    def models_by_table(self) -> Mapping[str, int]:
+        counts: dict[str, int] = dict.fromkeys(self.tables, 0)
+        for table, _ in self.states:
+            counts[table] += 1
+        return counts
+
+
+def max_severity(findings: list[Finding]) -> str | None:
+    if not findings:
+        return None
+    return max(findings, key=lambda f: SEVERITY_RANK[f.severity]).severity

@@ -1,0 +1,102 @@
+"""Turn one change event's row images into what detection needs: the agent, its run, numeric features.
+
+Values come from the watched database and are untrusted: anything that is not a finite number is
+skipped rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from detectors.spec import FeatureSpec, FieldPath, TableSpec
+
+Row = Mapping[str, Any]
+
+
+def lookup(row: Row | None, keys: tuple[str, ...]) -> Any:
+    cur: Any = row
+    for k in keys:
+        if not isinstance(cur, Mapping):
+            return None
+        cur = cur.get(k)
+    return cur
+
+
+def as_number(v: Any) -> float | None:
+    """A finite float from a JSON number or a numeric string (Debezium's decimal.handling.mode=string)."""
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float):
+        f = float(v)
+    elif isinstance(v, str):
+        try:
+            f = float(v)
+        except ValueError:
+            return None
+    else:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def pick(path: FieldPath, op: str, before: Row | None, after: Row | None) -> Any:
+    if path.image == "after":
+        return lookup(after, path.keys)
+    if path.image == "before":
+        return lookup(before, path.keys)
+    return lookup(before if op == "d" else after, path.keys)
+
+
+def identity(v: Any, limit: int = 256) -> str | None:
+    """An id as text, bounded so that a hostile 10 MB value cannot become a metric label or a key."""
+    if v is None or isinstance(v, dict | list):
+        return None
+    s = v if isinstance(v, str) else str(v)
+    return s[:limit] if s else None
+
+
+class Extractor:
+    """Compiled reader for one table's provenance fields and features.
+
+    >>> from detectors.spec import TableSpec, FeatureSpec
+    >>> spec = TableSpec(name="public.refunds", topic="shop.public.refunds",
+    ...                  features=(FeatureSpec(name="amount", column="amount", transform="log"),
+    ...                            FeatureSpec(name="amount_change", column="amount", delta=True, ops=("u",))))
+    >>> ex = Extractor(spec)
+    >>> ex.agent("u", {"agent_id": "a1", "amount": 10}, {"agent_id": "a1", "run_id": "r9", "amount": 25})
+    ('a1', 'r9')
+    >>> ex.features("u", {"amount": 10}, {"amount": 25})
+    {'amount': 25.0, 'amount_change': 15.0}
+    """
+
+    __slots__ = ("_agent", "_features", "_run")
+
+    def __init__(self, spec: TableSpec) -> None:
+        self._agent = FieldPath.parse(spec.agent_id)
+        self._run = FieldPath.parse(spec.run_id) if spec.run_id else None
+        self._features: tuple[tuple[FeatureSpec, tuple[str, ...]], ...] = tuple(
+            (f, tuple(f.column.split("."))) for f in spec.features
+        )
+
+    def agent(self, op: str, before: Row | None, after: Row | None) -> tuple[str | None, str | None]:
+        agent = identity(pick(self._agent, op, before, after))
+        run = identity(pick(self._run, op, before, after)) if self._run is not None else None
+        return agent, run
+
+    def features(self, op: str, before: Row | None, after: Row | None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        row = before if op == "d" else after
+        for f, keys in self._features:
+            if op not in f.ops:
+                continue
+            if f.delta:
+                a = as_number(lookup(after, keys))
+                b = as_number(lookup(before, keys))
+                if a is not None and b is not None:
+                    out[f.name] = a - b
+                continue
+            v = as_number(lookup(row, keys))
+            if v is not None:
+                out[f.name] = v
+        return out

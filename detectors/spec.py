@@ -1,0 +1,172 @@
+"""Per-table detection settings, as they appear under ``tables:`` in the YAML config.
+
+These models are pure data: ``stream.config`` reads the file and ``detectors.engine`` builds the
+per-agent models from them. Field names follow Debezium's vocabulary (``before``/``after``, op codes).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Op = Literal["c", "u", "d", "r", "t"]
+Severity = Literal["info", "warning", "critical"]
+Action = Literal["alert", "quarantine"]
+SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
+
+
+class _Strict(BaseModel):
+    # A typo in a YAML key must be refused, not silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldPath(_Strict):
+    """Where a value lives in a change event: ``after.agent_id``, ``before.meta.run``, or ``row.agent_id``.
+
+    ``row`` means the row image that exists: ``after`` for c/u/r, ``before`` for d.
+    """
+
+    image: Literal["row", "after", "before"]
+    keys: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> FieldPath:
+        image, _, rest = text.partition(".")
+        if image not in ("row", "after", "before") or not rest:
+            raise ValueError(f"field path must look like 'after.column' (row/after/before), got {text!r}")
+        return cls(image=image, keys=tuple(rest.split(".")))  # type: ignore[arg-type]
+
+
+class FeatureSpec(_Strict):
+    """One numeric feature taken from a column of the row image."""
+
+    name: str = Field(description="Feature name, as it appears in alerts.")
+    column: str = Field(description="Column in the row image (dots reach into JSON objects).")
+    transform: Literal["none", "log"] = Field(
+        "none", description="'log' = sign(x)*log1p(|x|): money and counts are heavy-tailed."
+    )
+    delta: bool = Field(False, description="Use after - before on updates instead of the value.")
+    ops: tuple[Op, ...] = Field(("c", "u", "r", "d"), description="Ops whose row image gives this feature.")
+
+
+class Debounce(_Strict):
+    """Alert only when ``k`` of the agent's last ``n`` scored events were anomalous."""
+
+    k: int = Field(2, ge=1)
+    n: int = Field(4, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> Debounce:
+        if self.k > self.n:
+            raise ValueError("debounce.k must be <= debounce.n")
+        return self
+
+
+class _DetectorBase(_Strict):
+    name: str | None = Field(None, description="Defaults to the kind; must be unique per table.")
+    severity: Severity = "critical"
+
+
+class ZScoreSpec(_DetectorBase):
+    """Per-feature running mean/variance (River ``stats.Var``), the default value model."""
+
+    kind: Literal["zscore"] = "zscore"
+    features: tuple[str, ...] | None = Field(None, description="Feature names; all features by default.")
+    threshold: float = Field(0.7, gt=0, lt=1, description="Score in [0,1]; 0.7 is |z| >= 9.3 at half_z=4.")
+    half_z: float = Field(4.0, gt=0, description="The |z| that maps to score 0.5 (score = z/(z+half_z)).")
+    min_std: float = Field(0.05, gt=0, description="Std floor in transformed units, for features that never vary.")
+    warmup: int = Field(30, ge=2, description="Events of this agent before its own model may alert.")
+    debounce: Debounce = Debounce()
+    population: bool = Field(True, description="Score agents in warm-up against the table's population model.")
+
+
+class RiverModelSpec(_DetectorBase):
+    """Any River anomaly model by name, e.g. ``anomaly.HalfSpaceTrees`` with ``params``."""
+
+    kind: Literal["river"] = "river"
+    model: str = Field("anomaly.HalfSpaceTrees", description="Name under river, e.g. 'anomaly.OneClassSVM'.")
+    params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    scaler: Literal["minmax", "standard", "none"] = Field(
+        "minmax", description="HalfSpaceTrees assumes features in [0,1]; minmax gets them there online."
+    )
+    features: tuple[str, ...] | None = None
+    threshold: float = Field(0.9, gt=0)
+    warmup: int = Field(100, ge=1)
+    debounce: Debounce = Debounce()
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        module, _, name = v.partition(".")
+        if module not in ("anomaly",) or not name.isidentifier():
+            raise ValueError("model must be 'anomaly.<ClassName>' from river")
+        return v
+
+
+class RateSpec(_DetectorBase):
+    """Hard ceiling on an agent's writes per window of commit time; covers agents from their first write."""
+
+    kind: Literal["rate"] = "rate"
+    max_events: int = Field(ge=1)
+    window_seconds: float = Field(60.0, gt=0)
+
+
+class OpBurstSpec(_DetectorBase):
+    """Hard ceiling on destructive ops (deletes, truncates) per window; a truncate alone fires it."""
+
+    kind: Literal["op_burst"] = "op_burst"
+    ops: tuple[Op, ...] = ("d", "t")
+    max_events: int = Field(ge=1)
+    window_seconds: float = Field(60.0, gt=0)
+
+
+DetectorSpec = Annotated[ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec, Field(discriminator="kind")]
+
+
+def detector_name(spec: ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec) -> str:
+    return spec.name or spec.kind
+
+
+class TableSpec(_Strict):
+    """How one watched table is read and judged."""
+
+    name: str = Field(description="'<schema>.<table>' as in Debezium's source block, e.g. 'public.refunds'.")
+    topic: str = Field(description="CDC topic, Debezium's '<topic.prefix>.<schema>.<table>'.")
+    agent_id: str = Field("row.agent_id", description="Field path of the agent id.")
+    run_id: str | None = Field("row.run_id", description="Field path of the run id (optional).")
+    features: tuple[FeatureSpec, ...] = ()
+    detectors: tuple[DetectorSpec, ...] = (ZScoreSpec(),)
+    actions: dict[Severity, tuple[Action, ...]] = Field(
+        default_factory=lambda: {"info": ("alert",), "warning": ("alert",), "critical": ("alert", "quarantine")},
+        description="What each severity does. Every alert is published; 'quarantine' also stops the agent.",
+    )
+
+    @field_validator("agent_id", "run_id")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None:
+            FieldPath.parse(v)
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _schema_table(cls, v: str) -> str:
+        if v.count(".") != 1 or not all(v.split(".")):
+            raise ValueError("table name must be '<schema>.<table>'")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TableSpec:
+        names = [detector_name(d) for d in self.detectors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"detector names must be unique per table, got {names}")
+        feats = {f.name for f in self.features}
+        if len(feats) != len(self.features):
+            raise ValueError("feature names must be unique per table")
+        for d in self.detectors:
+            wanted = getattr(d, "features", None) or ()
+            missing = [f for f in wanted if f not in feats]
+            if missing:
+                raise ValueError(f"detector {detector_name(d)!r} names unknown features {missing}")
+        return self

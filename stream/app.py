@@ -1,0 +1,250 @@
+"""The Faust app: CDC topics -> (re-key by agent id) -> per-agent detection -> alerts and control records.
+
+Two agents make the pipeline. ``ingest`` reads the Debezium topics, decodes each record once, sends the
+malformed ones to the dead-letter topic, and forwards a compact :class:`Change` keyed by agent id to the
+internal ``changes`` topic. Debezium keys by primary key, so without this hop one agent's writes would
+be spread over every worker; the cost is one extra produce and consume per event (see the README's
+benchmark). ``detect`` consumes ``changes``: all of an agent's events reach the same worker and the same
+models. The control topic is followed by every worker in full, so quarantine state survives restarts
+and rebalances without co-partitioning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+import uuid
+from typing import Any
+
+import faust
+import msgspec
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from connectors.debezium import EnvelopeError
+from connectors.messages import ControlRecord, DeadLetter
+from detectors.engine import Change, Engine, Finding
+from stream.config import Config, client_settings
+from stream.metrics import Metrics
+from stream.pipeline import Router, build_alert, coords_of
+
+log = logging.getLogger("writeguard.worker")
+_encode = msgspec.json.Encoder().encode
+_decode_change = msgspec.json.Decoder(Change).decode
+
+
+def ensure_topics(cfg: Config, timeout: float = 30.0) -> None:
+    """Create writeguard's own topics; the control topic is compacted so the latest state per agent wins."""
+    admin = AdminClient(client_settings(cfg))
+    t = cfg.topics
+    wanted = [
+        NewTopic(t.alerts, t.partitions, 1),
+        NewTopic(t.dead_letter, t.partitions, 1),
+        NewTopic(t.changes, t.partitions, 1),
+        NewTopic(t.control, t.partitions, 1, config={"cleanup.policy": "compact"}),
+    ]
+    existing = admin.list_topics(timeout=timeout).topics
+    todo = [n for n in wanted if n.topic not in existing]
+    if not todo:
+        return
+    for topic, fut in admin.create_topics(todo, request_timeout=timeout).items():
+        try:
+            fut.result()
+        except KafkaException as e:
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise RuntimeError(f"cannot create topic {topic}: {e}") from None
+
+
+def _credentials(client: dict[str, str]) -> Any:
+    proto = client.get("security.protocol", "PLAINTEXT").upper()
+    if proto == "PLAINTEXT":
+        return None
+    ctx = ssl.create_default_context(cafile=client.get("ssl.ca.location"))
+    if client.get("ssl.certificate.location"):
+        ctx.load_cert_chain(client["ssl.certificate.location"], client.get("ssl.key.location"))
+    if proto == "SSL":
+        return faust.SSLCredentials(ctx)
+    return faust.SASLCredentials(
+        username=client.get("sasl.username"),
+        password=client.get("sasl.password"),
+        mechanism=client.get("sasl.mechanism", "PLAIN"),
+        ssl_context=ctx if proto == "SASL_SSL" else None,
+    )
+
+
+class ControlFollower:
+    """Reads the whole compacted control topic, then keeps up with it, without a consumer group."""
+
+    def __init__(self, cfg: Config, engine: Engine, metrics: Metrics | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self._consumer = Consumer({
+            **client_settings(cfg),
+            "group.id": f"writeguard-control-{uuid.uuid4()}",  # never committed: every worker reads it all
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        })
+        md = self._consumer.list_topics(cfg.topics.control, timeout=30)
+        parts = md.topics[cfg.topics.control].partitions
+        self._consumer.assign([TopicPartition(cfg.topics.control, p, OFFSET_BEGINNING) for p in parts])
+
+    def poll(self, max_records: int = 500) -> int:
+        n = 0
+        for msg in self._consumer.consume(num_messages=max_records, timeout=0):
+            if msg.error() or msg.value() is None:
+                continue
+            try:
+                rec = ControlRecord.model_validate_json(msg.value())
+            except ValueError:
+                log.warning("ignoring an invalid control record at offset %s", msg.offset())
+                continue
+            self.engine.apply_control(rec.agent_id, rec.state, rec.alert_id, rec.reason,
+                                      int(rec.at.timestamp() * 1e6))
+            n += 1
+        if self.metrics is not None:
+            self.metrics.quarantined_agents.set(len(self.engine.quarantined))
+        return n
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | None = None) -> faust.App:
+    servers = ";".join(f"kafka://{s.strip()}" for s in cfg.kafka.bootstrap_servers.split(","))
+    app = faust.App(
+        cfg.kafka.group_id,
+        broker=servers,
+        broker_credentials=_credentials(cfg.kafka.client),
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=False,
+        broker_commit_interval=cfg.worker.commit_interval_s,
+        topic_partitions=cfg.topics.partitions,
+        consumer_auto_offset_reset="earliest",
+        consumer_metadata_max_age_ms=10_000,
+        stream_wait_empty=False,
+        producer_linger_ms=1,
+        datadir=datadir or f"{cfg.kafka.group_id}-data",
+    )
+    router = Router(cfg.tables)
+    cdc = app.topic(*[t.topic for t in cfg.tables], key_serializer="raw", value_serializer="raw")
+    changes = app.topic(cfg.topics.changes, key_serializer="raw", value_serializer="raw",
+                        partitions=cfg.topics.partitions)
+    alerts = app.topic(cfg.topics.alerts, key_serializer="raw", value_serializer="raw")
+    control = app.topic(cfg.topics.control, key_serializer="raw", value_serializer="raw")
+    dlq = app.topic(cfg.topics.dead_letter, key_serializer="raw", value_serializer="raw")
+    follower: list[ControlFollower] = []
+    sample = [0]
+
+    async def publish(findings: list[Finding]) -> None:
+        now_us = time.time_ns() // 1000
+        for f in findings:
+            alert = build_alert(f, now_us)
+            await alerts.send(key=f.agent_id.encode(), value=alert.to_bytes())
+            metrics.alerts.labels(f.table, f.detector, f.severity).inc()
+            metrics.detection_lag.labels(f.table).observe(alert.lag_ms / 1000.0)
+            log.warning("ALERT %s", alert.summary)
+            if f.quarantine:
+                rec = ControlRecord(agent_id=f.agent_id, state="quarantined", reason=alert.summary,
+                                    alert_id=f.alert_id, table=f.table, by="writeguard-worker")
+                await control.send(key=f.agent_id.encode(), value=rec.to_bytes())
+                metrics.quarantines.labels(f.table).inc()
+                metrics.quarantined_agents.set(len(engine.quarantined))
+
+    def score(ch: Change) -> list[Finding]:
+        metrics.event(ch.table, ch.op)
+        if ch.agent_id in engine.quarantined:
+            metrics.quarantined_events.labels(ch.table).inc()
+        sample[0] += 1
+        if sample[0] & 15 == 0:
+            metrics.processing_lag.observe(max(time.time() - ch.commit_ts_us / 1e6, 0.0))
+        return engine.process(ch)
+
+    @app.agent(cdc)
+    async def ingest(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            msg = event.message
+            try:
+                out = router.route(msg.topic, event.value, coords_of(msg.topic, msg.partition, msg.offset))
+            except EnvelopeError as e:
+                metrics.dead_letters.labels(e.reason).inc()
+                await dlq.send(key=event.key, value=_dead_letter(e.reason, e.detail, msg, event.key,
+                                                                  event.value))
+                continue
+            except Exception as e:  # never let one record stop the stream: it is kept, with its reason
+                log.exception("unexpected error on %s", coords_of(msg.topic, msg.partition, msg.offset))
+                metrics.dead_letters.labels("internal_error").inc()
+                await dlq.send(key=event.key, value=_dead_letter("internal_error", repr(e)[:2000], msg,
+                                                                  event.key, event.value))
+                continue
+            if isinstance(out, str):
+                metrics.skipped.labels(out).inc()
+            elif cfg.worker.repartition:
+                await changes.send(key=out.agent_id.encode(), value=_encode(out))
+            else:
+                findings = score(out)
+                if findings:
+                    await publish(findings)
+
+    if cfg.worker.repartition:
+
+        @app.agent(changes)
+        async def detect(stream: faust.StreamT[bytes]) -> None:
+            async for value in stream:
+                findings = score(_decode_change(value))
+                if findings:
+                    await publish(findings)
+    
+    @app.task
+    async def follow_control() -> None:
+        f = ControlFollower(cfg, engine, metrics)
+        follower.append(f)
+        while True:
+            if f.poll() == 0:
+                await asyncio.sleep(0.2)
+
+    @app.timer(5.0)
+    async def gauges() -> None:
+        for table, n in engine.models_by_table().items():
+            metrics.active_models.labels(table).set(n)
+        metrics.quarantined_agents.set(len(engine.quarantined))
+        mon = app.monitor
+        if mon is not None and mon.tp_end_offsets:
+            for tp, end in list(mon.tp_end_offsets.items()):
+                read = mon.tp_read_offsets.get(tp)
+                if read is not None:
+                    metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(end - read - 1, 0))
+
+    return app
+
+
+def _dead_letter(reason: str, detail: str, msg: Any, key: bytes | None, value: bytes | None) -> bytes:
+    import base64
+
+    ts = msg.timestamp
+    return DeadLetter(
+        reason=reason,
+        detail=detail,
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        timestamp_ms=int(ts * 1000) if isinstance(ts, float) else ts,
+        key_b64=base64.b64encode(key).decode() if isinstance(key, bytes) else None,
+        value_b64=base64.b64encode(value).decode() if isinstance(value, bytes) else None,
+    ).to_bytes()
+
+
+def run_worker(cfg: Config, *, loglevel: str = "warning", datadir: str | None = None,
+               metrics_port: int | None = None) -> None:
+    """Create topics, serve metrics, and run the Faust worker until SIGTERM/SIGINT."""
+    ensure_topics(cfg)
+    engine = Engine(list(cfg.tables))
+    metrics = Metrics()
+    port = metrics.serve(cfg.worker.metrics.host,
+                         cfg.worker.metrics.port if metrics_port is None else metrics_port)
+    print(f"writeguard worker: metrics on http://{cfg.worker.metrics.host}:{port}/metrics", flush=True)
+    app = build_app(cfg, engine, metrics, datadir=datadir)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()

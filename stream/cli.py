@@ -1,0 +1,198 @@
+"""``writeguard``: the command line. Each subcommand's ``--help`` says what it does and what it needs."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from stream.config import Config, ConfigError, client_settings, config_json_schema, load_config
+
+EXAMPLE_CONFIG = Path(__file__).parent / "examples" / "writeguard.yaml"
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    return cfg.with_bootstrap(getattr(args, "bootstrap_servers", None))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from stream.app import run_worker
+
+    run_worker(_config(args), loglevel=args.loglevel, datadir=args.datadir, metrics_port=args.metrics_port)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from stream.replay import print_summary, replay
+
+    cfg = _config(args)
+    alerts = open(args.alerts, "wb") if args.alerts else sys.stdout.buffer  # noqa: SIM115
+    scores = open(args.scores, "wb") if args.scores else None  # noqa: SIM115
+    try:
+        stats = replay(args.events, cfg, alerts_out=alerts, scores_out=scores,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+    finally:
+        if args.alerts:
+            alerts.close()
+        if scores is not None:
+            scores.close()
+    print_summary(stats)
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from confluent_kafka import Producer
+
+    from connectors.messages import ControlRecord
+
+    cfg = _config(args)
+    by = args.by or f"{getpass.getuser()}@{socket.gethostname()}"
+    rec = ControlRecord(agent_id=args.agent, state="released", reason=args.reason, by=by)
+    # murmur2 is Java's and Faust's partitioner: the record lands where the worker's own records for this agent do.
+    producer = Producer({**client_settings(cfg), "partitioner": "murmur2_random", "acks": "all"})
+    errors: list[str] = []
+    producer.produce(cfg.topics.control, key=args.agent.encode(), value=rec.to_bytes(),
+                     on_delivery=lambda err, msg: errors.append(str(err)) if err else None)
+    if producer.flush(30) or errors:
+        print(f"writeguard release: could not write to {cfg.topics.control}: {errors or 'timed out'}",
+              file=sys.stderr)
+        return 1
+    print(f"released {args.agent!r} on {cfg.topics.control} (by {by}): {args.reason}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "schema":
+        print(json.dumps(config_json_schema(), indent=2))
+        return 0
+    cfg = load_config(args.file)
+    print(f"{args.file}: ok ({len(cfg.tables)} tables: {', '.join(t.name for t in cfg.tables)})")
+    return 0
+
+
+def all_schemas() -> dict[str, dict[str, object]]:
+    from connectors.messages import PUBLISHED
+
+    out: dict[str, dict[str, object]] = {"config": config_json_schema()}
+    for name, model in PUBLISHED.items():
+        out[name] = model.model_json_schema()
+    return out
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    stale = []
+    for name, schema in all_schemas().items():
+        path = folder / f"{name}.schema.json"
+        text = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(str(path))
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
+    if stale:
+        print("out of date (run `writeguard schemas --write`): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stream.demo import run_demo
+
+    return run_demo(bootstrap_servers=args.bootstrap_servers, warmup_s=args.warmup, agents=args.agents)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from connectors.broker import main as broker_main
+
+    return broker_main(["--workdir", args.workdir] if args.workdir else [])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="writeguard",
+        description="Watch the Debezium change events of tables that AI agents write to; alert on and "
+        "quarantine an agent whose writes look wrong.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser, kafka: bool = True) -> None:
+        sp.add_argument("--config", "-c", required=True, metavar="FILE",
+                        help=f"YAML config (example: {EXAMPLE_CONFIG})")
+        if kafka:
+            sp.add_argument("--bootstrap-servers", metavar="HOST:PORT[,...]",
+                            help="Kafka bootstrap.servers; overrides kafka.bootstrap.servers in the config")
+
+    w = sub.add_parser("worker", help="run a detection worker (Faust) until SIGTERM",
+                       description="Consume the CDC topics in the config, score every change per agent, "
+                       "publish alerts and control records, and serve Prometheus metrics.")
+    with_config(w)
+    w.add_argument("--metrics-port", type=int, help="override worker.metrics.port (0 = any free port)")
+    w.add_argument("--datadir", help="Faust data folder (default: ./<group.id>-data)")
+    w.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
+    w.set_defaults(func=cmd_worker)
+
+    r = sub.add_parser("replay", help="run detection over a file of Debezium message values, without Kafka",
+                       description="Backtest: read EVENTS (one Debezium message value per line, JSON, in "
+                       "commit order), run the worker's detectors, write alerts as JSON lines.")
+    r.add_argument("events", metavar="EVENTS.jsonl")
+    with_config(r, kafka=False)
+    r.add_argument("--alerts", metavar="OUT", help="alerts as JSON lines (default: standard output)")
+    r.add_argument("--scores", metavar="OUT",
+                   help="one JSON line per scored event and detector: line, table, agent_id, op, detector, score")
+    r.set_defaults(func=cmd_replay)
+
+    rel = sub.add_parser("release", help="release a quarantined agent (writes to the control topic)")
+    rel.add_argument("agent", metavar="AGENT_ID")
+    rel.add_argument("--reason", required=True, help="why it is safe to let the agent write again")
+    rel.add_argument("--by", help="who releases it (default: user@host)")
+    with_config(rel)
+    rel.set_defaults(func=cmd_release)
+
+    c = sub.add_parser("config", help="print the config JSON Schema, or check a config file")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    csub.add_parser("schema", help="print the config's JSON Schema")
+    chk = csub.add_parser("check", help="validate a config file; exit 1 with the bad keys' paths")
+    chk.add_argument("file", metavar="FILE")
+    c.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("schemas", help="write (or --check) the JSON Schemas of the config and every message")
+    s.add_argument("--dir", default="schemas", help="folder (default: schemas)")
+    s.add_argument("--check", action="store_true", help="exit 1 if a file differs from the models")
+    s.set_defaults(func=cmd_schemas)
+
+    d = sub.add_parser("demo", help="local Kafka + worker + a simulated agent fleet with one rogue agent",
+                       description="Starts a local Kafka broker (Maven Central jars; needs Java 17 and Maven) "
+                       "unless --bootstrap-servers is given, a writeguard worker, and a fleet of agents; one "
+                       "agent goes rogue and is alerted on and quarantined. Ends by itself.")
+    d.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="use this Kafka instead of a local one")
+    d.add_argument("--agents", type=int, default=12, help="simulated agents (default 12)")
+    d.add_argument("--warmup", type=float, default=20.0, help="seconds of normal traffic before the rogue (20)")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("broker", help="start a local single-node Kafka (KRaft) and wait; Ctrl-C stops it")
+    b.add_argument("--workdir", help="folder for its data and log (default: a temporary folder)")
+    b.set_defaults(func=cmd_broker)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"writeguard: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

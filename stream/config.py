@@ -1,0 +1,150 @@
+"""The worker's YAML config: Kafka settings, topic names, and per-table detectors.
+
+A bad file is refused at start with the path of every offending key (``tables.0.detectors.1.threshold``).
+Secrets stay out of the file: any string may say ``${ENV_VAR}`` and is filled from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from detectors.spec import TableSpec
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and each bad key's path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class KafkaSettings(_Strict):
+    bootstrap_servers: str = Field("127.0.0.1:9092", alias="bootstrap.servers")
+    group_id: str = Field("writeguard", alias="group.id", description="Consumer group and Faust app id.")
+    client: dict[str, str] = Field(
+        default_factory=dict,
+        description="Passed to every Kafka client: security.protocol, sasl.mechanism, sasl.username, "
+        "sasl.password, ssl.ca.location, ... Use ${ENV_VAR} for secrets.",
+    )
+
+
+class TopicSettings(_Strict):
+    alerts: str = "writeguard.alerts"
+    control: str = Field("writeguard.control", description="Compacted; keyed by agent id.")
+    dead_letter: str = "writeguard.dlq"
+    changes: str = Field("writeguard.changes", description="Internal: change summaries keyed by agent id.")
+    partitions: int = Field(6, ge=1, description="Partitions of the topics writeguard creates.")
+
+
+class MetricsSettings(_Strict):
+    host: str = "0.0.0.0"  # noqa: S104 - a metrics endpoint is scraped from outside the pod
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class WorkerSettings(_Strict):
+    repartition: bool = Field(
+        True,
+        description="Re-key changes by agent id so one worker sees all of an agent's events. Turn off only "
+        "when the CDC topics are already keyed by the agent id (Debezium message.key.columns).",
+    )
+    metrics: MetricsSettings = MetricsSettings()
+    commit_interval_s: float = Field(1.0, gt=0, description="Faust broker_commit_interval.")
+
+
+class Config(_Strict):
+    """Top-level writeguard config."""
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    worker: WorkerSettings = WorkerSettings()
+    tables: tuple[TableSpec, ...]
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        if not self.tables:
+            raise ValueError("tables: at least one table is needed")
+        names = [t.name for t in self.tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"table names must be unique, got {names}")
+        topics = [t.topic for t in self.tables]
+        if len(set(topics)) != len(topics):
+            raise ValueError("each table needs its own CDC topic")
+        return self
+
+    def table_by_topic(self) -> dict[str, TableSpec]:
+        return {t.topic: t for t in self.tables}
+
+    def with_bootstrap(self, servers: str | None) -> Config:
+        if not servers:
+            return self
+        return self.model_copy(update={"kafka": self.kafka.model_copy(update={"bootstrap_servers": servers})})
+
+
+_KINDS = frozenset({"zscore", "river", "rate", "op_burst"})
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any, path: str, missing: list[str]) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            got = os.environ.get(m.group(1))
+            if got is None:
+                missing.append(f"{path}: environment variable {m.group(1)} is not set")
+                return ""
+            return got
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else str(k), missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{path}.{i}", missing) for i, v in enumerate(value)]
+    return value
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    missing: list[str] = []
+    data = _expand(data, "", missing)
+    if missing:
+        raise ConfigError(f"{source}: " + "; ".join(missing))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            # pydantic puts the union's tag (detector kind) in the path; the YAML has no such key.
+            loc = [p for i, p in enumerate(err["loc"]) if not (p in _KINDS and i and isinstance(err["loc"][i - 1], int))]
+            where = ".".join(str(p) for p in loc) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config must be a mapping with at least 'tables:'")
+    return parse_config(data, str(p))
+
+
+def config_json_schema() -> dict[str, Any]:
+    return Config.model_json_schema(by_alias=True)
+
+
+def client_settings(cfg: Config) -> dict[str, str]:
+    """confluent-kafka settings for our own producers and consumers (control topic, CLI, DLQ)."""
+    return {"bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.client}

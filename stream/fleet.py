@@ -1,0 +1,168 @@
+"""A simulated fleet of AI agents writing to a shop database, as Debezium would report their writes.
+
+Used by the demo, the integration tests and the benchmark. Events are payload-only JSON exactly as
+Debezium's PostgreSQL connector emits them with ``value.converter.schemas.enable=false``; keys are the
+row's primary key, as Debezium keys them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import orjson
+
+TOPIC_PREFIX = "shop"
+REFUNDS = "public.refunds"
+ORDERS = "public.orders"
+
+
+def topic_of(table: str, prefix: str = TOPIC_PREFIX) -> str:
+    return f"{prefix}.{table}"
+
+
+@dataclass
+class Agent:
+    agent_id: str
+    table: str
+    mean_amount: float
+    rate_per_s: float
+    run_id: str
+    version: str = "1.4.2"
+    rogue: str | None = None  # None, "inflate" or "delete_burst"
+    written: int = 0
+    rogue_written: int = 0
+
+
+@dataclass
+class Record:
+    topic: str
+    key: bytes
+    value: bytes
+    agent_id: str
+    commit_ts_us: int
+    rogue: bool
+
+
+@dataclass
+class Fleet:
+    """``n_agents`` agents, alternating between the refunds and orders tables.
+
+    >>> fleet = Fleet(n_agents=4, seed=1)
+    >>> rec = fleet.write(fleet.agents[0], 1_700_000_000_000_000)
+    >>> rec.topic, b'"op":"c"' in rec.value
+    ('shop.public.refunds', True)
+    """
+
+    n_agents: int = 12
+    seed: int = 7
+    prefix: str = TOPIC_PREFIX
+    agents: list[Agent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self._ids = {REFUNDS: 100_000, ORDERS: 500_000}
+        self._live_orders: list[tuple[int, float, int, Agent]] = []
+        self._lsn = 30_000_000
+        self._tx = 700
+        if not self.agents:
+            for i in range(self.n_agents):
+                table = REFUNDS if i % 2 == 0 else ORDERS
+                kind = "refund" if table == REFUNDS else "order"
+                self.agents.append(Agent(
+                    agent_id=f"{kind}-agent-{i:02d}",
+                    table=table,
+                    mean_amount=round(self.rng.uniform(15, 120), 2),
+                    rate_per_s=self.rng.uniform(2.0, 6.0),
+                    run_id=f"run-{self.rng.getrandbits(32):08x}",
+                ))
+
+    def agent(self, agent_id: str) -> Agent:
+        return next(a for a in self.agents if a.agent_id == agent_id)
+
+    def _amount(self, a: Agent) -> float:
+        v = a.mean_amount * math.exp(self.rng.gauss(0.0, 0.35))
+        if a.rogue == "inflate":
+            v *= 20.0
+        return round(v, 2)
+
+    def _envelope(self, table: str, op: str, before: dict[str, object] | None, after: dict[str, object] | None,
+                  ts_us: int) -> bytes:
+        schema, name = table.split(".")
+        self._lsn += self.rng.randint(200, 900)
+        self._tx += 1
+        source = {
+            "version": "3.6.1.Final", "connector": "postgresql", "name": self.prefix,
+            "ts_ms": ts_us // 1000, "ts_us": ts_us, "ts_ns": ts_us * 1000, "snapshot": "false", "db": "shop",
+            "sequence": f'[null,"{self._lsn}"]', "schema": schema, "table": name, "txId": self._tx,
+            "lsn": self._lsn, "xmin": None,
+        }
+        now_us = ts_us + 3_000
+        return orjson.dumps({
+            "before": before, "after": after, "source": source, "transaction": None, "op": op,
+            "ts_ms": now_us // 1000, "ts_us": now_us, "ts_ns": now_us * 1000,
+        })
+
+    def write(self, a: Agent, ts_us: int) -> Record:
+        """One write by agent ``a`` committed at ``ts_us``."""
+        prov = {"agent_id": a.agent_id, "run_id": a.run_id, "agent_version": a.version}
+        rogue = a.rogue is not None
+        if a.table == REFUNDS:
+            self._ids[REFUNDS] += 1
+            rid = self._ids[REFUNDS]
+            after = {"id": rid, "order_id": self.rng.randint(1, 400_000), "amount": self._amount(a),
+                     "currency": "EUR", "reason": self.rng.choice(["damaged", "late", "wrong_item", "other"]),
+                     **prov, "idempotency_key": f"{a.agent_id}-{rid}"}
+            value, key, op = self._envelope(REFUNDS, "c", None, after, ts_us), {"id": rid}, "c"
+        else:
+            value, key, op = self._order_write(a, prov, ts_us)
+        a.written += 1
+        a.rogue_written += rogue
+        del op
+        return Record(topic_of(a.table, self.prefix), orjson.dumps(key), value, a.agent_id, ts_us, rogue)
+
+    def _order_write(self, a: Agent, prov: dict[str, object], ts_us: int) -> tuple[bytes, dict[str, int], str]:
+        r = self.rng.random()
+        mine = [o for o in self._live_orders[-200:] if o[3] is a]
+        if a.rogue == "delete_burst" and mine:
+            oid, total, items, _ = mine[-1]
+            self._live_orders.remove(mine[-1])
+            before = {"id": oid, "customer_id": 1, "total": total, "items": items, "status": "paid", **prov}
+            return self._envelope(ORDERS, "d", before, None, ts_us), {"id": oid}, "d"
+        if r < 0.25 and mine:
+            idx = self.rng.randrange(len(mine))
+            oid, total, items, _ = mine[idx]
+            new_total = round(total * math.exp(self.rng.gauss(0.0, 0.05)), 2)
+            before = {"id": oid, "customer_id": 1, "total": total, "items": items, "status": "paid", **prov}
+            after = {**before, "total": new_total, "status": "shipped"}
+            return self._envelope(ORDERS, "u", before, after, ts_us), {"id": oid}, "u"
+        if r < 0.27 and mine:
+            oid, total, items, _ = mine[0]
+            self._live_orders.remove(mine[0])
+            before = {"id": oid, "customer_id": 1, "total": total, "items": items, "status": "paid", **prov}
+            return self._envelope(ORDERS, "d", before, None, ts_us), {"id": oid}, "d"
+        self._ids[ORDERS] += 1
+        oid = self._ids[ORDERS]
+        items = 1 + min(int(self.rng.expovariate(0.6)), 9)
+        total = self._amount(a) * items
+        self._live_orders.append((oid, total, items, a))
+        if len(self._live_orders) > 5000:
+            del self._live_orders[:1000]
+        after = {"id": oid, "customer_id": self.rng.randint(1, 90_000), "total": round(total, 2), "items": items,
+                 "status": "paid", **prov}
+        return self._envelope(ORDERS, "c", None, after, ts_us), {"id": oid}, "c"
+
+    def stream(self, n: int, start_us: int, *, speedup: float = 1.0) -> Iterator[Record]:
+        """``n`` writes in commit-time order, each agent a Poisson process at its own rate."""
+        heap = [(start_us + int(self.rng.expovariate(a.rate_per_s) * 1e6 / speedup), i)
+                for i, a in enumerate(self.agents)]
+        import heapq
+
+        heapq.heapify(heap)
+        for _ in range(n):
+            ts, i = heapq.heappop(heap)
+            a = self.agents[i]
+            yield self.write(a, ts)
+            heapq.heappush(heap, (ts + max(1, int(self.rng.expovariate(a.rate_per_s) * 1e6 / speedup)), i))
