@@ -40,7 +40,9 @@ class TriggeringEvent(BaseModel):
 class Alert(_Message):
     """One anomaly decision. Keyed by agent id on the alert topic."""
 
-    alert_id: str = Field(description="uuid5 of table, agent, detector and triggering event: replays repeat it.")
+    alert_id: str = Field(
+        description="uuid5 of table, agent, detector and triggering event: replays repeat it."
+    )
     agent_id: str
     run_id: str | None
     table: str = Field(description="'<schema>.<table>'")
@@ -58,7 +60,9 @@ class Alert(_Message):
     detected_at: datetime
     lag_ms: float = Field(description="detected_at - commit_ts, in milliseconds.")
     triggering_events: list[TriggeringEvent] = Field(description="The anomalous events of this incident.")
-    anomalous_events: int = Field(description="How many of the agent's writes were anomalous before this alert.")
+    anomalous_events: int = Field(
+        description="How many of the agent's writes were anomalous before this alert."
+    )
     agent_events: int = Field(description="Events seen from this agent on this table, this one included.")
     actions: list[Literal["alert", "quarantine"]]
     quarantined: bool = Field(description="True when this alert quarantined the agent.")

@@ -113,7 +113,9 @@ class _AgentState:
         self.n = 0
 
 
-def _factory(spec: TableSpec, d: ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec) -> Callable[[], Detector]:
+def _factory(
+    spec: TableSpec, d: ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec
+) -> Callable[[], Detector]:
     log = frozenset(f.name for f in spec.features if f.transform == "log")
     if isinstance(d, ZScoreSpec):
         feats, half_z, min_std = d.features, d.half_z, d.min_std

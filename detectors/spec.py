@@ -35,7 +35,7 @@ class FieldPath(_Strict):
         image, _, rest = text.partition(".")
         if image not in ("row", "after", "before") or not rest:
             raise ValueError(f"field path must look like 'after.column' (row/after/before), got {text!r}")
-        return cls(image=image, keys=tuple(rest.split(".")))  # type: ignore[arg-type]
+        return cls(image=image, keys=tuple(rest.split(".")))
 
 
 class FeatureSpec(_Strict):
@@ -75,10 +75,14 @@ class ZScoreSpec(_DetectorBase):
     features: tuple[str, ...] | None = Field(None, description="Feature names; all features by default.")
     threshold: float = Field(0.7, gt=0, lt=1, description="Score in [0,1]; 0.7 is |z| >= 9.3 at half_z=4.")
     half_z: float = Field(4.0, gt=0, description="The |z| that maps to score 0.5 (score = z/(z+half_z)).")
-    min_std: float = Field(0.05, gt=0, description="Std floor in transformed units, for features that never vary.")
+    min_std: float = Field(
+        0.05, gt=0, description="Std floor in transformed units, for features that never vary."
+    )
     warmup: int = Field(30, ge=2, description="Events of this agent before its own model may alert.")
     debounce: Debounce = Debounce()
-    population: bool = Field(True, description="Score agents in warm-up against the table's population model.")
+    population: bool = Field(
+        True, description="Score agents in warm-up against the table's population model."
+    )
 
 
 class RiverModelSpec(_DetectorBase):
@@ -128,6 +132,10 @@ def detector_name(spec: ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec) ->
     return spec.name or spec.kind
 
 
+def _default_actions() -> dict[Severity, tuple[Action, ...]]:
+    return {"info": ("alert",), "warning": ("alert",), "critical": ("alert", "quarantine")}
+
+
 class TableSpec(_Strict):
     """How one watched table is read and judged."""
 
@@ -138,7 +146,7 @@ class TableSpec(_Strict):
     features: tuple[FeatureSpec, ...] = ()
     detectors: tuple[DetectorSpec, ...] = (ZScoreSpec(),)
     actions: dict[Severity, tuple[Action, ...]] = Field(
-        default_factory=lambda: {"info": ("alert",), "warning": ("alert",), "critical": ("alert", "quarantine")},
+        default_factory=_default_actions,
         description="What each severity does. Every alert is published; 'quarantine' also stops the agent.",
     )
 

@@ -21,7 +21,7 @@ from typing import Any
 import faust
 import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from connectors.debezium import EnvelopeError
 from connectors.messages import ControlRecord, DeadLetter
@@ -80,12 +80,14 @@ class ControlFollower:
     def __init__(self, cfg: Config, engine: Engine, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
-        self._consumer = Consumer({
-            **client_settings(cfg),
-            "group.id": f"writeguard-control-{uuid.uuid4()}",  # never committed: every worker reads it all
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        })
+        self._consumer = Consumer(
+            {
+                **client_settings(cfg),
+                "group.id": f"writeguard-control-{uuid.uuid4()}",  # never committed: every worker reads it all
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
         md = self._consumer.list_topics(cfg.topics.control, timeout=30)
         parts = md.topics[cfg.topics.control].partitions
         self._consumer.assign([TopicPartition(cfg.topics.control, p, OFFSET_BEGINNING) for p in parts])
@@ -93,15 +95,17 @@ class ControlFollower:
     def poll(self, max_records: int = 500) -> int:
         n = 0
         for msg in self._consumer.consume(num_messages=max_records, timeout=0):
-            if msg.error() or msg.value() is None:
+            value = msg.value()
+            if msg.error() or value is None:
                 continue
             try:
-                rec = ControlRecord.model_validate_json(msg.value())
+                rec = ControlRecord.model_validate_json(value)
             except ValueError:
                 log.warning("ignoring an invalid control record at offset %s", msg.offset())
                 continue
-            self.engine.apply_control(rec.agent_id, rec.state, rec.alert_id, rec.reason,
-                                      int(rec.at.timestamp() * 1e6))
+            self.engine.apply_control(
+                rec.agent_id, rec.state, rec.alert_id, rec.reason, int(rec.at.timestamp() * 1e6)
+            )
             n += 1
         if self.metrics is not None:
             self.metrics.quarantined_agents.set(len(self.engine.quarantined))
@@ -130,8 +134,9 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
     )
     router = Router(cfg.tables)
     cdc = app.topic(*[t.topic for t in cfg.tables], key_serializer="raw", value_serializer="raw")
-    changes = app.topic(cfg.topics.changes, key_serializer="raw", value_serializer="raw",
-                        partitions=cfg.topics.partitions)
+    changes = app.topic(
+        cfg.topics.changes, key_serializer="raw", value_serializer="raw", partitions=cfg.topics.partitions
+    )
     alerts = app.topic(cfg.topics.alerts, key_serializer="raw", value_serializer="raw")
     control = app.topic(cfg.topics.control, key_serializer="raw", value_serializer="raw")
     dlq = app.topic(cfg.topics.dead_letter, key_serializer="raw", value_serializer="raw")
@@ -147,8 +152,14 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
             metrics.detection_lag.labels(f.table).observe(alert.lag_ms / 1000.0)
             log.warning("ALERT %s", alert.summary)
             if f.quarantine:
-                rec = ControlRecord(agent_id=f.agent_id, state="quarantined", reason=alert.summary,
-                                    alert_id=f.alert_id, table=f.table, by="writeguard-worker")
+                rec = ControlRecord(
+                    agent_id=f.agent_id,
+                    state="quarantined",
+                    reason=alert.summary,
+                    alert_id=f.alert_id,
+                    table=f.table,
+                    by="writeguard-worker",
+                )
                 await control.send(key=f.agent_id.encode(), value=rec.to_bytes())
                 metrics.quarantines.labels(f.table).inc()
                 metrics.quarantined_agents.set(len(engine.quarantined))
@@ -170,14 +181,17 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
                 out = router.route(msg.topic, event.value, coords_of(msg.topic, msg.partition, msg.offset))
             except EnvelopeError as e:
                 metrics.dead_letters.labels(e.reason).inc()
-                await dlq.send(key=event.key, value=_dead_letter(e.reason, e.detail, msg, event.key,
-                                                                  event.value))
+                await dlq.send(
+                    key=event.key, value=_dead_letter(e.reason, e.detail, msg, event.key, event.value)
+                )
                 continue
             except Exception as e:  # never let one record stop the stream: it is kept, with its reason
                 log.exception("unexpected error on %s", coords_of(msg.topic, msg.partition, msg.offset))
                 metrics.dead_letters.labels("internal_error").inc()
-                await dlq.send(key=event.key, value=_dead_letter("internal_error", repr(e)[:2000], msg,
-                                                                  event.key, event.value))
+                await dlq.send(
+                    key=event.key,
+                    value=_dead_letter("internal_error", repr(e)[:2000], msg, event.key, event.value),
+                )
                 continue
             if isinstance(out, str):
                 metrics.skipped.labels(out).inc()
@@ -196,7 +210,7 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
                 findings = score(_decode_change(value))
                 if findings:
                     await publish(findings)
-    
+
     @app.task
     async def follow_control() -> None:
         f = ControlFollower(cfg, engine, metrics)
@@ -236,14 +250,16 @@ def _dead_letter(reason: str, detail: str, msg: Any, key: bytes | None, value: b
     ).to_bytes()
 
 
-def run_worker(cfg: Config, *, loglevel: str = "warning", datadir: str | None = None,
-               metrics_port: int | None = None) -> None:
+def run_worker(
+    cfg: Config, *, loglevel: str = "warning", datadir: str | None = None, metrics_port: int | None = None
+) -> None:
     """Create topics, serve metrics, and run the Faust worker until SIGTERM/SIGINT."""
     ensure_topics(cfg)
     engine = Engine(list(cfg.tables))
     metrics = Metrics()
-    port = metrics.serve(cfg.worker.metrics.host,
-                         cfg.worker.metrics.port if metrics_port is None else metrics_port)
+    port = metrics.serve(
+        cfg.worker.metrics.host, cfg.worker.metrics.port if metrics_port is None else metrics_port
+    )
     print(f"writeguard worker: metrics on http://{cfg.worker.metrics.host}:{port}/metrics", flush=True)
     app = build_app(cfg, engine, metrics, datadir=datadir)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)

@@ -31,11 +31,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from stream.replay import print_summary, replay
 
     cfg = _config(args)
-    alerts = open(args.alerts, "wb") if args.alerts else sys.stdout.buffer  # noqa: SIM115
-    scores = open(args.scores, "wb") if args.scores else None  # noqa: SIM115
+    alerts = open(args.alerts, "wb") if args.alerts else sys.stdout.buffer
+    scores = open(args.scores, "wb") if args.scores else None
     try:
-        stats = replay(args.events, cfg, alerts_out=alerts, scores_out=scores,
-                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+        stats = replay(
+            args.events,
+            cfg,
+            alerts_out=alerts,
+            scores_out=scores,
+            progress=lambda m: print(m, file=sys.stderr, flush=True),
+        )
     finally:
         if args.alerts:
             alerts.close()
@@ -56,11 +61,17 @@ def cmd_release(args: argparse.Namespace) -> int:
     # murmur2 is Java's and Faust's partitioner: the record lands where the worker's own records for this agent do.
     producer = Producer({**client_settings(cfg), "partitioner": "murmur2_random", "acks": "all"})
     errors: list[str] = []
-    producer.produce(cfg.topics.control, key=args.agent.encode(), value=rec.to_bytes(),
-                     on_delivery=lambda err, msg: errors.append(str(err)) if err else None)
+    producer.produce(
+        cfg.topics.control,
+        key=args.agent.encode(),
+        value=rec.to_bytes(),
+        on_delivery=lambda err, msg: errors.append(str(err)) if err else None,
+    )
     if producer.flush(30) or errors:
-        print(f"writeguard release: could not write to {cfg.topics.control}: {errors or 'timed out'}",
-              file=sys.stderr)
+        print(
+            f"writeguard release: could not write to {cfg.topics.control}: {errors or 'timed out'}",
+            file=sys.stderr,
+        )
         return 1
     print(f"released {args.agent!r} on {cfg.topics.control} (by {by}): {args.reason}")
     return 0
@@ -124,29 +135,42 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sp: argparse.ArgumentParser, kafka: bool = True) -> None:
-        sp.add_argument("--config", "-c", required=True, metavar="FILE",
-                        help=f"YAML config (example: {EXAMPLE_CONFIG})")
+        sp.add_argument(
+            "--config", "-c", required=True, metavar="FILE", help=f"YAML config (example: {EXAMPLE_CONFIG})"
+        )
         if kafka:
-            sp.add_argument("--bootstrap-servers", metavar="HOST:PORT[,...]",
-                            help="Kafka bootstrap.servers; overrides kafka.bootstrap.servers in the config")
+            sp.add_argument(
+                "--bootstrap-servers",
+                metavar="HOST:PORT[,...]",
+                help="Kafka bootstrap.servers; overrides kafka.bootstrap.servers in the config",
+            )
 
-    w = sub.add_parser("worker", help="run a detection worker (Faust) until SIGTERM",
-                       description="Consume the CDC topics in the config, score every change per agent, "
-                       "publish alerts and control records, and serve Prometheus metrics.")
+    w = sub.add_parser(
+        "worker",
+        help="run a detection worker (Faust) until SIGTERM",
+        description="Consume the CDC topics in the config, score every change per agent, "
+        "publish alerts and control records, and serve Prometheus metrics.",
+    )
     with_config(w)
     w.add_argument("--metrics-port", type=int, help="override worker.metrics.port (0 = any free port)")
     w.add_argument("--datadir", help="Faust data folder (default: ./<group.id>-data)")
     w.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
     w.set_defaults(func=cmd_worker)
 
-    r = sub.add_parser("replay", help="run detection over a file of Debezium message values, without Kafka",
-                       description="Backtest: read EVENTS (one Debezium message value per line, JSON, in "
-                       "commit order), run the worker's detectors, write alerts as JSON lines.")
+    r = sub.add_parser(
+        "replay",
+        help="run detection over a file of Debezium message values, without Kafka",
+        description="Backtest: read EVENTS (one Debezium message value per line, JSON, in "
+        "commit order), run the worker's detectors, write alerts as JSON lines.",
+    )
     r.add_argument("events", metavar="EVENTS.jsonl")
     with_config(r, kafka=False)
     r.add_argument("--alerts", metavar="OUT", help="alerts as JSON lines (default: standard output)")
-    r.add_argument("--scores", metavar="OUT",
-                   help="one JSON line per scored event and detector: line, table, agent_id, op, detector, score")
+    r.add_argument(
+        "--scores",
+        metavar="OUT",
+        help="one JSON line per scored event and detector: line, table, agent_id, op, detector, score",
+    )
     r.set_defaults(func=cmd_replay)
 
     rel = sub.add_parser("release", help="release a quarantined agent (writes to the control topic)")
@@ -165,16 +189,23 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("schemas", help="write (or --check) the JSON Schemas of the config and every message")
     s.add_argument("--dir", default="schemas", help="folder (default: schemas)")
-    s.add_argument("--check", action="store_true", help="exit 1 if a file differs from the models")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write the files (the default)")
+    mode.add_argument("--check", action="store_true", help="exit 1 if a file differs from the models")
     s.set_defaults(func=cmd_schemas)
 
-    d = sub.add_parser("demo", help="local Kafka + worker + a simulated agent fleet with one rogue agent",
-                       description="Starts a local Kafka broker (Maven Central jars; needs Java 17 and Maven) "
-                       "unless --bootstrap-servers is given, a writeguard worker, and a fleet of agents; one "
-                       "agent goes rogue and is alerted on and quarantined. Ends by itself.")
+    d = sub.add_parser(
+        "demo",
+        help="local Kafka + worker + a simulated agent fleet with one rogue agent",
+        description="Starts a local Kafka broker (Maven Central jars; needs Java 17 and Maven) "
+        "unless --bootstrap-servers is given, a writeguard worker, and a fleet of agents; one "
+        "agent goes rogue and is alerted on and quarantined. Ends by itself.",
+    )
     d.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="use this Kafka instead of a local one")
     d.add_argument("--agents", type=int, default=12, help="simulated agents (default 12)")
-    d.add_argument("--warmup", type=float, default=20.0, help="seconds of normal traffic before the rogue (20)")
+    d.add_argument(
+        "--warmup", type=float, default=20.0, help="seconds of normal traffic before the rogue (20)"
+    )
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("broker", help="start a local single-node Kafka (KRaft) and wait; Ctrl-C stops it")

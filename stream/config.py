@@ -120,7 +120,11 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         lines = []
         for err in e.errors():
             # pydantic puts the union's tag (detector kind) in the path; the YAML has no such key.
-            loc = [p for i, p in enumerate(err["loc"]) if not (p in _KINDS and i and isinstance(err["loc"][i - 1], int))]
+            loc = [
+                p
+                for i, p in enumerate(err["loc"])
+                if not (p in _KINDS and i and isinstance(err["loc"][i - 1], int))
+            ]
             where = ".".join(str(p) for p in loc) or "(top level)"
             lines.append(f"  {where}: {err['msg']}")
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
@@ -145,6 +149,6 @@ def config_json_schema() -> dict[str, Any]:
     return Config.model_json_schema(by_alias=True)
 
 
-def client_settings(cfg: Config) -> dict[str, str]:
+def client_settings(cfg: Config) -> dict[str, str | int | float | bool]:
     """confluent-kafka settings for our own producers and consumers (control topic, CLI, DLQ)."""
     return {"bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.client}

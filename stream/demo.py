@@ -53,22 +53,43 @@ class DemoResult:
     normal_writes: int = 0
 
 
-def start_worker(config: Path, bootstrap: str, workdir: Path, clock: Clock) -> tuple[subprocess.Popen[bytes], int]:
+def start_worker(
+    config: Path, bootstrap: str, workdir: Path, clock: Clock
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    log = open(workdir / "worker.log", "wb")  # noqa: SIM115 - handed to the child process
+    log = open(workdir / "worker.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "worker", "--config", str(config), "--bootstrap-servers", bootstrap,
-         "--metrics-port", str(port), "--datadir", str(workdir / "faust")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                                           os.environ.get("PYTHONPATH", "")])},
+        [
+            sys.executable,
+            "-m",
+            "stream.cli",
+            "worker",
+            "--config",
+            str(config),
+            "--bootstrap-servers",
+            bootstrap,
+            "--metrics-port",
+            str(port),
+            "--datadir",
+            str(workdir / "faust"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=workdir,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
+            ),
+        },
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}; see {workdir / 'worker.log'}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):
                 break
         except OSError:
             time.sleep(0.2)
@@ -91,8 +112,10 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
 
 
 def _print_alert(clock: Clock, a: dict[str, object]) -> None:
-    clock.say(f"ALERT {a['severity']} by {a['detector']} ({a['scope']} model), score {a['score']:.3f} "
-              f">= {a['threshold']}")
+    clock.say(
+        f"ALERT {a['severity']} by {a['detector']} ({a['scope']} model), score {a['score']:.3f} "
+        f">= {a['threshold']}"
+    )
     print(f"          {a['summary']}")
     for e in a["explanation"]:  # type: ignore[attr-defined]
         lo, hi = e.get("expected_low"), e.get("expected_high")
@@ -101,13 +124,26 @@ def _print_alert(clock: Clock, a: dict[str, object]) -> None:
         print(f"          - {e['feature']}: {e['value']:,.2f} ({rng}{z})")
     trig = a["triggering_events"]
     coords = ", ".join(f"{t['topic']}[{t['partition']}]@{t['offset']}" for t in trig)  # type: ignore[attr-defined]
-    print(f"          commit -> alert lag: {a['lag_ms']:.0f} ms; {a['anomalous_events']} anomalous writes "
-          f"in this incident: {coords}")
+    print(
+        f"          commit -> alert lag: {a['lag_ms']:.0f} ms; {a['anomalous_events']} anomalous writes "
+        f"in this incident: {coords}"
+    )
 
 
-def run_demo(*, bootstrap_servers: str | None = None, warmup_s: float = 20.0, agents: int = 12,
-             rogue_timeout_s: float = 60.0, seed: int = 11) -> int:
+def run_demo(
+    *,
+    bootstrap_servers: str | None = None,
+    warmup_s: float = 20.0,
+    agents: int = 12,
+    rogue_timeout_s: float = 60.0,
+    seed: int = 11,
+) -> int:
     clock = Clock()
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # run the finally below: no broker or worker may outlive the demo
+
+    signal.signal(signal.SIGTERM, _terminate)
     broker = None
     workdir = Path(tempfile.mkdtemp(prefix="writeguard-demo-"))
     worker: subprocess.Popen[bytes] | None = None
@@ -121,19 +157,27 @@ def run_demo(*, bootstrap_servers: str | None = None, warmup_s: float = 20.0, ag
             clock.say(f"Kafka ready: bootstrap.servers={bootstrap_servers}")
             broker.create_topics({topic_of(REFUNDS): 3, topic_of(ORDERS): 3})
         else:
-            from confluent_kafka.admin import AdminClient, NewTopic
+            from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
             admin = AdminClient({"bootstrap.servers": bootstrap_servers})
             for f in admin.create_topics([NewTopic(topic_of(t), 3, 1) for t in (REFUNDS, ORDERS)]).values():
                 try:
                     f.result()
-                except Exception as e:  # noqa: BLE001 - an existing topic is fine
+                except Exception as e:
                     if "TOPIC_ALREADY_EXISTS" not in str(e):
                         raise
         cfg = load_config(EXAMPLE_CONFIG).with_bootstrap(bootstrap_servers)
         worker, _ = start_worker(EXAMPLE_CONFIG, bootstrap_servers, workdir, clock)
-        result = _run_fleet(cfg.topics.alerts, cfg.topics.control, bootstrap_servers, clock, warmup_s, agents,
-                            rogue_timeout_s, seed)
+        result = _run_fleet(
+            cfg.topics.alerts,
+            cfg.topics.control,
+            bootstrap_servers,
+            clock,
+            warmup_s,
+            agents,
+            rogue_timeout_s,
+            seed,
+        )
         return _summary(clock, result)
     finally:
         if worker is not None:
@@ -145,21 +189,39 @@ def run_demo(*, bootstrap_servers: str | None = None, warmup_s: float = 20.0, ag
         clock.say(f"done; logs kept in {workdir}")
 
 
-def _run_fleet(alerts_topic: str, control_topic: str, bootstrap: str, clock: Clock, warmup_s: float,
-               n_agents: int, rogue_timeout_s: float, seed: int) -> DemoResult:
+def _run_fleet(
+    alerts_topic: str,
+    control_topic: str,
+    bootstrap: str,
+    clock: Clock,
+    warmup_s: float,
+    n_agents: int,
+    rogue_timeout_s: float,
+    seed: int,
+) -> DemoResult:
     fleet = Fleet(n_agents=n_agents, seed=seed)
     rng = random.Random(seed)
     rogue = next(a for a in fleet.agents if a.table == REFUNDS and a is not fleet.agents[0])
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2, "acks": "all"})
-    watch = Consumer({"bootstrap.servers": bootstrap, "group.id": f"writeguard-demo-{os.getpid()}",
-                      "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    watch = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"writeguard-demo-{os.getpid()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     watch.subscribe([alerts_topic, control_topic])
     res = DemoResult()
     rate = sum(a.rate_per_s for a in fleet.agents)
-    clock.say(f"fleet: {len(fleet.agents)} agents writing to {REFUNDS} and {ORDERS} (~{rate:.0f} writes/s, "
-              "Debezium payload-only JSON); each agent follows the control topic")
+    clock.say(
+        f"fleet: {len(fleet.agents)} agents writing to {REFUNDS} and {ORDERS} (~{rate:.0f} writes/s, "
+        "Debezium payload-only JSON); each agent follows the control topic"
+    )
     now = time.time()
-    queue: list[tuple[float, int]] = [(now + rng.expovariate(a.rate_per_s), i) for i, a in enumerate(fleet.agents)]
+    queue: list[tuple[float, int]] = [
+        (now + rng.expovariate(a.rate_per_s), i) for i, a in enumerate(fleet.agents)
+    ]
     heapq.heapify(queue)
     stopped: set[str] = set()
     rogue_at = time.monotonic() + warmup_s
@@ -206,18 +268,24 @@ def _run_fleet(alerts_topic: str, control_topic: str, bootstrap: str, clock: Clo
     return res
 
 
-def _drain(watch: Consumer, alerts_topic: str, res: DemoResult, clock: Clock, stopped: set[str], rogue: Agent,
-           rogue_commits: list[int]) -> None:
+def _drain(
+    watch: Consumer,
+    alerts_topic: str,
+    res: DemoResult,
+    clock: Clock,
+    stopped: set[str],
+    rogue: Agent,
+    rogue_commits: list[int],
+) -> None:
     for msg in watch.consume(num_messages=100, timeout=0):
-        if msg.error() or msg.value() is None:
+        value = msg.value()
+        if msg.error() or value is None:
             continue
-        body = json.loads(msg.value())
+        body = json.loads(value)
         if msg.topic() == alerts_topic:
             res.alerts.append(body)
             _print_alert(clock, body)
             if body["agent_id"] == rogue.agent_id and res.rogue_writes_before_alert is None:
-                commit_us = int(body["lag_ms"] * 0)  # placeholder replaced below
-                del commit_us
                 alert_commit = _parse_ts_us(str(body["commit_ts"]))
                 res.rogue_writes_before_alert = sum(1 for c in rogue_commits if c <= alert_commit)
         elif body.get("state") == "quarantined":
@@ -226,8 +294,10 @@ def _drain(watch: Consumer, alerts_topic: str, res: DemoResult, clock: Clock, st
             clock.say(f"QUARANTINE {agent}: control record on the control topic (alert {body['alert_id']})")
             stopped.add(agent)
             who = rogue.rogue_written if agent == rogue.agent_id else None
-            clock.say(f"{agent} read its quarantine and stopped writing"
-                      + (f" after {who} rogue writes" if who is not None else ""))
+            clock.say(
+                f"{agent} read its quarantine and stopped writing"
+                + (f" after {who} rogue writes" if who is not None else "")
+            )
 
 
 def _parse_ts_us(text: str) -> int:
@@ -251,7 +321,9 @@ def _summary(clock: Clock, res: DemoResult) -> int:
         if first is not None:
             print(f"  commit -> alert lag: {first['lag_ms']:.0f} ms")
     if res.rogue_writes_before_alert is not None:
-        print(f"rogue writes that landed before the alert: {res.rogue_writes_before_alert}; "
-              f"before the agent stopped: {res.rogue_writes}")
+        print(
+            f"rogue writes that landed before the alert: {res.rogue_writes_before_alert}; "
+            f"before the agent stopped: {res.rogue_writes}"
+        )
     print(f"alerts on other agents (false alarms): {len(false_alarms)}")
     return 0

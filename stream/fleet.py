@@ -44,6 +44,7 @@ class Record:
     agent_id: str
     commit_ts_us: int
     rogue: bool
+    op: str
 
 
 @dataclass
@@ -71,13 +72,15 @@ class Fleet:
             for i in range(self.n_agents):
                 table = REFUNDS if i % 2 == 0 else ORDERS
                 kind = "refund" if table == REFUNDS else "order"
-                self.agents.append(Agent(
-                    agent_id=f"{kind}-agent-{i:02d}",
-                    table=table,
-                    mean_amount=round(self.rng.uniform(15, 120), 2),
-                    rate_per_s=self.rng.uniform(2.0, 6.0),
-                    run_id=f"run-{self.rng.getrandbits(32):08x}",
-                ))
+                self.agents.append(
+                    Agent(
+                        agent_id=f"{kind}-agent-{i:02d}",
+                        table=table,
+                        mean_amount=round(self.rng.uniform(15, 120), 2),
+                        rate_per_s=self.rng.uniform(2.0, 6.0),
+                        run_id=f"run-{self.rng.getrandbits(32):08x}",
+                    )
+                )
 
     def agent(self, agent_id: str) -> Agent:
         return next(a for a in self.agents if a.agent_id == agent_id)
@@ -88,42 +91,73 @@ class Fleet:
             v *= 20.0
         return round(v, 2)
 
-    def _envelope(self, table: str, op: str, before: dict[str, object] | None, after: dict[str, object] | None,
-                  ts_us: int) -> bytes:
+    def _envelope(
+        self,
+        table: str,
+        op: str,
+        before: dict[str, object] | None,
+        after: dict[str, object] | None,
+        ts_us: int,
+    ) -> bytes:
         schema, name = table.split(".")
         self._lsn += self.rng.randint(200, 900)
         self._tx += 1
         source = {
-            "version": "3.6.1.Final", "connector": "postgresql", "name": self.prefix,
-            "ts_ms": ts_us // 1000, "ts_us": ts_us, "ts_ns": ts_us * 1000, "snapshot": "false", "db": "shop",
-            "sequence": f'[null,"{self._lsn}"]', "schema": schema, "table": name, "txId": self._tx,
-            "lsn": self._lsn, "xmin": None,
+            "version": "3.6.1.Final",
+            "connector": "postgresql",
+            "name": self.prefix,
+            "ts_ms": ts_us // 1000,
+            "ts_us": ts_us,
+            "ts_ns": ts_us * 1000,
+            "snapshot": "false",
+            "db": "shop",
+            "sequence": f'[null,"{self._lsn}"]',
+            "schema": schema,
+            "table": name,
+            "txId": self._tx,
+            "lsn": self._lsn,
+            "xmin": None,
         }
         now_us = ts_us + 3_000
-        return orjson.dumps({
-            "before": before, "after": after, "source": source, "transaction": None, "op": op,
-            "ts_ms": now_us // 1000, "ts_us": now_us, "ts_ns": now_us * 1000,
-        })
+        return orjson.dumps(
+            {
+                "before": before,
+                "after": after,
+                "source": source,
+                "transaction": None,
+                "op": op,
+                "ts_ms": now_us // 1000,
+                "ts_us": now_us,
+                "ts_ns": now_us * 1000,
+            }
+        )
 
     def write(self, a: Agent, ts_us: int) -> Record:
         """One write by agent ``a`` committed at ``ts_us``."""
-        prov = {"agent_id": a.agent_id, "run_id": a.run_id, "agent_version": a.version}
+        prov: dict[str, object] = {"agent_id": a.agent_id, "run_id": a.run_id, "agent_version": a.version}
         rogue = a.rogue is not None
         if a.table == REFUNDS:
             self._ids[REFUNDS] += 1
             rid = self._ids[REFUNDS]
-            after = {"id": rid, "order_id": self.rng.randint(1, 400_000), "amount": self._amount(a),
-                     "currency": "EUR", "reason": self.rng.choice(["damaged", "late", "wrong_item", "other"]),
-                     **prov, "idempotency_key": f"{a.agent_id}-{rid}"}
+            after = {
+                "id": rid,
+                "order_id": self.rng.randint(1, 400_000),
+                "amount": self._amount(a),
+                "currency": "EUR",
+                "reason": self.rng.choice(["damaged", "late", "wrong_item", "other"]),
+                **prov,
+                "idempotency_key": f"{a.agent_id}-{rid}",
+            }
             value, key, op = self._envelope(REFUNDS, "c", None, after, ts_us), {"id": rid}, "c"
         else:
             value, key, op = self._order_write(a, prov, ts_us)
         a.written += 1
         a.rogue_written += rogue
-        del op
-        return Record(topic_of(a.table, self.prefix), orjson.dumps(key), value, a.agent_id, ts_us, rogue)
+        return Record(topic_of(a.table, self.prefix), orjson.dumps(key), value, a.agent_id, ts_us, rogue, op)
 
-    def _order_write(self, a: Agent, prov: dict[str, object], ts_us: int) -> tuple[bytes, dict[str, int], str]:
+    def _order_write(
+        self, a: Agent, prov: dict[str, object], ts_us: int
+    ) -> tuple[bytes, dict[str, int], str]:
         r = self.rng.random()
         mine = [o for o in self._live_orders[-200:] if o[3] is a]
         if a.rogue == "delete_burst" and mine:
@@ -150,14 +184,22 @@ class Fleet:
         self._live_orders.append((oid, total, items, a))
         if len(self._live_orders) > 5000:
             del self._live_orders[:1000]
-        after = {"id": oid, "customer_id": self.rng.randint(1, 90_000), "total": round(total, 2), "items": items,
-                 "status": "paid", **prov}
+        after = {
+            "id": oid,
+            "customer_id": self.rng.randint(1, 90_000),
+            "total": round(total, 2),
+            "items": items,
+            "status": "paid",
+            **prov,
+        }
         return self._envelope(ORDERS, "c", None, after, ts_us), {"id": oid}, "c"
 
     def stream(self, n: int, start_us: int, *, speedup: float = 1.0) -> Iterator[Record]:
         """``n`` writes in commit-time order, each agent a Poisson process at its own rate."""
-        heap = [(start_us + int(self.rng.expovariate(a.rate_per_s) * 1e6 / speedup), i)
-                for i, a in enumerate(self.agents)]
+        heap = [
+            (start_us + int(self.rng.expovariate(a.rate_per_s) * 1e6 / speedup), i)
+            for i, a in enumerate(self.agents)
+        ]
         import heapq
 
         heapq.heapify(heap)

@@ -14,33 +14,59 @@ LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.events = Counter("writeguard_events", "Change events scored, by table and Debezium op.",
-                              ["table", "op"], registry=r)
-        self.skipped = Counter("writeguard_skipped_events", "Input records that are not agent changes "
-                               "(tombstones, heartbeats, transaction markers, unattributed rows).",
-                               ["reason"], registry=r)
-        self.alerts = Counter("writeguard_alerts", "Alerts published.", ["table", "detector", "severity"],
-                              registry=r)
-        self.quarantines = Counter("writeguard_quarantines", "Agents quarantined by this worker.", ["table"],
-                                   registry=r)
+        self.events = Counter(
+            "writeguard_events",
+            "Change events scored, by table and Debezium op.",
+            ["table", "op"],
+            registry=r,
+        )
+        self.skipped = Counter(
+            "writeguard_skipped_events",
+            "Input records that are not agent changes "
+            "(tombstones, heartbeats, transaction markers, unattributed rows).",
+            ["reason"],
+            registry=r,
+        )
+        self.alerts = Counter(
+            "writeguard_alerts", "Alerts published.", ["table", "detector", "severity"], registry=r
+        )
+        self.quarantines = Counter(
+            "writeguard_quarantines", "Agents quarantined by this worker.", ["table"], registry=r
+        )
         self.quarantined_events = Counter(
-            "writeguard_quarantined_agent_events", "Events from agents already quarantined (blast radius).",
-            ["table"], registry=r)
-        self.dead_letters = Counter("writeguard_dead_letters", "Input records sent to the dead-letter topic.",
-                                    ["reason"], registry=r)
-        self.detection_lag = Histogram("writeguard_detection_lag_seconds",
-                                       "Commit of the triggering event to the alert being published.",
-                                       ["table"], buckets=LAG_BUCKETS, registry=r)
-        self.processing_lag = Histogram("writeguard_processing_lag_seconds",
-                                        "Commit of a change to its scoring (sampled: 1 event in 16).",
-                                        buckets=LAG_BUCKETS, registry=r)
-        self.consumer_lag = Gauge("writeguard_consumer_lag_messages",
-                                  "Records behind the end of each assigned partition.", ["topic", "partition"],
-                                  registry=r)
-        self.active_models = Gauge("writeguard_active_models", "Per-agent model sets held in memory.",
-                                   ["table"], registry=r)
-        self.quarantined_agents = Gauge("writeguard_quarantined_agents", "Agents currently quarantined.",
-                                        registry=r)
+            "writeguard_quarantined_agent_events",
+            "Events from agents already quarantined (blast radius).",
+            ["table"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "writeguard_dead_letters", "Input records sent to the dead-letter topic.", ["reason"], registry=r
+        )
+        self.detection_lag = Histogram(
+            "writeguard_detection_lag_seconds",
+            "Commit of the triggering event to the alert being published.",
+            ["table"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.processing_lag = Histogram(
+            "writeguard_processing_lag_seconds",
+            "Commit of a change to its scoring (sampled: 1 event in 16).",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "writeguard_consumer_lag_messages",
+            "Records behind the end of each assigned partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.active_models = Gauge(
+            "writeguard_active_models", "Per-agent model sets held in memory.", ["table"], registry=r
+        )
+        self.quarantined_agents = Gauge(
+            "writeguard_quarantined_agents", "Agents currently quarantined.", registry=r
+        )
         self._events: dict[tuple[str, str], Counter] = {}
 
     def event(self, table: str, op: str) -> None:

@@ -57,8 +57,16 @@ class Router:
             if ev.op != "t":
                 return SKIP_UNATTRIBUTED
             agent = UNATTRIBUTED  # a truncate has no row; issue #3 attributes it through the transaction
-        return Change(table, ev.op, agent, run, ex.features(ev.op, ev.before, ev.after), ev.commit_ts_us,
-                      coords, ev.snapshot)
+        return Change(
+            table,
+            ev.op,
+            agent,
+            run,
+            ex.features(ev.op, ev.before, ev.after),
+            ev.commit_ts_us,
+            coords,
+            ev.snapshot,
+        )
 
 
 def coords_of(topic: str, partition: int, offset: int) -> str:
@@ -73,8 +81,9 @@ def _trigger(coords: str, commit_ts_us: int, score: float) -> TriggeringEvent:
     if coords.count("/") >= 2 and ":" not in coords.rsplit("/", 2)[-2]:
         topic, part, off = coords.rsplit("/", 2)
         if part.isdigit() and off.isdigit():
-            return TriggeringEvent(topic=topic, partition=int(part), offset=int(off), commit_ts=_ts(commit_ts_us),
-                                   score=score)
+            return TriggeringEvent(
+                topic=topic, partition=int(part), offset=int(off), commit_ts=_ts(commit_ts_us), score=score
+            )
     return TriggeringEvent(source=coords, commit_ts=_ts(commit_ts_us), score=score)
 
 
@@ -92,7 +101,9 @@ def summarize(c: Contribution) -> str:
 
 def build_alert(f: Finding, detected_at_us: int) -> Alert:
     top = f.contributions[0] if f.contributions else None
-    who = f"agent {f.agent_id}" + (" (judged against the table's population)" if f.scope == "population" else "")
+    who = f"agent {f.agent_id}" + (
+        " (judged against the table's population)" if f.scope == "population" else ""
+    )
     summary = f"{f.table}: {who}: " + (summarize(top) if top else f"score {f.score:.3f}")
     return Alert(
         alert_id=f.alert_id,
@@ -101,14 +112,19 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
         table=f.table,
         detector=f.detector,
         detector_kind=f.kind,
-        scope=f.scope,  # type: ignore[arg-type]
-        severity=f.severity,  # type: ignore[arg-type]
+        scope=f.scope,
+        severity=f.severity,
         score=f.score,
         threshold=f.threshold,
         summary=summary,
         explanation=[
-            FeatureExplanation(feature=c.feature, value=c.value, expected_low=c.expected_low,
-                               expected_high=c.expected_high, z=c.z)
+            FeatureExplanation(
+                feature=c.feature,
+                value=c.value,
+                expected_low=c.expected_low,
+                expected_high=c.expected_high,
+                z=c.z,
+            )
             for c in f.contributions
         ],
         commit_ts=_ts(f.commit_ts_us),
@@ -117,6 +133,6 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
         triggering_events=[_trigger(t.coords, t.commit_ts_us, t.score) for t in f.triggers],
         anomalous_events=len(f.triggers),
         agent_events=f.agent_events,
-        actions=list(f.actions),  # type: ignore[arg-type]
+        actions=list(f.actions),
         quarantined=f.quarantine,
     )

@@ -81,7 +81,9 @@ def replay(
             findings = engine.process(out, scores)
             if scores is not None and scores_out is not None:
                 for det, s in scores:
-                    scores_out.write(_enc.encode(_Score(lineno, out.table, out.agent_id, out.op, det, s)) + b"\n")
+                    scores_out.write(
+                        _enc.encode(_Score(lineno, out.table, out.agent_id, out.op, det, s)) + b"\n"
+                    )
                 scores.clear()
             for f in findings:
                 stats.alerts += 1
@@ -93,18 +95,26 @@ def replay(
                 now = time.perf_counter()
                 if now - last >= 2.0:
                     last = now
-                    progress(f"replay: {lineno:,} lines, {stats.alerts} alerts, "
-                             f"{lineno / (now - started):,.0f} events/s")
+                    progress(
+                        f"replay: {lineno:,} lines, {stats.alerts} alerts, "
+                        f"{lineno / (now - started):,.0f} events/s"
+                    )
     stats.seconds = time.perf_counter() - started
     return stats
 
 
 def print_summary(stats: ReplayStats, out: IO[str] = sys.stderr) -> None:
-    print(f"replay: {stats.lines:,} lines, {stats.changes:,} changes scored, {stats.alerts} alerts, "
-          f"{len(stats.quarantined)} agents quarantined, {stats.seconds:.2f} s "
-          f"({stats.events_per_second:,.0f} events/s)", file=out)
+    print(
+        f"replay: {stats.lines:,} lines, {stats.changes:,} changes scored, {stats.alerts} alerts, "
+        f"{len(stats.quarantined)} agents quarantined, {stats.seconds:.2f} s "
+        f"({stats.events_per_second:,.0f} events/s)",
+        file=out,
+    )
     if stats.skipped:
         print("  skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items())), file=out)
     if stats.dead_letters:
-        print("  undecodable (would go to the dead-letter topic): "
-              + ", ".join(f"{k}={v}" for k, v in sorted(stats.dead_letters.items())), file=out)
+        print(
+            "  undecodable (would go to the dead-letter topic): "
+            + ", ".join(f"{k}={v}" for k, v in sorted(stats.dead_letters.items())),
+            file=out,
+        )

@@ -1,0 +1,40 @@
+# The README's two commands are `make demo` and `make test`; both set up .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test lint unit integration bench schemas clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m stream.cli demo
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+	$(PY) -m stream.cli schemas --check
+
+unit: install
+	$(PY) -m pytest -q -m "not integration"
+
+integration: install
+	$(PY) -m pytest -q -m integration
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_pipeline.py
+
+schemas: install
+	$(PY) -m stream.cli schemas --write
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
