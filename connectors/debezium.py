@@ -87,7 +87,8 @@ class EnvelopeError(ValueError):
     * ``unknown_op``: ``op`` is not one of :data:`OPS`.
     * ``missing_source``: ``source`` missing or not an object (required except for ``m``), or one of
       its fields has the wrong type.
-    * ``missing_timestamp``: no integer in ``source.ts_ns``/``ts_us``/``ts_ms`` nor ``ts_ms``.
+    * ``missing_timestamp``: none of ``source.ts_ns``/``ts_us``/``ts_ms`` nor ``ts_ms`` is set, one
+      that is set is not an integer, or the commit time it gives is before 1970 or after 9999.
     * ``missing_row``: the row image the op needs is not an object, or a row image is neither an
       object nor null.
     * ``invalid_message``: a bad ``m`` message (no ``message`` object, bad base64), a malformed
@@ -208,6 +209,10 @@ _FIELD_REASONS: Final[dict[str, Reason]] = {
 }
 _TS_FIELDS: Final = frozenset({"ts_ms", "ts_us", "ts_ns"})
 _NEEDS_AFTER: Final = frozenset({"c", "r", "u"})
+# 9999-12-31T00:00:00Z. Anything later (or before the epoch) is corrupt, and would make
+# datetime.fromtimestamp raise downstream instead of the record being dead-lettered here; the last
+# day of 9999 is left out because us / 1e6 rounds up into year 10000 there.
+_MAX_TS_US: Final = 253_402_214_400_000_000
 _AT: Final = " - at `$"
 
 
@@ -303,6 +308,8 @@ def decode(value: bytes | None) -> Decoded:
         if env.ts_ms is None:
             raise EnvelopeError("missing_timestamp", "no source.ts_ns, ts_us or ts_ms, nor ts_ms")
         commit_ts_us = env.ts_ms * 1000
+    if not 0 <= commit_ts_us <= _MAX_TS_US:
+        raise EnvelopeError("missing_timestamp", f"commit time {_short(commit_ts_us)} µs is not in 1970..9999")
 
     prefix: str | None = None
     content: bytes | None = None
@@ -360,5 +367,7 @@ def _decode_non_change(env: _Payload) -> Heartbeat | TransactionMarker:
         and env.id is None
         and env.event_count is None
     ):
+        if not 0 <= env.ts_ms <= _MAX_TS_US // 1000:
+            raise EnvelopeError("missing_timestamp", f"heartbeat ts_ms {_short(env.ts_ms)} is not in 1970..9999")
         return Heartbeat(env.ts_ms)
     raise EnvelopeError("missing_op", "no op, and neither a heartbeat nor a transaction marker")

@@ -41,7 +41,7 @@ class Alert(_Message):
     """One anomaly decision. Keyed by agent id on the alert topic."""
 
     alert_id: str = Field(
-        description="uuid5 of table, agent, detector and triggering event: replays repeat it."
+        description="uuid5 of table, agent, detector and the triggering event's coordinates: reprocessing repeats it."
     )
     agent_id: str
     run_id: str | None

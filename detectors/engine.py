@@ -213,10 +213,10 @@ class Engine:
             if not anomalous:
                 # A quarantined agent keeps its incidents open: late, out-of-order normal events from other
                 # CDC partitions must not close them and re-alert on the same burst.
-                if mask == 0 and st.open & bit and quarantine is None:
+                if mask == 0 and not (st.open & bit and quarantine is not None):
                     st.open &= ~bit
                     if st.recent is not None:
-                        st.recent[i].clear()
+                        st.recent[i].clear()  # a lone outlier long ago is not part of a later incident
                 continue
             any_anomaly = True
             value_anomaly = value_anomaly or p.value
@@ -235,7 +235,8 @@ class Engine:
             quarantine.anomalous_after += any_anomaly
         for i, p in enumerate(tab.plans):
             if not p.value:
-                st.dets[i].learn_one(x, ch.op, t)
+                if not ch.snapshot:  # a snapshot replays history: those rows were not written just now
+                    st.dets[i].learn_one(x, ch.op, t)
             elif x and not value_anomaly and quarantine is None:
                 st.dets[i].learn_one(x)
                 if p.population is not None:
@@ -258,7 +259,8 @@ class Engine:
         name = p.name if scope == "agent" else f"{p.name}.population"
         actions = tab.spec.actions.get(p.severity, ("alert",))  # type: ignore[call-overload]
         aid = alert_id(ch.table, ch.agent_id, name, ch.coords)
-        quarantines = "quarantine" in actions and quarantine is None
+        # Read the live state: two detectors firing on one event must quarantine once.
+        quarantines = "quarantine" in actions and ch.agent_id not in self.quarantined
         if quarantines:
             self.quarantined[ch.agent_id] = Quarantine(aid, f"{name} on {ch.table}", ch.commit_ts_us)
         return Finding(
@@ -287,6 +289,13 @@ class Engine:
                 self.quarantined[agent_id] = Quarantine(alert_id, reason, at_us)
         elif state == "released":
             self.quarantined.pop(agent_id, None)
+            # A released agent starts with a clean slate: if it misbehaves again, it is alerted again.
+            for table in self.tables:
+                st = self.states.get((table, agent_id))
+                if st is not None:
+                    st.open = 0
+                    st.masks = [0] * len(st.masks)
+                    st.recent = None
 
     @property
     def active_models(self) -> int:

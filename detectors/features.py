@@ -29,11 +29,14 @@ def as_number(v: Any) -> float | None:
     if isinstance(v, bool):
         return float(v)
     if isinstance(v, int | float):
-        f = float(v)
+        try:
+            f = float(v)
+        except OverflowError:  # a JSON integer beyond 1.8e308
+            return None
     elif isinstance(v, str):
         try:
             f = float(v)
-        except ValueError:
+        except (ValueError, OverflowError):
             return None
     else:
         return None

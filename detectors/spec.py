@@ -102,9 +102,11 @@ class RiverModelSpec(_DetectorBase):
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:
+        from river import anomaly
+
         module, _, name = v.partition(".")
-        if module not in ("anomaly",) or not name.isidentifier():
-            raise ValueError("model must be 'anomaly.<ClassName>' from river")
+        if module != "anomaly" or not name.isidentifier() or not isinstance(getattr(anomaly, name, None), type):
+            raise ValueError(f"model must be 'anomaly.<ClassName>' of a River anomaly model, got {v!r}")
         return v
 
 

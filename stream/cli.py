@@ -183,7 +183,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the config JSON Schema, or check a config file")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
     csub.add_parser("schema", help="print the config's JSON Schema")
-    chk = csub.add_parser("check", help="validate a config file; exit 1 with the bad keys' paths")
+    chk = csub.add_parser("check", help="validate a config file; exit 2 with the bad keys' paths")
     chk.add_argument("file", metavar="FILE")
     c.set_defaults(func=cmd_config)
 

@@ -65,7 +65,7 @@ class Router:
             ex.features(ev.op, ev.before, ev.after),
             ev.commit_ts_us,
             coords,
-            ev.snapshot,
+            ev.snapshot or ev.op == "r",  # incremental snapshots are op r with snapshot=incremental
         )
 
 

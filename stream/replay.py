@@ -1,7 +1,8 @@
 """``writeguard replay``: the worker's detection code over a file of Debezium message values, no Kafka.
 
 Users backtest thresholds on history with it: the alerts it writes are the ones the worker would have
-published for the same events in the same order (same alert ids).
+published for the same events in the same order. Alert ids derive from the event's coordinates, which here
+are ``path:line`` rather than ``topic/partition/offset``, so they differ from the worker's.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class ReplayStats:
     quarantined: list[str] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     dead_letters: Counter[str] = field(default_factory=Counter)
+    dead_letter_lines: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -73,6 +75,9 @@ def replay(
                 out = router.route(None, None if value == b"null" else value, f"{name}:{lineno}")
             except EnvelopeError as e:
                 stats.dead_letters[e.reason] += 1
+                lines = stats.dead_letter_lines.setdefault(e.reason, [])
+                if len(lines) < 5:
+                    lines.append(lineno)
                 continue
             if isinstance(out, str):
                 stats.skipped[out] += 1
@@ -115,6 +120,9 @@ def print_summary(stats: ReplayStats, out: IO[str] = sys.stderr) -> None:
     if stats.dead_letters:
         print(
             "  undecodable (would go to the dead-letter topic): "
-            + ", ".join(f"{k}={v}" for k, v in sorted(stats.dead_letters.items())),
+            + ", ".join(
+                f"{k}={v} (lines {', '.join(map(str, stats.dead_letter_lines.get(k, [])))}{', ...' if v > 5 else ''})"
+                for k, v in sorted(stats.dead_letters.items())
+            ),
             file=out,
         )

@@ -12,6 +12,7 @@ import copy
 import json
 import pickle
 import random
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -468,9 +469,7 @@ def test_commit_ts_us_from_source_ignores_non_integers() -> None:
 # --- tombstones, heartbeats, transaction markers --------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "value", [None, b"", b'{"schema": null, "payload": null}', b'{"payload": null}'], ids=repr
-)
+@pytest.mark.parametrize("value", [None, b"", b'{"schema": null, "payload": null}', b'{"payload": null}'], ids=repr)
 def test_tombstones(value: bytes | None) -> None:
     assert decode(value) == Tombstone()
 
@@ -589,10 +588,24 @@ def test_missing_source(fixture: bytes, change: Any) -> None:
         lambda d: d["source"].update(ts_us=1.5),
         lambda d: d["source"].update(ts_ms=True),
         lambda d: d.update(ts_ms="now"),
+        # Integers, but not a time datetime can represent: downstream conversion would raise.
+        lambda d: d["source"].update(ts_ns=10**30),
+        lambda d: d["source"].update(ts_ns=-1000),
+        lambda d: [d["source"].pop(k) for k in ("ts_ns", "ts_us")] and d["source"].update(ts_ms=253_402_300_799_999),
     ],
 )
 def test_missing_timestamp(change: Any) -> None:
     assert reason_of(edit(CREATE, change)) == "missing_timestamp"
+
+
+def test_timestamp_bounds() -> None:
+    for ts_us in (0, 253_402_214_400_000_000):
+        ev = decode(edit(CREATE, lambda d, ts=ts_us: d["source"].update(ts_ns=ts * 1000)))
+        assert isinstance(ev, ChangeEvent)
+        assert ev.commit_ts_us == ts_us
+        datetime.fromtimestamp(ev.commit_ts_us / 1e6, tz=UTC)  # what the pipeline does with it
+    assert reason_of(b'{"ts_ms": -1}') == "missing_timestamp"
+    assert reason_of(b'{"ts_ms": 253402300800000}') == "missing_timestamp"
 
 
 @pytest.mark.parametrize(
@@ -685,6 +698,7 @@ def check(value: bytes | None) -> None:
     if isinstance(ev, ChangeEvent):
         assert ev.op in OPS
         assert type(ev.commit_ts_us) is int
+        datetime.fromtimestamp(ev.commit_ts_us / 1e6, tz=UTC)
         assert ev.before is None or isinstance(ev.before, dict)
         assert ev.after is None or isinstance(ev.after, dict)
         if ev.op in ("c", "r", "u"):

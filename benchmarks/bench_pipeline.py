@@ -1,0 +1,912 @@
+"""End-to-end throughput, detection lag and memory of writeguard on a real Kafka.
+
+Usage: ``python3 benchmarks/bench_pipeline.py [--events N] [--bootstrap-servers HOST:PORT]`` (``--help``
+for all options). Without ``--bootstrap-servers`` a throw-away single-node Kafka is started from the
+Maven Central jars (:class:`connectors.broker.LocalKafka`; needs Java 17 and Maven).
+
+What it measures, all with the example config's detectors (``stream/examples/writeguard.yaml``):
+
+1. replay: the N events through :func:`stream.replay.replay`, in this process, no Kafka; then the bytes
+   held per (table, agent) model set, with tracemalloc and with a ``sys.getsizeof`` walk.
+2. worker: the N events pre-produced to the two CDC topics (3 partitions each), then ONE
+   ``writeguard worker`` subprocess (Faust, repartition by agent) on a fresh group; events/s from the
+   first to the last event counted by ``writeguard_events_total``, and the worker's RSS. Optionally the
+   same with ``worker.repartition: false`` (no changes-topic hop).
+3. bare loop: the same records through a confluent-kafka ``Consumer`` in this process, calling
+   ``Router.route`` then ``Engine.process`` directly: what the detection code costs without Faust.
+4. detection lag: a fresh worker, the fleet's models warmed up first, then events produced in real
+   time at half the measured worker throughput (commit time = time of produce) while a refunds agent
+   turns rogue every ~0.5 s; p50/p99 of the alerts' ``lag_ms`` and the worker's processing-lag histogram.
+
+Progress goes to stderr, the table of figures to stdout. Numbers only, no assertions: timings belong to
+the machine (and the neighbours) they ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import heapq
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import types
+import urllib.request
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # re-export not declared
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
+
+from detectors.engine import Change, Engine  # noqa: E402
+from stream.config import Config, load_config  # noqa: E402
+from stream.demo import free_port  # noqa: E402
+from stream.fleet import REFUNDS, Agent, Fleet, Record  # noqa: E402
+from stream.pipeline import Router, build_alert, coords_of  # noqa: E402
+from stream.replay import replay  # noqa: E402
+
+EXAMPLE_CONFIG = ROOT / "stream" / "examples" / "writeguard.yaml"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+Sample = tuple[str, dict[str, str], float]
+
+
+class Log:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+log = Log()
+
+
+# -- small helpers -------------------------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        return float("nan")
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def histogram_quantile(buckets: dict[float, float], q: float) -> float:
+    """Prometheus' histogram_quantile over cumulative bucket counts (upper bound -> count)."""
+    bounds = sorted(buckets)
+    total = buckets.get(float("inf"), 0.0)
+    if total <= 0:
+        return float("nan")
+    rank = q * total
+    prev_bound, prev_count = 0.0, 0.0
+    for b in bounds:
+        count = buckets[b]
+        if count >= rank:
+            if b == float("inf"):
+                return prev_bound  # beyond the last finite bucket: report its bound, as Prometheus does
+            if count == prev_count:
+                return b
+            return prev_bound + (b - prev_bound) * (rank - prev_count) / (count - prev_count)
+        prev_bound, prev_count = b, count
+    return prev_bound
+
+
+def fmt_rate(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:,.0f} events/s"
+
+
+def parse_ts_us(text: str) -> int:
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1_000_000)
+
+
+# -- Kafka ---------------------------------------------------------------------------------------------
+
+
+def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics([NewTopic(t, n, 1) for t, n in topics.items()], request_timeout=timeout)
+    for name, fut in futures.items():
+        try:
+            fut.result()
+        except KafkaException as e:
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise RuntimeError(f"cannot create topic {name}: {e}") from None
+    deadline = time.monotonic() + timeout
+    pending = set(topics)
+    while pending:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topics without leaders after {timeout} s: {sorted(pending)}")
+        md = admin.list_topics(timeout=5)
+        for name in list(pending):
+            meta = md.topics.get(name)
+            if meta is not None and meta.error is None and meta.partitions and all(
+                    p.leader >= 0 for p in meta.partitions.values()):
+                pending.discard(name)
+        time.sleep(0.05)
+
+
+def produce_all(bootstrap: str, records: list[Record]) -> float:
+    """Produce and flush; returns seconds taken."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10_000,
+                         "queue.buffering.max.messages": 500_000, "acks": "all"})
+    errors: list[str] = []
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    started = time.perf_counter()
+    for i, rec in enumerate(records):
+        while True:
+            try:
+                producer.produce(rec.topic, key=rec.key, value=rec.value, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if i & 1023 == 0:
+            producer.poll(0)
+    left = producer.flush(60)
+    if left or errors:
+        raise RuntimeError(f"producing failed: {left} undelivered, errors {errors[:3]}")
+    return time.perf_counter() - started
+
+
+def write_config(path: Path, bootstrap: str, cdc_prefix: str, run: str, *, repartition: bool = True) -> Config:
+    """The example config with a fresh group id and fresh writeguard topics, reading ``cdc_prefix``'s topics."""
+    data = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    data["kafka"]["bootstrap.servers"] = bootstrap
+    data["kafka"]["group.id"] = f"wg-bench-{run}"
+    parts = data.get("topics", {}).get("partitions", 6)
+    data["topics"] = {"alerts": f"{run}.alerts", "control": f"{run}.control", "dead_letter": f"{run}.dlq",
+                      "changes": f"{run}.changes", "partitions": parts}
+    data.setdefault("worker", {})["repartition"] = repartition
+    for t in data["tables"]:
+        t["topic"] = f"{cdc_prefix}.{t['name']}"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_config(path)
+
+
+# -- the worker subprocess -----------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    cfg: Config
+    rss_start_kib: int | None = None
+
+    def scrape(self) -> list[Sample]:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        return [(s.name, dict(s.labels), float(s.value))
+                for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"worker exited with {self.proc.returncode}; log tail:\n{tail}")
+
+
+def total(samples: list[Sample], name: str) -> float:
+    return sum(v for n, _, v in samples if n == name)
+
+
+def buckets(samples: list[Sample], name: str) -> dict[float, float]:
+    out: dict[float, float] = {}
+    for n, labels, v in samples:
+        if n == f"{name}_bucket":
+            le = float(labels["le"])
+            out[le] = out.get(le, 0.0) + v
+    return out
+
+
+def start_worker(cfg_path: Path, cfg: Config, workdir: Path, children: list[subprocess.Popen[bytes]]) -> Worker:
+    port = free_port()
+    logfile = workdir / "worker.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")] if p)}
+    with logfile.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "worker", "--config", str(cfg_path), "--bootstrap-servers",
+             cfg.kafka.bootstrap_servers, "--metrics-port", str(port), "--datadir", str(workdir / "faust")],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=workdir,
+            env=env,
+        )
+    children.append(proc)
+    w = Worker(proc, port, logfile, cfg)
+    deadline = time.monotonic() + 60
+    while True:
+        w.check_alive()
+        try:
+            w.scrape()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker metrics never answered; see {logfile}") from None
+            time.sleep(0.1)
+    w.rss_start_kib = rss_kib(proc.pid)
+    log(f"worker pid {proc.pid} up (metrics :{port}, RSS {(w.rss_start_kib or 0) / 1024:.0f} MiB)")
+    return w
+
+
+def stop_child(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+# -- 1. replay and memory ------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayResult:
+    events_per_s: float
+    changes: int
+    alerts: int
+    bytes_tracemalloc: float
+    bytes_walk: float
+    walk_by_table: dict[str, float]
+    models: int
+
+
+def deep_size(obj: object, seen: set[int]) -> int:
+    """sys.getsizeof of obj and everything it reaches (dicts, sequences, __dict__, __slots__), once each."""
+    stack = [obj]
+    size = 0
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, type | types.ModuleType | types.FunctionType | types.MethodType):
+            continue
+        seen.add(id(o))
+        size += sys.getsizeof(o)
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list | tuple | set | frozenset):
+            stack.extend(o)
+        d = getattr(o, "__dict__", None)
+        if isinstance(d, dict):
+            stack.append(d)
+        for cls in type(o).__mro__:
+            for slot in cls.__dict__.get("__slots__", ()):
+                if slot not in ("__dict__", "__weakref__") and hasattr(o, slot):
+                    stack.append(getattr(o, slot))
+    return size
+
+
+def bench_replay(cfg: Config, records: list[Record], workdir: Path) -> ReplayResult:
+    path = workdir / "events.jsonl"
+    with path.open("wb") as fh:
+        for rec in records:
+            fh.write(rec.value + b"\n")
+    engine = Engine(list(cfg.tables))
+    log(f"replay: {len(records):,} events from {path.name} ...")
+    stats = replay(path, cfg, engine=engine, progress=log)
+    log(f"replay: {stats.events_per_second:,.0f} events/s, {stats.changes:,} changes, {stats.alerts} alerts")
+
+    # Walk: what the engine holds after the whole run, shared objects (e.g. feature-name sets) counted once.
+    seen: set[int] = set()
+    deep_size(engine.tables, seen)  # the compiled plans and population models are not per agent
+    by_table: dict[str, list[int]] = {}
+    walk_total = sys.getsizeof(engine.states)
+    for key, st in engine.states.items():
+        n = deep_size(key, seen) + deep_size(st, seen)
+        by_table.setdefault(key[0], []).append(n)
+        walk_total += n
+    models = len(engine.states)
+
+    # tracemalloc: net allocations of a fresh engine fed the same changes (decoded before tracing starts,
+    # so the agent-id strings, which the state keys share with the decoded changes, are added by hand).
+    router = Router(cfg.tables)
+    changes: list[Change] = []
+    for i, rec in enumerate(records):
+        out = router.route(rec.topic, rec.value, f"m:{i}")
+        if not isinstance(out, str):
+            changes.append(out)
+    del engine
+    gc.collect()
+    log(f"memory: tracemalloc over Engine.process of {len(changes):,} changes ...")
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    eng2 = Engine(list(cfg.tables))
+    for ch in changes:
+        eng2.process(ch)
+    del ch
+    gc.collect()
+    traced = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    ids = sum(sys.getsizeof(agent) for _, agent in eng2.states)
+    traced_per = (traced + ids) / max(len(eng2.states), 1)
+    return ReplayResult(
+        events_per_s=stats.events_per_second, changes=stats.changes, alerts=stats.alerts,
+        bytes_tracemalloc=traced_per, bytes_walk=walk_total / max(models, 1),
+        walk_by_table={t: sum(v) / len(v) for t, v in by_table.items()}, models=models,
+    )
+
+
+# -- 2. one Faust worker over pre-produced events ------------------------------------------------------
+
+
+@dataclass
+class WorkerResult:
+    events_per_s: float | None
+    counted: int
+    seconds: float
+    alerts: int
+    rss_start_kib: int | None
+    rss_after_kib: int | None
+    worker_cpu: float | None  # fraction of one core, first to last event
+    broker_cpu: float | None
+    profile: Path | None = None
+
+
+def bench_worker(bootstrap: str, cdc_prefix: str, expected: int, workdir: Path,
+                 children: list[subprocess.Popen[bytes]], *, repartition: bool, broker_pid: int | None,
+                 profile_s: float, stall_s: float) -> WorkerResult:
+    run = f"{cdc_prefix}-{'w' if repartition else 'd'}{uuid.uuid4().hex[:6]}"
+    wdir = workdir / run
+    wdir.mkdir()
+    cfg_path = wdir / "writeguard.yaml"
+    cfg = write_config(cfg_path, bootstrap, cdc_prefix, run, repartition=repartition)
+    w = start_worker(cfg_path, cfg, wdir, children)
+    prof_out = wdir / "pyspy.txt" if profile_s > 0 else None
+    prof_proc: subprocess.Popen[bytes] | None = None
+    t_first: float | None = None
+    c_first = 0.0
+    cpu_w0: float | None = None
+    cpu_b0: float | None = None
+    count = 0.0
+    t_last = time.perf_counter()
+    last_change = time.perf_counter()
+    last_report = 0.0
+    try:
+        while True:
+            w.check_alive()
+            now = time.perf_counter()
+            samples = w.scrape()
+            c = total(samples, "writeguard_events_total")
+            if c != count:
+                last_change = now
+            count = c
+            if c > 0 and t_first is None:
+                t_first, c_first = now, c
+                cpu_w0, cpu_b0 = cpu_seconds(w.proc.pid), cpu_seconds(broker_pid)
+                if prof_out is not None:
+                    prof_proc = start_profiler(w.proc.pid, profile_s, prof_out, children)
+            if c >= expected:
+                t_last = now
+                break
+            if now - last_change > stall_s:
+                log(f"worker: stalled at {c:,.0f} of {expected:,} events for {stall_s:.0f} s; giving up")
+                t_last = last_change
+                break
+            if now - last_report >= 3.0:
+                last_report = now
+                rate = (c - c_first) / (now - t_first) if t_first is not None and now > t_first else 0.0
+                log(f"worker: {c:,.0f} / {expected:,} events ({rate:,.0f} events/s)")
+            time.sleep(0.1)
+        cpu_w1, cpu_b1 = cpu_seconds(w.proc.pid), cpu_seconds(broker_pid)
+        rss_after = rss_kib(w.proc.pid)
+        alerts = int(total(w.scrape(), "writeguard_alerts_total"))
+        secs = t_last - t_first if t_first is not None else 0.0
+        eps = (count - c_first) / secs if secs > 0 else None
+
+        def frac(a: float | None, b: float | None) -> float | None:
+            return (b - a) / secs if a is not None and b is not None and secs > 0 else None
+
+        if prof_proc is not None:
+            log("worker: waiting for py-spy to finish ...")
+            try:
+                prof_proc.wait(profile_s + 30)
+            except subprocess.TimeoutExpired:
+                stop_child(prof_proc)
+        log(f"worker (repartition={repartition}): {count:,.0f} events, {fmt_rate(eps)}, {alerts} alerts, "
+            f"RSS {(rss_after or 0) / 1024:.0f} MiB")
+        return WorkerResult(eps, int(count), secs, alerts, w.rss_start_kib, rss_after,
+                            frac(cpu_w0, cpu_w1), frac(cpu_b0, cpu_b1), prof_out if prof_proc else None)
+    finally:
+        if prof_proc is not None:
+            stop_child(prof_proc)
+        stop_child(w.proc)
+
+
+def start_profiler(pid: int, seconds: float, out: Path, children: list[subprocess.Popen[bytes]]
+                   ) -> subprocess.Popen[bytes] | None:
+    exe = shutil.which("py-spy")
+    if exe is None:
+        log("py-spy not found (pip install py-spy): no profile")
+        return None
+    proc = subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--duration", str(max(int(seconds), 1)), "--rate", "200",
+         "--format", "raw", "--output", str(out), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=(out.parent / "pyspy.log").open("wb"), start_new_session=True,
+    )
+    children.append(proc)
+    log(f"py-spy attached to the worker for {seconds:.0f} s")
+    return proc
+
+
+def summarize_profile(path: Path, top: int = 15) -> list[str]:
+    """Self time by function and by package, and inclusive time of a few functions, from py-spy raw output."""
+    self_fn: Counter[str] = Counter()
+    self_pkg: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    n = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, cnt = line.rpartition(" ")
+        if not stack or not cnt.isdigit():
+            continue
+        k = int(cnt)
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        n += k
+        names = []
+        for f in frames:
+            fn, _, loc = f.partition(" (")
+            file = loc.rsplit(":", 1)[0].rstrip(")")
+            names.append((fn, file))
+        fn, file = names[-1]
+        self_fn[f"{fn} ({file})"] += k
+        self_pkg[file.split("/")[0] if "/" in file else file] += k
+        for item in {f"{a} ({b})" for a, b in names}:
+            incl[item] += k
+    if n == 0:
+        return ["(py-spy collected no samples)"]
+    out = [f"py-spy: {n:,} samples of the worker's non-idle threads",
+           "  self time by package/file:"]
+    out += [f"    {100 * v / n:5.1f}%  {k}" for k, v in self_pkg.most_common(top)]
+    out.append("  self time by function:")
+    out += [f"    {100 * v / n:5.1f}%  {k}" for k, v in self_fn.most_common(top)]
+    out.append("  inclusive time (function and what it calls):")
+    out += [f"    {100 * v / n:5.1f}%  {k}" for k, v in incl.most_common(top + 10)]
+    return out
+
+
+# -- 3. bare confluent-kafka loop ----------------------------------------------------------------------
+
+
+@dataclass
+class BareResult:
+    events_per_s: float | None
+    changes: int
+    alerts: int
+
+
+def bench_bare(bootstrap: str, cfg: Config, expected: int, stall_s: float) -> BareResult:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wg-bench-bare-{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": True})
+    consumer.subscribe([t.topic for t in cfg.tables])
+    router = Router(cfg.tables)
+    engine = Engine(list(cfg.tables))
+    n = alerts = 0
+    t_first: float | None = None
+    t_last = last_msg = time.perf_counter()
+    try:
+        while n < expected:
+            msgs = consumer.consume(num_messages=1000, timeout=0.5)
+            now = time.perf_counter()
+            if not msgs:
+                if now - last_msg > stall_s:
+                    log(f"bare loop: stalled at {n:,} of {expected:,}; giving up")
+                    break
+                continue
+            last_msg = now
+            if t_first is None:
+                t_first = now
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                topic, part, off = m.topic(), m.partition(), m.offset()
+                assert topic is not None and part is not None and off is not None
+                out = router.route(topic, m.value(), coords_of(topic, part, off))
+                if isinstance(out, str):
+                    continue
+                n += 1
+                findings = engine.process(out)
+                if findings:
+                    alerts += len(findings)
+                    now_us = time.time_ns() // 1000
+                    for f in findings:
+                        build_alert(f, now_us).to_bytes()
+            t_last = time.perf_counter()
+    finally:
+        consumer.close()
+    secs = t_last - t_first if t_first is not None else 0.0
+    eps = n / secs if secs > 0 else None
+    log(f"bare loop: {n:,} changes, {fmt_rate(eps)}, {alerts} alerts")
+    return BareResult(eps, n, alerts)
+
+
+# -- 4. detection lag under real-time load -------------------------------------------------------------
+
+
+@dataclass
+class LagResult:
+    target_rate: float
+    achieved_rate: float
+    produced: int
+    rogues: int
+    alert_lags_ms: list[float] = field(default_factory=list)
+    e2e_lags_ms: list[float] = field(default_factory=list)
+    rogue_alerts: int = 0
+    other_alerts: int = 0
+    warmup_alerts: int = 0
+    hist_p50_s: float = float("nan")
+    hist_p99_s: float = float("nan")
+    hist_samples: int = 0
+    worker_cpu: float | None = None
+    phase_start_us: int = 0
+    points: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, lag_ms)
+
+
+def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Path,
+              children: list[subprocess.Popen[bytes]], *, repartition: bool = True) -> LagResult:
+    prefix = f"lag{uuid.uuid4().hex[:8]}"
+    fleet = Fleet(n_agents=args.agents, seed=args.seed + 1, prefix=prefix)
+    create_topics(bootstrap, {f"{prefix}.{t}": 3 for t in {a.table for a in fleet.agents}})
+    scale = rate / sum(a.rate_per_s for a in fleet.agents)
+    for a in fleet.agents:
+        a.rate_per_s *= scale
+    warm = args.warmup_per_agent
+    # Warm-up history: every agent writes `warm` times, spread over the last two minutes of commit time.
+    span_us = 120_000_000
+    n_warm = warm * len(fleet.agents)
+    start_us = time.time_ns() // 1000 - span_us - 5_000_000
+    history = [fleet.write(a, start_us + (k * len(fleet.agents) + i) * span_us // n_warm)
+               for k in range(warm) for i, a in enumerate(fleet.agents)]
+    log(f"lag: producing {len(history):,} warm-up events ({warm} per agent) ...")
+    produce_all(bootstrap, history)
+
+    wdir = workdir / f"{prefix}-lag"
+    wdir.mkdir()
+    cfg_path = wdir / "writeguard.yaml"
+    cfg = write_config(cfg_path, bootstrap, prefix, f"{prefix}-lag", repartition=repartition)
+    w = start_worker(cfg_path, cfg, wdir, children)
+    watch = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wg-bench-watch-{uuid.uuid4().hex[:8]}",
+                      "enable.auto.commit": False})
+    try:
+        md = watch.list_topics(cfg.topics.alerts, timeout=30).topics[cfg.topics.alerts]
+        watch.assign([TopicPartition(cfg.topics.alerts, p, OFFSET_BEGINNING) for p in md.partitions])
+        deadline = time.monotonic() + 300
+        while True:
+            w.check_alive()
+            c = total(w.scrape(), "writeguard_events_total")
+            if c >= n_warm:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"warm-up not consumed: {c:,.0f} of {n_warm:,}")
+            time.sleep(0.2)
+        log(f"lag: worker has scored the warm-up; now {rate:,.0f} events/s in real time for "
+            f"{args.lag_seconds:.0f} s, a refunds agent turning rogue every {args.rogue_every} s")
+        res = LagResult(target_rate=rate, achieved_rate=0.0, produced=0, rogues=0)
+        base = w.scrape()
+        hist0 = buckets(base, "writeguard_processing_lag_seconds")
+        events0 = total(base, "writeguard_events_total")
+        cpu0 = cpu_seconds(w.proc.pid)
+        rogue_ids = realtime_phase(bootstrap, fleet, rate, args, watch, cfg.topics.alerts, res)
+        # Let the worker catch up and publish the last alerts.
+        expected = events0 + res.produced
+        settle_end = time.monotonic() + args.settle_seconds
+        while time.monotonic() < settle_end:
+            drain_alerts(watch, res, rogue_ids)
+            if total(w.scrape(), "writeguard_events_total") >= expected:
+                settle_end = min(settle_end, time.monotonic() + 1.0)
+            time.sleep(0.05)
+        drain_alerts(watch, res, rogue_ids)
+        cpu1 = cpu_seconds(w.proc.pid)
+        hist1 = buckets(w.scrape(), "writeguard_processing_lag_seconds")
+        delta = {b: hist1.get(b, 0.0) - hist0.get(b, 0.0) for b in hist1}
+        res.hist_samples = int(delta.get(float("inf"), 0.0))
+        res.hist_p50_s = histogram_quantile(delta, 0.50)
+        res.hist_p99_s = histogram_quantile(delta, 0.99)
+        if cpu0 is not None and cpu1 is not None:
+            res.worker_cpu = (cpu1 - cpu0) / (args.lag_seconds + args.settle_seconds)
+        log(f"lag: {res.produced:,} events at {res.achieved_rate:,.0f}/s, {res.rogues} rogues, "
+            f"{res.rogue_alerts} rogue alerts, {res.other_alerts} other alerts")
+        return res
+    finally:
+        watch.close()
+        stop_child(w.proc)
+
+
+def realtime_phase(bootstrap: str, fleet: Fleet, rate: float, args: argparse.Namespace, watch: Consumer,
+                   alerts_topic: str, res: LagResult) -> set[str]:
+    rng = random.Random(args.seed + 2)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2, "acks": "all"})
+    candidates: list[Agent] = [a for a in fleet.agents if a.table == REFUNDS]
+    rng.shuffle(candidates)
+    rogue_ids: set[str] = set()
+    t0 = time.time()
+    res.phase_start_us = int(t0 * 1e6)
+    end = t0 + args.lag_seconds
+    # No new rogue in the last 3 s: a rogue needs two inflated writes (debounce k=2) before its alert.
+    last_rogue_at = end - 3.0
+    next_rogue = t0 + min(2.0, args.rogue_every)
+    queue = [(t0 + rng.expovariate(a.rate_per_s), i) for i, a in enumerate(fleet.agents)]
+    heapq.heapify(queue)
+    last_report = time.monotonic()
+    while True:
+        now = time.time()
+        if now >= end:
+            break
+        if now >= next_rogue and now < last_rogue_at and candidates:
+            a = candidates.pop()
+            a.rogue = "inflate"
+            rogue_ids.add(a.agent_id)
+            res.rogues += 1
+            next_rogue += args.rogue_every
+        ts, i = queue[0]
+        if ts > now:
+            drain_alerts(watch, res, rogue_ids)
+            producer.poll(min(ts - now, 0.002))
+            if time.monotonic() - last_report >= 5.0:
+                last_report = time.monotonic()
+                log(f"lag: {res.produced:,} produced, {res.rogues} rogues, {res.rogue_alerts} rogue alerts so far")
+            continue
+        heapq.heappop(queue)
+        a = fleet.agents[i]
+        heapq.heappush(queue, (ts + rng.expovariate(a.rate_per_s), i))
+        rec = fleet.write(a, time.time_ns() // 1000)
+        while True:
+            try:
+                producer.produce(rec.topic, key=rec.key, value=rec.value)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        res.produced += 1
+        if res.produced & 63 == 0:
+            producer.poll(0)
+    producer.flush(30)
+    res.achieved_rate = res.produced / (time.time() - t0)
+    return rogue_ids
+
+
+def drain_alerts(watch: Consumer, res: LagResult, rogue_ids: set[str]) -> None:
+    msgs = watch.consume(num_messages=500, timeout=0)
+    if not msgs:
+        return
+    recv_us = time.time_ns() // 1000
+    for m in msgs:
+        value = m.value()
+        if m.error() is not None or value is None:
+            continue
+        body = json.loads(value)
+        commit_us = parse_ts_us(str(body["commit_ts"]))
+        if commit_us < res.phase_start_us:
+            res.warmup_alerts += 1  # raised on the warm-up history: its commit times are in the past
+            continue
+        res.alert_lags_ms.append(float(body["lag_ms"]))
+        res.points.append(((commit_us - res.phase_start_us) / 1e6, float(body["lag_ms"])))
+        res.e2e_lags_ms.append((recv_us - commit_us) / 1000.0)
+        if body["agent_id"] in rogue_ids:
+            res.rogue_alerts += 1
+        else:
+            res.other_alerts += 1
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+
+def make_events(n: int, agents: int, seed: int, prefix: str) -> list[Record]:
+    """``n`` events in commit order from ``agents`` agents at the fleet's own rates (2-6 writes/s each,
+    far under the example's rate guard of 1,200 writes/min), ending now."""
+    fleet = Fleet(n_agents=agents, seed=seed, prefix=prefix)
+    total_rate = sum(a.rate_per_s for a in fleet.agents)
+    start_us = time.time_ns() // 1000 - int(n / total_rate * 1e6)
+    return list(fleet.stream(n, start_us))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Benchmark writeguard on a real Kafka: Faust worker throughput, a bare confluent-kafka "
+        "loop with the same detectors, replay, detection lag at half load, and memory per agent model set. "
+        "Progress on stderr, the table of figures on stdout.")
+    p.add_argument("--events", type=int, default=100_000, help="events for the throughput runs (100,000)")
+    p.add_argument("--agents", type=int, default=1000, help="simulated agents (1,000)")
+    p.add_argument("--bootstrap-servers", metavar="HOST:PORT",
+                   help="use this Kafka instead of starting a local one (topics get unique names)")
+    p.add_argument("--lag-seconds", type=float, default=30.0, help="real-time phase of the lag run (30)")
+    p.add_argument("--lag-rate", type=float,
+                   help="events/s of the lag run (default: half the measured worker throughput)")
+    p.add_argument("--rogue-every", type=float, default=0.5, help="seconds between rogue agents (0.5)")
+    p.add_argument("--warmup-per-agent", type=int, default=40,
+                   help="warm-up writes per agent before the lag run (40; the example's zscore warmup is 30)")
+    p.add_argument("--settle-seconds", type=float, default=5.0,
+                   help="max seconds to wait for the last alerts after the lag run (5)")
+    p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run a worker with worker.repartition: false (default: yes)")
+    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                   help="attach py-spy to the throughput worker for SECONDS and print where it spends its "
+                   "time (off by default; slows the worker slightly)")
+    p.add_argument("--skip-lag", action="store_true", help="skip the detection-lag run")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--keep", action="store_true", help="keep the work folder (worker logs, configs)")
+    return p
+
+
+def _sigterm(signum: int, frame: types.FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    wall0 = time.monotonic()
+    load0 = os.getloadavg()
+    workdir = Path(tempfile.mkdtemp(prefix="writeguard-bench-"))
+    children: list[subprocess.Popen[bytes]] = []
+    broker: Any = None
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    lines: list[str] = []
+    try:
+        log(f"generating {args.events:,} events from {args.agents:,} agents ...")
+        records = make_events(args.events, args.agents, args.seed, prefix)
+        cfg0 = load_config(EXAMPLE_CONFIG)
+        rep = bench_replay(cfg0, records, workdir)
+
+        if args.bootstrap_servers:
+            bootstrap = args.bootstrap_servers
+            where = f"Kafka at {bootstrap}"
+        else:
+            from connectors.broker import LocalKafka, kafka_version
+
+            log("starting a local Kafka broker ...")
+            broker = LocalKafka(workdir / "kafka", progress=log).start()
+            bootstrap = broker.bootstrap_servers
+            where = f"Kafka {kafka_version()} local"
+        broker_pid = broker.pid if broker is not None else None
+        topics = sorted({r.topic for r in records})
+        create_topics(bootstrap, dict.fromkeys(topics, 3))
+        log(f"producing {len(records):,} events to {', '.join(topics)} ...")
+        secs = produce_all(bootstrap, records)
+        log(f"produced in {secs:.1f} s ({len(records) / secs:,.0f} events/s)")
+        expected = rep.changes
+
+        faust = bench_worker(bootstrap, prefix, expected, workdir, children, repartition=True,
+                             broker_pid=broker_pid, profile_s=args.profile, stall_s=30.0)
+        direct = (bench_worker(bootstrap, prefix, expected, workdir, children, repartition=False,
+                               broker_pid=broker_pid, profile_s=0.0, stall_s=30.0) if args.direct else None)
+        cfg1 = write_config(workdir / "bare.yaml", bootstrap, prefix, f"{prefix}-bare")
+        log("bare loop: confluent-kafka Consumer -> Router.route -> Engine.process ...")
+        bare = bench_bare(bootstrap, cfg1, expected, stall_s=30.0)
+
+        lag: LagResult | None = None
+        if not args.skip_lag:
+            rate = args.lag_rate or (faust.events_per_s or 1000.0) / 2
+            lag = bench_lag(bootstrap, args, rate, workdir, children)
+
+        # -- the table --
+        cores = os.cpu_count() or 0
+        lines.append(f"writeguard pipeline benchmark ({args.events:,} events, {args.agents:,} agents, {where}, "
+                     f"{cores} cores)")
+        lines.append(f"worker (Faust, repartition by agent)     : {fmt_rate(faust.events_per_s)}"
+                     + ("  [py-spy attached]" if faust.profile else ""))
+        if direct is not None:
+            lines.append(f"worker (Faust, repartition: false)       : {fmt_rate(direct.events_per_s)}")
+        ratio = (f"  (Faust overhead: Y/X = {bare.events_per_s / faust.events_per_s:.1f} x)"
+                 if bare.events_per_s and faust.events_per_s else "")
+        lines.append(f"bare confluent-kafka loop, same detectors: {fmt_rate(bare.events_per_s)}{ratio}")
+        lines.append(f"replay (no Kafka)                        : {fmt_rate(rep.events_per_s)}")
+        if lag is not None:
+            lags = sorted(lag.alert_lags_ms)
+            n = len(lags)
+            head = f"detection lag at 50% load ({lag.achieved_rate:,.0f} events/s)"
+            if n == 0:
+                lines.append(f"{head}: no alerts")
+            else:
+                p99 = f"p99 {percentile(lags, 0.99):,.0f} ms" if n >= 100 else \
+                    f"p99 n/a (only {n} alerts, < 100; max {lags[-1]:,.0f} ms)"
+                lines.append(f"{head}: p50 {percentile(lags, 0.5):,.0f} ms, {p99} ({n} alerts)")
+            lines.append(f"processing lag histogram p50/p99         : {1000 * lag.hist_p50_s:,.0f} ms / "
+                         f"{1000 * lag.hist_p99_s:,.0f} ms ({lag.hist_samples:,} samples, 1 event in 16, "
+                         "bucket-interpolated)")
+        lines.append(f"memory per agent model set               : {rep.bytes_tracemalloc:,.0f} bytes (tracemalloc); "
+                     f"{rep.bytes_walk:,.0f} bytes (getsizeof walk: "
+                     + ", ".join(f"{t} {v:,.0f}" for t, v in sorted(rep.walk_by_table.items())) + ")")
+        rss = faust.rss_after_kib
+        growth = (f"; growth / agent {(rss - faust.rss_start_kib) * 1024 / max(rep.models, 1):,.0f} bytes"
+                  if rss is not None and faust.rss_start_kib is not None else "")
+        lines.append(f"worker RSS after {faust.counted:,} events{' ' * max(0, 17 - len(f'{faust.counted:,}'))}: "
+                     f"{(rss or 0) / 1024:,.0f} MiB (at start {(faust.rss_start_kib or 0) / 1024:,.0f} MiB{growth})")
+        lines.append("")
+        lines.append("details:")
+        lines.append(f"  alerts (normal traffic, should be ~0): replay {rep.alerts}, Faust worker {faust.alerts}, "
+                     + (f"direct worker {direct.alerts}, " if direct else "") + f"bare loop {bare.alerts}")
+        lines.append(f"  changes scored: replay {rep.changes:,}, Faust {faust.counted:,}, "
+                     + (f"direct {direct.counted:,}, " if direct else "") + f"bare {bare.changes:,}")
+
+        def cpu(r: WorkerResult) -> str:
+            wc = "n/a" if r.worker_cpu is None else f"{100 * r.worker_cpu:.0f}%"
+            bc = "n/a" if r.broker_cpu is None else f"{100 * r.broker_cpu:.0f}%"
+            return f"worker {wc}, broker {bc} of one core over {r.seconds:.1f} s"
+
+        lines.append(f"  CPU, Faust worker run: {cpu(faust)}")
+        if direct is not None:
+            lines.append(f"  CPU, direct worker run: {cpu(direct)}")
+        if lag is not None:
+            e2e = sorted(lag.e2e_lags_ms)
+            lines.append(f"  lag run: target {lag.target_rate:,.0f} events/s, achieved {lag.achieved_rate:,.0f}, "
+                         f"{lag.produced:,} events, {lag.rogues} rogue agents, {lag.rogue_alerts} rogue alerts, "
+                         f"{lag.other_alerts} other alerts ({lag.warmup_alerts} more on the warm-up history), "
+                         f"worker CPU {100 * (lag.worker_cpu or 0):.0f}% of one core")
+            if e2e:
+                lines.append(f"  commit -> alert read by a consumer: p50 {percentile(e2e, 0.5):,.0f} ms, "
+                             f"max {e2e[-1]:,.0f} ms (includes the alert's produce and fetch)")
+        load1 = os.getloadavg()
+        lines.append(f"  load average at start {load0[0]:.2f}, at end {load1[0]:.2f} "
+                     "(other processes on this machine compete for the same cores)")
+        lines.append(f"  total wall time {time.monotonic() - wall0:.0f} s")
+        if faust.profile is not None and faust.profile.exists():
+            lines.append("")
+            lines += summarize_profile(faust.profile)
+        print("\n".join(lines), flush=True)
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        for proc in children:
+            stop_child(proc)
+        if broker is not None:
+            log("stopping Kafka ...")
+            broker.stop()
+        if args.keep:
+            log(f"work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
