@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,7 +58,6 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
 from detectors.engine import Change, Engine  # noqa: E402
 from stream.config import Config, load_config  # noqa: E402
-from stream.demo import free_port  # noqa: E402
 from stream.fleet import REFUNDS, Agent, Fleet, Record  # noqa: E402
 from stream.pipeline import Router, build_alert, coords_of  # noqa: E402
 from stream.replay import replay  # noqa: E402
@@ -100,6 +100,12 @@ def cpu_seconds(pid: int | None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -13,12 +13,8 @@ import json
 import os
 import random
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,14 +22,9 @@ from confluent_kafka import Consumer, Producer
 
 from stream.config import load_config
 from stream.fleet import ORDERS, REFUNDS, Agent, Fleet, topic_of
+from stream.process import WorkerProcess, spawn_worker
 
 EXAMPLE_CONFIG = Path(__file__).parent / "examples" / "writeguard.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Clock:
@@ -53,68 +44,9 @@ class DemoResult:
     normal_writes: int = 0
 
 
-def start_worker(
-    config: Path, bootstrap: str, workdir: Path, clock: Clock
-) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    log = open(workdir / "worker.log", "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stream.cli",
-            "worker",
-            "--config",
-            str(config),
-            "--bootstrap-servers",
-            bootstrap,
-            "--metrics-port",
-            str(port),
-            "--datadir",
-            str(workdir / "faust"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=workdir,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
-            ),
-        },
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode}; see {workdir / 'worker.log'}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):
-                break
-        except OSError:
-            time.sleep(0.2)
-    clock.say(f"worker running (pid {proc.pid}); Prometheus metrics at http://127.0.0.1:{port}/metrics")
-    return proc, port
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(5)
-
-
 def _print_alert(clock: Clock, a: dict[str, object]) -> None:
     clock.say(
-        f"ALERT {a['severity']} by {a['detector']} ({a['scope']} model), score {a['score']:.3f} "
-        f">= {a['threshold']}"
+        f"ALERT {a['severity']} by {a['detector']} ({a['scope']} model), score {a['score']:.3f} >= {a['threshold']}"
     )
     print(f"          {a['summary']}")
     for e in a["explanation"]:  # type: ignore[attr-defined]
@@ -146,7 +78,7 @@ def run_demo(
     signal.signal(signal.SIGTERM, _terminate)
     broker = None
     workdir = Path(tempfile.mkdtemp(prefix="writeguard-demo-"))
-    worker: subprocess.Popen[bytes] | None = None
+    worker: WorkerProcess | None = None
     try:
         if bootstrap_servers is None:
             from connectors.broker import LocalKafka
@@ -167,7 +99,11 @@ def run_demo(
                     if "TOPIC_ALREADY_EXISTS" not in str(e):
                         raise
         cfg = load_config(EXAMPLE_CONFIG).with_bootstrap(bootstrap_servers)
-        worker, _ = start_worker(EXAMPLE_CONFIG, bootstrap_servers, workdir, clock)
+        worker = spawn_worker(EXAMPLE_CONFIG, workdir, bootstrap=bootstrap_servers)
+        clock.say(
+            f"worker running (pid {worker.proc.pid}); Prometheus metrics at "
+            f"http://127.0.0.1:{worker.metrics_port}/metrics"
+        )
         result = _run_fleet(
             cfg.topics.alerts,
             cfg.topics.control,
@@ -182,7 +118,7 @@ def run_demo(
     finally:
         if worker is not None:
             clock.say("stopping the worker ...")
-            stop_process(worker)
+            worker.stop()
         if broker is not None:
             clock.say("stopping Kafka ...")
             broker.stop()
@@ -219,9 +155,7 @@ def _run_fleet(
         "Debezium payload-only JSON); each agent follows the control topic"
     )
     now = time.time()
-    queue: list[tuple[float, int]] = [
-        (now + rng.expovariate(a.rate_per_s), i) for i, a in enumerate(fleet.agents)
-    ]
+    queue: list[tuple[float, int]] = [(now + rng.expovariate(a.rate_per_s), i) for i, a in enumerate(fleet.agents)]
     heapq.heapify(queue)
     stopped: set[str] = set()
     rogue_at = time.monotonic() + warmup_s

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,14 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 from confluent_kafka import Consumer, TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.broker import LocalKafka
 from stream.config import Config, load_config
-from stream.demo import free_port, stop_process
 from stream.fleet import ORDERS, REFUNDS
+from stream.process import ROOT, WorkerProcess, spawn_worker
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "stream" / "examples" / "writeguard.yaml"
 
 
@@ -38,34 +34,29 @@ def kafka() -> Iterator[LocalKafka]:
 
 @dataclass
 class Worker:
-    proc: subprocess.Popen[bytes]
+    """A real worker process plus the config it runs with, its topics unique to one test module."""
+
+    process: WorkerProcess
     config: Config
     config_path: Path
-    metrics_port: int
-    log: Path
     bootstrap: str
     prefix: str
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.process.proc
+
     def metrics(self) -> dict[str, float]:
-        """Every sample as 'name{k="v",...}' -> value."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        out: dict[str, float] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
+        return self.process.metrics()
 
     def total(self, name: str) -> float:
-        m = self.metrics()
-        return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+        return self.process.total(name)
 
     def wait_for(self, name: str, at_least: float, timeout: float = 120.0) -> float:
         deadline = time.monotonic() + timeout
         got = 0.0
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"worker died:\n{self.log.read_text()[-3000:]}"
+            assert self.proc.poll() is None, f"worker died:\n{self.process.log_tail()}"
             try:
                 got = self.total(name)
             except OSError:
@@ -73,9 +64,7 @@ class Worker:
             if got >= at_least:
                 return got
             time.sleep(0.25)
-        raise AssertionError(
-            f"{name} reached {got}, not {at_least}, in {timeout} s; log:\n{self.log.read_text()[-3000:]}"
-        )
+        raise AssertionError(f"{name} reached {got}, not {at_least}, in {timeout} s; log:\n{self.process.log_tail()}")
 
     def topic(self, table: str) -> str:
         return f"{self.prefix}.{table}"
@@ -105,41 +94,8 @@ def start_worker(kafka: LocalKafka, tmp: Path, prefix: str | None = None) -> Wor
     cfg_path = make_config(tmp, kafka.bootstrap_servers, prefix)
     cfg = load_config(cfg_path)
     kafka.create_topics({cfg.tables[0].topic: 3, cfg.tables[1].topic: 3})
-    port = free_port()
-    log = tmp / "worker.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stream.cli",
-            "worker",
-            "--config",
-            str(cfg_path),
-            "--metrics-port",
-            str(port),
-            "--datadir",
-            str(tmp / "faust"),
-            "--loglevel",
-            "info",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=tmp,
-        env=env,
-    )
-    w = Worker(proc, cfg, cfg_path, port, log, kafka.bootstrap_servers, prefix)
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, f"worker exited early:\n{log.read_text()[-3000:]}"
-        try:
-            w.metrics()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "worker metrics endpoint never answered"
-            time.sleep(0.2)
-    return w
+    process = spawn_worker(cfg_path, tmp, loglevel="info")
+    return Worker(process, cfg, cfg_path, kafka.bootstrap_servers, prefix)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +104,7 @@ def worker(kafka: LocalKafka, tmp_path_factory: pytest.TempPathFactory) -> Itera
     try:
         yield w
     finally:
-        stop_process(w.proc)
+        w.process.stop()
         assert w.proc.returncode is not None
 
 

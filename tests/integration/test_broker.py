@@ -59,9 +59,7 @@ def test_produce_consume_and_clean_stop() -> None:
 
         producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "enable.idempotence": True})
         delivered: list[object] = []
-        producer.produce(
-            topic, key=b"k1", value=payload, on_delivery=lambda err, msg: delivered.append(err or msg)
-        )
+        producer.produce(topic, key=b"k1", value=payload, on_delivery=lambda err, msg: delivered.append(err or msg))
         assert producer.flush(30.0) == 0
         assert len(delivered) == 1 and not isinstance(delivered[0], Exception)
         del producer  # release its connection now, not with noisy reconnects after stop()

@@ -62,17 +62,13 @@ def test_normal_fleet_raises_no_alert(worker: Worker, fleet: Fleet) -> None:
     assert worker.total("writeguard_active_models") in (0, 12)  # gauge refreshes every 5 s
 
 
-def test_rogue_agent_is_alerted_within_50_anomalous_events_and_quarantined(
-    worker: Worker, fleet: Fleet
-) -> None:
+def test_rogue_agent_is_alerted_within_50_anomalous_events_and_quarantined(worker: Worker, fleet: Fleet) -> None:
     rogue = next(a for a in fleet.agents if a.table == REFUNDS)
     rogue.rogue = "inflate"
     recs = [fleet.write(rogue, time.time_ns() // 1000 - (80 - i) * 20_000) for i in range(80)]
     where = produce(worker, [(r.topic, r.key, r.value) for r in recs])
     worker.wait_for("writeguard_alerts_total", 1, timeout=60)
-    alerts = [
-        json.loads(v) for _, v, _, _ in read_topic(worker.bootstrap, worker.config.topics.alerts, expect=1)
-    ]
+    alerts = [json.loads(v) for _, v, _, _ in read_topic(worker.bootstrap, worker.config.topics.alerts, expect=1)]
     mine = [a for a in alerts if a["agent_id"] == rogue.agent_id]
     assert mine, alerts
     first = mine[0]
@@ -88,8 +84,7 @@ def test_rogue_agent_is_alerted_within_50_anomalous_events_and_quarantined(
     assert [a for a in alerts if a["agent_id"] != rogue.agent_id] == []
 
     control = [
-        (k, json.loads(v))
-        for k, v, _, _ in read_topic(worker.bootstrap, worker.config.topics.control, expect=1)
+        (k, json.loads(v)) for k, v, _, _ in read_topic(worker.bootstrap, worker.config.topics.control, expect=1)
     ]
     assert (rogue.agent_id.encode(), "quarantined") in [(k, v["state"]) for k, v in control]
     rec = next(v for k, v in control if v["state"] == "quarantined")
@@ -119,9 +114,7 @@ def test_release_writes_a_control_record_and_the_worker_follows_it(worker: Worke
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
-    control = [
-        json.loads(v) for _, v, _, _ in read_topic(worker.bootstrap, worker.config.topics.control, expect=2)
-    ]
+    control = [json.loads(v) for _, v, _, _ in read_topic(worker.bootstrap, worker.config.topics.control, expect=2)]
     assert [c["state"] for c in control if c["agent_id"] == rogue.agent_id] == ["quarantined", "released"]
     deadline = time.monotonic() + 30
     while worker.total("writeguard_quarantined_agents") != 0:
@@ -139,9 +132,7 @@ POISON = [
 ]
 
 
-def test_poison_messages_go_to_the_dead_letter_topic_and_the_worker_goes_on(
-    worker: Worker, fleet: Fleet
-) -> None:
+def test_poison_messages_go_to_the_dead_letter_topic_and_the_worker_goes_on(worker: Worker, fleet: Fleet) -> None:
     before = worker.total("writeguard_events_total")
     topic = worker.topic(REFUNDS)
     normal = next(a for a in fleet.agents if a.table == REFUNDS and a.rogue is None)

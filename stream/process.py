@@ -1,0 +1,111 @@
+"""A ``writeguard worker`` in a child process, as the demo, the integration tests and the benchmark run it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM the child's whole process group, then SIGKILL it if it has not gone in ``timeout`` s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    metrics_port: int
+    log: Path
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as 'name{k="v",...}' -> value (labels sorted by name)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:  # noqa: S310
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def total(self, name: str) -> float:
+        """Sum of a metric over all its label sets."""
+        return sum(v for k, v in self.metrics().items() if k == name or k.startswith(name + "{"))
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def spawn_worker(
+    config: Path,
+    workdir: Path,
+    *,
+    bootstrap: str | None = None,
+    loglevel: str = "warning",
+    timeout: float = 60.0,
+) -> WorkerProcess:
+    """Start a worker in its own process group and wait until its metrics endpoint answers."""
+    port = free_port()
+    log = workdir / "worker.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "stream.cli",
+        "worker",
+        "--config",
+        str(config),
+        "--metrics-port",
+        str(port),
+        "--datadir",
+        str(workdir / "faust"),
+        "--loglevel",
+        loglevel,
+    ]
+    if bootstrap:
+        cmd += ["--bootstrap-servers", bootstrap]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir, env=env)
+    w = WorkerProcess(proc, port, log)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}:\n{w.log_tail()}")
+        try:
+            w.metrics()
+            return w
+        except OSError:
+            if time.monotonic() > deadline:
+                w.stop()
+                raise RuntimeError(f"worker metrics endpoint never answered:\n{w.log_tail()}") from None
+            time.sleep(0.2)
