@@ -19,7 +19,11 @@ What it measures, all with the example config's detectors (``stream/examples/wri
    turns rogue every ~0.5 s; p50/p99 of the alerts' ``lag_ms`` and the worker's processing-lag histogram.
 
 Progress goes to stderr, the table of figures to stdout. Numbers only, no assertions: timings belong to
-the machine (and the neighbours) they ran on.
+the machine (and the neighbours) they ran on. The defaults take about 2.5 minutes on 2 cores.
+
+Diagnostics: ``--profile SECONDS`` attaches py-spy (``pip install py-spy``) to the throughput worker and
+prints where it spends its time; ``--worker-fetch-max-wait-ms MS`` is a what-if that runs the unchanged
+worker with aiokafka's ``fetch_max_wait_ms`` (hard-coded to 1500 by Faust) overridden.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
@@ -61,6 +65,9 @@ from stream.config import Config, load_config  # noqa: E402
 from stream.fleet import REFUNDS, Agent, Fleet, Record  # noqa: E402
 from stream.pipeline import Router, build_alert, coords_of  # noqa: E402
 from stream.replay import replay  # noqa: E402
+
+if TYPE_CHECKING:
+    from connectors.broker import LocalKafka
 
 EXAMPLE_CONFIG = ROOT / "stream" / "examples" / "writeguard.yaml"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -250,13 +257,33 @@ def buckets(samples: list[Sample], name: str) -> dict[float, float]:
     return out
 
 
-def start_worker(cfg_path: Path, cfg: Config, workdir: Path, children: list[subprocess.Popen[bytes]]) -> Worker:
+# What-if knob (--worker-fetch-max-wait-ms): Faust hard-codes fetch_max_wait_ms=1500 for its aiokafka consumer;
+# this runs the unchanged CLI with that one argument overridden, to see what it costs in latency.
+_PATCHED_CLI = """
+import os, sys, aiokafka
+_init = aiokafka.AIOKafkaConsumer.__init__
+def _patched(self, *a, **k):
+    if "fetch_max_wait_ms" in k:
+        k["fetch_max_wait_ms"] = int(os.environ["WG_BENCH_FETCH_MAX_WAIT_MS"])
+    _init(self, *a, **k)
+aiokafka.AIOKafkaConsumer.__init__ = _patched
+from stream.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_worker(cfg_path: Path, cfg: Config, workdir: Path, children: list[subprocess.Popen[bytes]],
+                 fetch_max_wait_ms: int | None = None) -> Worker:
     port = free_port()
     logfile = workdir / "worker.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")] if p)}
+    cli = ["-m", "stream.cli"]
+    if fetch_max_wait_ms is not None:
+        cli = ["-c", _PATCHED_CLI]
+        env["WG_BENCH_FETCH_MAX_WAIT_MS"] = str(fetch_max_wait_ms)
     with logfile.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "worker", "--config", str(cfg_path), "--bootstrap-servers",
+            [sys.executable, *cli, "worker", "--config", str(cfg_path), "--bootstrap-servers",
              cfg.kafka.bootstrap_servers, "--metrics-port", str(port), "--datadir", str(workdir / "faust")],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=workdir,
             env=env,
@@ -395,17 +422,18 @@ class WorkerResult:
     worker_cpu: float | None  # fraction of one core, first to last event
     broker_cpu: float | None
     profile: Path | None = None
+    startup_s: float | None = None  # worker start to its first counted event
 
 
 def bench_worker(bootstrap: str, cdc_prefix: str, expected: int, workdir: Path,
                  children: list[subprocess.Popen[bytes]], *, repartition: bool, broker_pid: int | None,
-                 profile_s: float, stall_s: float) -> WorkerResult:
+                 profile_s: float, stall_s: float, fetch_max_wait_ms: int | None = None) -> WorkerResult:
     run = f"{cdc_prefix}-{'w' if repartition else 'd'}{uuid.uuid4().hex[:6]}"
     wdir = workdir / run
     wdir.mkdir()
     cfg_path = wdir / "writeguard.yaml"
     cfg = write_config(cfg_path, bootstrap, cdc_prefix, run, repartition=repartition)
-    w = start_worker(cfg_path, cfg, wdir, children)
+    w = start_worker(cfg_path, cfg, wdir, children, fetch_max_wait_ms)
     prof_out = wdir / "pyspy.txt" if profile_s > 0 else None
     prof_proc: subprocess.Popen[bytes] | None = None
     t_first: float | None = None
@@ -416,6 +444,9 @@ def bench_worker(bootstrap: str, cdc_prefix: str, expected: int, workdir: Path,
     t_last = time.perf_counter()
     last_change = time.perf_counter()
     last_report = 0.0
+    report_cpu: float | None = None
+    report_count = 0.0
+    started = time.perf_counter()
     try:
         while True:
             w.check_alive()
@@ -438,10 +469,14 @@ def bench_worker(bootstrap: str, cdc_prefix: str, expected: int, workdir: Path,
                 t_last = last_change
                 break
             if now - last_report >= 3.0:
-                last_report = now
-                rate = (c - c_first) / (now - t_first) if t_first is not None and now > t_first else 0.0
-                log(f"worker: {c:,.0f} / {expected:,} events ({rate:,.0f} events/s)")
-            time.sleep(0.1)
+                cpu_now = cpu_seconds(w.proc.pid)
+                busy = ((cpu_now - report_cpu) / (now - last_report)
+                        if cpu_now is not None and report_cpu is not None and last_report else None)
+                rate = (c - report_count) / (now - last_report) if last_report else 0.0
+                last_report, report_cpu, report_count = now, cpu_now, c
+                log(f"worker: {c:,.0f} / {expected:,} events ({rate:,.0f} events/s over the last seconds, "
+                    f"worker CPU {'n/a' if busy is None else f'{100 * busy:.0f}%'})")
+            time.sleep(0.5)  # each scrape costs the worker ~10 ms of CPU: its metrics server shares the GIL
         cpu_w1, cpu_b1 = cpu_seconds(w.proc.pid), cpu_seconds(broker_pid)
         rss_after = rss_kib(w.proc.pid)
         alerts = int(total(w.scrape(), "writeguard_alerts_total"))
@@ -460,7 +495,8 @@ def bench_worker(bootstrap: str, cdc_prefix: str, expected: int, workdir: Path,
         log(f"worker (repartition={repartition}): {count:,.0f} events, {fmt_rate(eps)}, {alerts} alerts, "
             f"RSS {(rss_after or 0) / 1024:.0f} MiB")
         return WorkerResult(eps, int(count), secs, alerts, w.rss_start_kib, rss_after,
-                            frac(cpu_w0, cpu_w1), frac(cpu_b0, cpu_b1), prof_out if prof_proc else None)
+                            frac(cpu_w0, cpu_w1), frac(cpu_b0, cpu_b1), prof_out if prof_proc else None,
+                            t_first - started if t_first is not None else None)
     finally:
         if prof_proc is not None:
             stop_child(prof_proc)
@@ -475,7 +511,7 @@ def start_profiler(pid: int, seconds: float, out: Path, children: list[subproces
         return None
     proc = subprocess.Popen(
         [exe, "record", "--pid", str(pid), "--duration", str(max(int(seconds), 1)), "--rate", "200",
-         "--format", "raw", "--output", str(out), "--nonblocking"],
+         "--format", "raw", "--output", str(out), "--nonblocking", "--threads"],
         stdout=subprocess.DEVNULL, stderr=(out.parent / "pyspy.log").open("wb"), start_new_session=True,
     )
     children.append(proc)
@@ -484,39 +520,52 @@ def start_profiler(pid: int, seconds: float, out: Path, children: list[subproces
 
 
 def summarize_profile(path: Path, top: int = 15) -> list[str]:
-    """Self time by function and by package, and inclusive time of a few functions, from py-spy raw output."""
+    """Samples by thread, self time by package and by function, inclusive time, from py-spy raw output."""
     self_fn: Counter[str] = Counter()
     self_pkg: Counter[str] = Counter()
     incl: Counter[str] = Counter()
+    by_thread: Counter[str] = Counter()
     n = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, cnt = line.rpartition(" ")
         if not stack or not cnt.isdigit():
             continue
         k = int(cnt)
-        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        parts = stack.split(";")
+        thread = "?"
+        if parts and parts[0].startswith("thread ("):
+            thread = parts.pop(0).partition(": ")[2] or "?"
+        frames = [f for f in parts if f and not f.startswith("process ")]
         if not frames:
             continue
         n += k
+        if "serve_forever" in thread or "process_request" in thread:
+            thread = "metrics HTTP server (prometheus_client)"
+        elif thread.startswith("Thread-") and "(" not in thread:
+            thread = "Thread-N (Faust's aiokafka consumer thread)"
+        by_thread[thread] += k
         names = []
         for f in frames:
             fn, _, loc = f.partition(" (")
-            file = loc.rsplit(":", 1)[0].rstrip(")")
-            names.append((fn, file))
+            names.append((fn, loc.rsplit(":", 1)[0].rstrip(")")))
         fn, file = names[-1]
         self_fn[f"{fn} ({file})"] += k
-        self_pkg[file.split("/")[0] if "/" in file else file] += k
+        self_pkg[file.split("/")[0]] += k
         for item in {f"{a} ({b})" for a, b in names}:
             incl[item] += k
     if n == 0:
         return ["(py-spy collected no samples)"]
-    out = [f"py-spy: {n:,} samples of the worker's non-idle threads",
-           "  self time by package/file:"]
+    out = [f"py-spy: {n:,} samples of the worker's non-idle threads (percent of those samples)", "  by thread:"]
+    out += [f"    {100 * v / n:5.1f}%  {k}" for k, v in by_thread.most_common()]
+    out.append("  self time by package or stdlib file:")
     out += [f"    {100 * v / n:5.1f}%  {k}" for k, v in self_pkg.most_common(top)]
     out.append("  self time by function:")
     out += [f"    {100 * v / n:5.1f}%  {k}" for k, v in self_fn.most_common(top)]
-    out.append("  inclusive time (function and what it calls):")
-    out += [f"    {100 * v / n:5.1f}%  {k}" for k, v in incl.most_common(top + 10)]
+    ours = sum(v for k, v in self_pkg.items() if k in ("stream", "detectors", "connectors"))
+    out.append(f"  writeguard's own code (stream, detectors, connectors): {100 * ours / n:.1f}% self time; inclusive:")
+    out += [f"    {100 * v / n:5.1f}%  {k}" for k, v in incl.most_common()
+            if k.split(" (", 1)[1].startswith(("stream/", "detectors/", "connectors/"))
+            and not k.startswith(("<module>", "main ", "cmd_worker", "run_worker"))][:top]
     return out
 
 
@@ -619,7 +668,7 @@ def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Pa
     wdir.mkdir()
     cfg_path = wdir / "writeguard.yaml"
     cfg = write_config(cfg_path, bootstrap, prefix, f"{prefix}-lag", repartition=repartition)
-    w = start_worker(cfg_path, cfg, wdir, children)
+    w = start_worker(cfg_path, cfg, wdir, children, args.worker_fetch_max_wait_ms)
     watch = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wg-bench-watch-{uuid.uuid4().hex[:8]}",
                       "enable.auto.commit": False})
     try:
@@ -633,15 +682,15 @@ def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Pa
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"warm-up not consumed: {c:,.0f} of {n_warm:,}")
-            time.sleep(0.2)
+            time.sleep(0.5)
         log(f"lag: worker has scored the warm-up; now {rate:,.0f} events/s in real time for "
             f"{args.lag_seconds:.0f} s, a refunds agent turning rogue every {args.rogue_every} s")
         res = LagResult(target_rate=rate, achieved_rate=0.0, produced=0, rogues=0)
         base = w.scrape()
         hist0 = buckets(base, "writeguard_processing_lag_seconds")
         events0 = total(base, "writeguard_events_total")
-        cpu0 = cpu_seconds(w.proc.pid)
-        rogue_ids = realtime_phase(bootstrap, fleet, rate, args, watch, cfg.topics.alerts, res)
+        cpu0, wall0 = cpu_seconds(w.proc.pid), time.monotonic()
+        rogue_ids = realtime_phase(bootstrap, fleet, args, watch, res)
         # Let the worker catch up and publish the last alerts.
         expected = events0 + res.produced
         settle_end = time.monotonic() + args.settle_seconds
@@ -649,16 +698,16 @@ def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Pa
             drain_alerts(watch, res, rogue_ids)
             if total(w.scrape(), "writeguard_events_total") >= expected:
                 settle_end = min(settle_end, time.monotonic() + 1.0)
-            time.sleep(0.05)
+            time.sleep(0.2)
         drain_alerts(watch, res, rogue_ids)
-        cpu1 = cpu_seconds(w.proc.pid)
+        cpu1, wall1 = cpu_seconds(w.proc.pid), time.monotonic()
         hist1 = buckets(w.scrape(), "writeguard_processing_lag_seconds")
         delta = {b: hist1.get(b, 0.0) - hist0.get(b, 0.0) for b in hist1}
         res.hist_samples = int(delta.get(float("inf"), 0.0))
         res.hist_p50_s = histogram_quantile(delta, 0.50)
         res.hist_p99_s = histogram_quantile(delta, 0.99)
         if cpu0 is not None and cpu1 is not None:
-            res.worker_cpu = (cpu1 - cpu0) / (args.lag_seconds + args.settle_seconds)
+            res.worker_cpu = (cpu1 - cpu0) / (wall1 - wall0)
         log(f"lag: {res.produced:,} events at {res.achieved_rate:,.0f}/s, {res.rogues} rogues, "
             f"{res.rogue_alerts} rogue alerts, {res.other_alerts} other alerts")
         return res
@@ -667,8 +716,8 @@ def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Pa
         stop_child(w.proc)
 
 
-def realtime_phase(bootstrap: str, fleet: Fleet, rate: float, args: argparse.Namespace, watch: Consumer,
-                   alerts_topic: str, res: LagResult) -> set[str]:
+def realtime_phase(bootstrap: str, fleet: Fleet, args: argparse.Namespace, watch: Consumer,
+                   res: LagResult) -> set[str]:
     rng = random.Random(args.seed + 2)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2, "acks": "all"})
     candidates: list[Agent] = [a for a in fleet.agents if a.table == REFUNDS]
@@ -776,6 +825,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                    help="attach py-spy to the throughput worker for SECONDS and print where it spends its "
                    "time (off by default; slows the worker slightly)")
+    p.add_argument("--worker-fetch-max-wait-ms", type=int, metavar="MS",
+                   help="what-if: run the workers with aiokafka's fetch_max_wait_ms overridden (Faust hard-codes "
+                   "1500); default: the stock worker")
     p.add_argument("--skip-lag", action="store_true", help="skip the detection-lag run")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep", action="store_true", help="keep the work folder (worker logs, configs)")
@@ -793,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="writeguard-bench-"))
     children: list[subprocess.Popen[bytes]] = []
-    broker: Any = None
+    broker: LocalKafka | None = None
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     lines: list[str] = []
     try:
@@ -821,9 +873,11 @@ def main(argv: list[str] | None = None) -> int:
         expected = rep.changes
 
         faust = bench_worker(bootstrap, prefix, expected, workdir, children, repartition=True,
-                             broker_pid=broker_pid, profile_s=args.profile, stall_s=30.0)
+                             broker_pid=broker_pid, profile_s=args.profile, stall_s=30.0,
+                             fetch_max_wait_ms=args.worker_fetch_max_wait_ms)
         direct = (bench_worker(bootstrap, prefix, expected, workdir, children, repartition=False,
-                               broker_pid=broker_pid, profile_s=0.0, stall_s=30.0) if args.direct else None)
+                               broker_pid=broker_pid, profile_s=0.0, stall_s=30.0,
+                               fetch_max_wait_ms=args.worker_fetch_max_wait_ms) if args.direct else None)
         cfg1 = write_config(workdir / "bare.yaml", bootstrap, prefix, f"{prefix}-bare")
         log("bare loop: confluent-kafka Consumer -> Router.route -> Engine.process ...")
         bare = bench_bare(bootstrap, cfg1, expected, stall_s=30.0)
@@ -837,6 +891,9 @@ def main(argv: list[str] | None = None) -> int:
         cores = os.cpu_count() or 0
         lines.append(f"writeguard pipeline benchmark ({args.events:,} events, {args.agents:,} agents, {where}, "
                      f"{cores} cores)")
+        if args.worker_fetch_max_wait_ms is not None:
+            lines.append(f"(what-if: workers ran with aiokafka fetch_max_wait_ms={args.worker_fetch_max_wait_ms} "
+                         "instead of Faust's hard-coded 1500)")
         lines.append(f"worker (Faust, repartition by agent)     : {fmt_rate(faust.events_per_s)}"
                      + ("  [py-spy attached]" if faust.profile else ""))
         if direct is not None:
@@ -862,7 +919,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{rep.bytes_walk:,.0f} bytes (getsizeof walk: "
                      + ", ".join(f"{t} {v:,.0f}" for t, v in sorted(rep.walk_by_table.items())) + ")")
         rss = faust.rss_after_kib
-        growth = (f"; growth / agent {(rss - faust.rss_start_kib) * 1024 / max(rep.models, 1):,.0f} bytes"
+        growth = (f"; growth / agent model {(rss - faust.rss_start_kib) * 1024 / max(rep.models, 1):,.0f} bytes,"
+                  " an upper bound: it includes client buffers"
                   if rss is not None and faust.rss_start_kib is not None else "")
         lines.append(f"worker RSS after {faust.counted:,} events{' ' * max(0, 17 - len(f'{faust.counted:,}'))}: "
                      f"{(rss or 0) / 1024:,.0f} MiB (at start {(faust.rss_start_kib or 0) / 1024:,.0f} MiB{growth})")
@@ -876,7 +934,8 @@ def main(argv: list[str] | None = None) -> int:
         def cpu(r: WorkerResult) -> str:
             wc = "n/a" if r.worker_cpu is None else f"{100 * r.worker_cpu:.0f}%"
             bc = "n/a" if r.broker_cpu is None else f"{100 * r.broker_cpu:.0f}%"
-            return f"worker {wc}, broker {bc} of one core over {r.seconds:.1f} s"
+            up = f"; {r.startup_s:.1f} s from worker start to its first event" if r.startup_s is not None else ""
+            return f"worker {wc}, broker {bc} of one core over {r.seconds:.1f} s{up}"
 
         lines.append(f"  CPU, Faust worker run: {cpu(faust)}")
         if direct is not None:
@@ -887,6 +946,13 @@ def main(argv: list[str] | None = None) -> int:
                          f"{lag.produced:,} events, {lag.rogues} rogue agents, {lag.rogue_alerts} rogue alerts, "
                          f"{lag.other_alerts} other alerts ({lag.warmup_alerts} more on the warm-up history), "
                          f"worker CPU {100 * (lag.worker_cpu or 0):.0f}% of one core")
+            pts = sorted(lag.points)
+            if len(pts) >= 6:
+                third = len(pts) // 3
+                early = sorted(v for _, v in pts[:third])
+                late = sorted(v for _, v in pts[-third:])
+                lines.append(f"  alert lag over the run: p50 {percentile(early, 0.5):,.0f} ms in the first third, "
+                             f"{percentile(late, 0.5):,.0f} ms in the last third")
             if e2e:
                 lines.append(f"  commit -> alert read by a consumer: p50 {percentile(e2e, 0.5):,.0f} ms, "
                              f"max {e2e[-1]:,.0f} ms (includes the alert's produce and fetch)")

@@ -118,8 +118,8 @@ def _factory(
 ) -> Callable[[], Detector]:
     log = frozenset(f.name for f in spec.features if f.transform == "log")
     if isinstance(d, ZScoreSpec):
-        feats, half_z, min_std = d.features, d.half_z, d.min_std
-        return lambda: ZScore(feats, log, half_z, min_std)
+        feats, half_z, min_std, warmup = d.features, d.half_z, d.min_std, d.warmup
+        return lambda: ZScore(feats, log, half_z, min_std, warmup)
     if isinstance(d, RiverModelSpec):
         model, params, scaler, rfeats = d.model, d.params, d.scaler, d.features
         return lambda: RiverModel(model, params, scaler, rfeats)

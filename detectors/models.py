@@ -64,7 +64,7 @@ class ZScore:
     'amount'
     """
 
-    __slots__ = ("_log", "_min_std", "_only", "_stats", "half_z", "n")
+    __slots__ = ("_log", "_min_count", "_min_std", "_only", "_stats", "half_z", "n")
 
     def __init__(
         self,
@@ -72,11 +72,14 @@ class ZScore:
         log_features: Iterable[str] = (),
         half_z: float = 4.0,
         min_std: float = 0.05,
+        min_count: int = 2,
     ) -> None:
         self._only = frozenset(features) if features is not None else None
         self._log = frozenset(log_features)
         self.half_z = half_z
         self._min_std = min_std
+        # Per feature: a feature seen only on some ops (an update's delta) warms up more slowly than the rest.
+        self._min_count = max(min_count, 2)
         self._stats: dict[str, stats.Var] = {}
         self.n = 0
 
@@ -85,7 +88,7 @@ class ZScore:
 
     def _z(self, name: str, v: float) -> float | None:
         s = self._stats.get(name)
-        if s is None or s.mean.n < 2:
+        if s is None or s.mean.n < self._min_count:
             return None
         std = max(math.sqrt(max(s.get(), 0.0)), self._min_std)
         return (self._value(name, v) - s.mean.get()) / std

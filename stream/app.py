@@ -31,6 +31,8 @@ from stream.metrics import Metrics
 from stream.pipeline import Router, build_alert, coords_of
 
 log = logging.getLogger("writeguard.worker")
+BATCH = 500
+BATCH_WITHIN_S = 0.005
 _encode = msgspec.json.Encoder().encode
 _decode_change = msgspec.json.Decoder(Change).decode
 
@@ -115,7 +117,29 @@ class ControlFollower:
         self._consumer.close()
 
 
+def set_fetch_max_wait(ms: int) -> None:
+    """Make Faust's aiokafka consumer wait at most ``ms`` for data in a fetch.
+
+    Faust hard-codes ``fetch_max_wait_ms=1500`` and offers no setting. A fetch that covers both the CDC
+    partitions and the internal ``changes`` topic then sits up to 1.5 s on partitions without data, and
+    detection lag becomes seconds instead of tens of milliseconds (measured: p50 3.3 s against 25 ms).
+    """
+    from faust.transport.drivers import aiokafka as driver
+
+    thread: Any = driver.AIOKafkaConsumerThread
+    original = getattr(thread, "_writeguard_create", None) or thread._create_worker_consumer
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = ms  # read by AIOKafkaConsumer.start() when it builds its Fetcher
+        return consumer
+
+    thread._writeguard_create = original
+    thread._create_worker_consumer = create
+
+
 def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | None = None) -> faust.App:
+    set_fetch_max_wait(cfg.worker.fetch_max_wait_ms)
     servers = ";".join(f"kafka://{s.strip()}" for s in cfg.kafka.bootstrap_servers.split(","))
     app = faust.App(
         cfg.kafka.group_id,
@@ -173,43 +197,47 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
             metrics.processing_lag.observe(max(time.time() - ch.commit_ts_us / 1e6, 0.0))
         return engine.process(ch)
 
+    async def ingest_one(event: Any) -> None:
+        msg = event.message
+        try:
+            out = router.route(msg.topic, event.value, coords_of(msg.topic, msg.partition, msg.offset))
+        except EnvelopeError as e:
+            metrics.dead_letters.labels(e.reason).inc()
+            await dlq.send(key=event.key, value=_dead_letter(e.reason, e.detail, msg, event.key, event.value))
+            return
+        except Exception as e:  # never let one record stop the stream: it is kept, with its reason
+            log.exception("unexpected error on %s", coords_of(msg.topic, msg.partition, msg.offset))
+            metrics.dead_letters.labels("internal_error").inc()
+            await dlq.send(
+                key=event.key, value=_dead_letter("internal_error", repr(e)[:2000], msg, event.key, event.value)
+            )
+            return
+        if isinstance(out, str):
+            metrics.skipped.labels(out).inc()
+        elif cfg.worker.repartition:
+            await changes.send(key=out.agent_id.encode(), value=_encode(out))
+        else:
+            findings = score(out)
+            if findings:
+                await publish(findings)
+
+    # Batches: Faust's per-event async machinery costs far more than decoding and scoring an event; a batch
+    # waits at most BATCH_WITHIN_S for more records, so light load pays at most that in latency.
     @app.agent(cdc)
-    async def ingest(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            msg = event.message
-            try:
-                out = router.route(msg.topic, event.value, coords_of(msg.topic, msg.partition, msg.offset))
-            except EnvelopeError as e:
-                metrics.dead_letters.labels(e.reason).inc()
-                await dlq.send(
-                    key=event.key, value=_dead_letter(e.reason, e.detail, msg, event.key, event.value)
-                )
-                continue
-            except Exception as e:  # never let one record stop the stream: it is kept, with its reason
-                log.exception("unexpected error on %s", coords_of(msg.topic, msg.partition, msg.offset))
-                metrics.dead_letters.labels("internal_error").inc()
-                await dlq.send(
-                    key=event.key,
-                    value=_dead_letter("internal_error", repr(e)[:2000], msg, event.key, event.value),
-                )
-                continue
-            if isinstance(out, str):
-                metrics.skipped.labels(out).inc()
-            elif cfg.worker.repartition:
-                await changes.send(key=out.agent_id.encode(), value=_encode(out))
-            else:
-                findings = score(out)
-                if findings:
-                    await publish(findings)
+    async def ingest(stream: Any) -> None:  # a faust.Stream: StreamT does not declare take_events
+        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            for event in events:
+                await ingest_one(event)
 
     if cfg.worker.repartition:
 
         @app.agent(changes)
         async def detect(stream: faust.StreamT[bytes]) -> None:
-            async for value in stream:
-                findings = score(_decode_change(value))
-                if findings:
-                    await publish(findings)
+            async for values in stream.take(BATCH, within=BATCH_WITHIN_S):
+                for value in values:
+                    findings = score(_decode_change(value))
+                    if findings:
+                        await publish(findings)
 
     @app.task
     async def follow_control() -> None:

@@ -56,6 +56,9 @@ class WorkerSettings(_Strict):
     )
     metrics: MetricsSettings = MetricsSettings()
     commit_interval_s: float = Field(1.0, gt=0, description="Faust broker_commit_interval.")
+    fetch_max_wait_ms: int = Field(
+        20, ge=1, le=1500, description="Longest a consumer fetch waits for data; bounds detection lag when idle."
+    )
 
 
 class Config(_Strict):
