@@ -22,14 +22,13 @@ Progress goes to stderr, the table of figures to stdout. Numbers only, no assert
 the machine (and the neighbours) they ran on. The defaults take about 2.5 minutes on 2 cores.
 
 Diagnostics: ``--profile SECONDS`` attaches py-spy (``pip install py-spy``) to the throughput worker and
-prints where it spends its time; ``--worker-fetch-max-wait-ms MS`` is a what-if that runs the unchanged
-worker with aiokafka's ``fetch_max_wait_ms`` (hard-coded to 1500 by Faust) overridden.
+prints where it spends its time; ``--worker-fetch-max-wait-ms MS`` runs the workers with
+``worker.fetch_max_wait_ms`` set to MS instead of the example config's value (Faust's own is 1500).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import heapq
 import json
@@ -37,7 +36,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,6 +62,7 @@ from detectors.engine import Change, Engine  # noqa: E402
 from stream.config import Config, load_config  # noqa: E402
 from stream.fleet import REFUNDS, Agent, Fleet, Record  # noqa: E402
 from stream.pipeline import Router, build_alert, coords_of  # noqa: E402
+from stream.process import spawn_worker, stop_process  # noqa: E402
 from stream.replay import replay  # noqa: E402
 
 if TYPE_CHECKING:
@@ -107,12 +106,6 @@ def cpu_seconds(pid: int | None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -205,7 +198,8 @@ def produce_all(bootstrap: str, records: list[Record]) -> float:
     return time.perf_counter() - started
 
 
-def write_config(path: Path, bootstrap: str, cdc_prefix: str, run: str, *, repartition: bool = True) -> Config:
+def write_config(path: Path, bootstrap: str, cdc_prefix: str, run: str, *, repartition: bool = True,
+                 fetch_max_wait_ms: int | None = None) -> Config:
     """The example config with a fresh group id and fresh writeguard topics, reading ``cdc_prefix``'s topics."""
     data = yaml.safe_load(EXAMPLE_CONFIG.read_text())
     data["kafka"]["bootstrap.servers"] = bootstrap
@@ -214,6 +208,8 @@ def write_config(path: Path, bootstrap: str, cdc_prefix: str, run: str, *, repar
     data["topics"] = {"alerts": f"{run}.alerts", "control": f"{run}.control", "dead_letter": f"{run}.dlq",
                       "changes": f"{run}.changes", "partitions": parts}
     data.setdefault("worker", {})["repartition"] = repartition
+    if fetch_max_wait_ms is not None:
+        data["worker"]["fetch_max_wait_ms"] = fetch_max_wait_ms
     for t in data["tables"]:
         t["topic"] = f"{cdc_prefix}.{t['name']}"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -257,66 +253,13 @@ def buckets(samples: list[Sample], name: str) -> dict[float, float]:
     return out
 
 
-# What-if knob (--worker-fetch-max-wait-ms): Faust hard-codes fetch_max_wait_ms=1500 for its aiokafka consumer;
-# this runs the unchanged CLI with that one argument overridden, to see what it costs in latency.
-_PATCHED_CLI = """
-import os, sys, aiokafka
-_init = aiokafka.AIOKafkaConsumer.__init__
-def _patched(self, *a, **k):
-    if "fetch_max_wait_ms" in k:
-        k["fetch_max_wait_ms"] = int(os.environ["WG_BENCH_FETCH_MAX_WAIT_MS"])
-    _init(self, *a, **k)
-aiokafka.AIOKafkaConsumer.__init__ = _patched
-from stream.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def start_worker(cfg_path: Path, cfg: Config, workdir: Path, children: list[subprocess.Popen[bytes]],
-                 fetch_max_wait_ms: int | None = None) -> Worker:
-    port = free_port()
-    logfile = workdir / "worker.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")] if p)}
-    cli = ["-m", "stream.cli"]
-    if fetch_max_wait_ms is not None:
-        cli = ["-c", _PATCHED_CLI]
-        env["WG_BENCH_FETCH_MAX_WAIT_MS"] = str(fetch_max_wait_ms)
-    with logfile.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, *cli, "worker", "--config", str(cfg_path), "--bootstrap-servers",
-             cfg.kafka.bootstrap_servers, "--metrics-port", str(port), "--datadir", str(workdir / "faust")],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=workdir,
-            env=env,
-        )
-    children.append(proc)
-    w = Worker(proc, port, logfile, cfg)
-    deadline = time.monotonic() + 60
-    while True:
-        w.check_alive()
-        try:
-            w.scrape()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker metrics never answered; see {logfile}") from None
-            time.sleep(0.1)
-    w.rss_start_kib = rss_kib(proc.pid)
-    log(f"worker pid {proc.pid} up (metrics :{port}, RSS {(w.rss_start_kib or 0) / 1024:.0f} MiB)")
+def start_worker(cfg_path: Path, cfg: Config, workdir: Path, children: list[subprocess.Popen[bytes]]) -> Worker:
+    wp = spawn_worker(cfg_path, workdir, bootstrap=cfg.kafka.bootstrap_servers)
+    children.append(wp.proc)
+    w = Worker(wp.proc, wp.metrics_port, wp.log, cfg)
+    w.rss_start_kib = rss_kib(wp.proc.pid)
+    log(f"worker pid {wp.proc.pid} up (metrics :{wp.metrics_port}, RSS {(w.rss_start_kib or 0) / 1024:.0f} MiB)")
     return w
-
-
-def stop_child(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-    except ProcessLookupError:
-        pass
 
 
 # -- 1. replay and memory ------------------------------------------------------------------------------
@@ -432,8 +375,9 @@ def bench_worker(bootstrap: str, cdc_prefix: str, expected: int, workdir: Path,
     wdir = workdir / run
     wdir.mkdir()
     cfg_path = wdir / "writeguard.yaml"
-    cfg = write_config(cfg_path, bootstrap, cdc_prefix, run, repartition=repartition)
-    w = start_worker(cfg_path, cfg, wdir, children, fetch_max_wait_ms)
+    cfg = write_config(cfg_path, bootstrap, cdc_prefix, run, repartition=repartition,
+                       fetch_max_wait_ms=fetch_max_wait_ms)
+    w = start_worker(cfg_path, cfg, wdir, children)
     prof_out = wdir / "pyspy.txt" if profile_s > 0 else None
     prof_proc: subprocess.Popen[bytes] | None = None
     t_first: float | None = None
@@ -491,7 +435,7 @@ def bench_worker(bootstrap: str, cdc_prefix: str, expected: int, workdir: Path,
             try:
                 prof_proc.wait(profile_s + 30)
             except subprocess.TimeoutExpired:
-                stop_child(prof_proc)
+                stop_process(prof_proc)
         log(f"worker (repartition={repartition}): {count:,.0f} events, {fmt_rate(eps)}, {alerts} alerts, "
             f"RSS {(rss_after or 0) / 1024:.0f} MiB")
         return WorkerResult(eps, int(count), secs, alerts, w.rss_start_kib, rss_after,
@@ -499,8 +443,8 @@ def bench_worker(bootstrap: str, cdc_prefix: str, expected: int, workdir: Path,
                             t_first - started if t_first is not None else None)
     finally:
         if prof_proc is not None:
-            stop_child(prof_proc)
-        stop_child(w.proc)
+            stop_process(prof_proc)
+        stop_process(w.proc)
 
 
 def start_profiler(pid: int, seconds: float, out: Path, children: list[subprocess.Popen[bytes]]
@@ -667,8 +611,9 @@ def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Pa
     wdir = workdir / f"{prefix}-lag"
     wdir.mkdir()
     cfg_path = wdir / "writeguard.yaml"
-    cfg = write_config(cfg_path, bootstrap, prefix, f"{prefix}-lag", repartition=repartition)
-    w = start_worker(cfg_path, cfg, wdir, children, args.worker_fetch_max_wait_ms)
+    cfg = write_config(cfg_path, bootstrap, prefix, f"{prefix}-lag", repartition=repartition,
+                       fetch_max_wait_ms=args.worker_fetch_max_wait_ms)
+    w = start_worker(cfg_path, cfg, wdir, children)
     watch = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wg-bench-watch-{uuid.uuid4().hex[:8]}",
                       "enable.auto.commit": False})
     try:
@@ -713,7 +658,7 @@ def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Pa
         return res
     finally:
         watch.close()
-        stop_child(w.proc)
+        stop_process(w.proc)
 
 
 def realtime_phase(bootstrap: str, fleet: Fleet, args: argparse.Namespace, watch: Consumer,
@@ -826,8 +771,7 @@ def parser() -> argparse.ArgumentParser:
                    help="attach py-spy to the throughput worker for SECONDS and print where it spends its "
                    "time (off by default; slows the worker slightly)")
     p.add_argument("--worker-fetch-max-wait-ms", type=int, metavar="MS",
-                   help="what-if: run the workers with aiokafka's fetch_max_wait_ms overridden (Faust hard-codes "
-                   "1500); default: the stock worker")
+                   help="set worker.fetch_max_wait_ms for the workers (example config: 20; Faust's own: 1500)")
     p.add_argument("--skip-lag", action="store_true", help="skip the detection-lag run")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep", action="store_true", help="keep the work folder (worker logs, configs)")
@@ -892,8 +836,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"writeguard pipeline benchmark ({args.events:,} events, {args.agents:,} agents, {where}, "
                      f"{cores} cores)")
         if args.worker_fetch_max_wait_ms is not None:
-            lines.append(f"(what-if: workers ran with aiokafka fetch_max_wait_ms={args.worker_fetch_max_wait_ms} "
-                         "instead of Faust's hard-coded 1500)")
+            lines.append(f"(workers ran with worker.fetch_max_wait_ms={args.worker_fetch_max_wait_ms})")
         lines.append(f"worker (Faust, repartition by agent)     : {fmt_rate(faust.events_per_s)}"
                      + ("  [py-spy attached]" if faust.profile else ""))
         if direct is not None:
@@ -970,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         for proc in children:
-            stop_child(proc)
+            stop_process(proc)
         if broker is not None:
             log("stopping Kafka ...")
             broker.stop()
