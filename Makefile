@@ -3,9 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint unit integration bench schemas clean
+.PHONY: system-deps install demo test lint unit integration bench schemas clean
+
+system-deps:
+	bash scripts/system-deps
 
 $(VENV)/.installed: pyproject.toml
+	bash scripts/system-deps --no-postgres
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -24,13 +28,13 @@ lint: install
 unit: install
 	$(PY) -m pytest -q -m "not integration"
 
-integration: install
+integration: system-deps install
 	$(PY) -m pytest -q -m integration
 
-test: lint
+test: system-deps lint
 	$(PY) -m pytest -q
 
-bench: install
+bench: system-deps install
 	$(PY) benchmarks/bench_pipeline.py
 
 schemas: install

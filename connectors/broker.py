@@ -16,6 +16,10 @@ Usage::
 
 or from a shell: ``python -m connectors.broker`` (prints ``bootstrap.servers=…``
 and runs until Ctrl-C).
+
+The Maven resolution (:func:`_resolve_maven_lib`), the JVM process handling
+(:func:`_spawn_jvm`, :func:`_stop_process_group`) and the stop-at-exit registry
+(:func:`_track_for_exit`) are also used by :mod:`connectors.connect`.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Protocol
 
 __all__ = [
     "BrokerError",
@@ -84,17 +89,25 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "writeguard"
 
 
-@functools.cache
-def kafka_version() -> str:
-    """Read the Kafka version from the pom so the pom stays the single source of truth."""
+def _pom_dependency_version(pom: Path, artifact_id: str) -> str | None:
+    """The version a pom declares for one direct dependency, or None."""
     ns = {"m": "http://maven.apache.org/POM/4.0.0"}
-    root = ET.parse(_POM).getroot()  # noqa: S314 -- our own packaged pom, not untrusted input
+    root = ET.parse(pom).getroot()  # noqa: S314 -- our own packaged pom, not untrusted input
     for dep in root.iterfind("m:dependencies/m:dependency", ns):
-        if dep.findtext("m:artifactId", namespaces=ns) == "kafka_2.13":
+        if dep.findtext("m:artifactId", namespaces=ns) == artifact_id:
             version = dep.findtext("m:version", namespaces=ns)
             if version:
                 return version.strip()
-    raise BrokerError(f"{_POM} does not declare org.apache.kafka:kafka_2.13 with a version")
+    return None
+
+
+@functools.cache
+def kafka_version() -> str:
+    """Read the Kafka version from the pom so the pom stays the single source of truth."""
+    version = _pom_dependency_version(_POM, "kafka_2.13")
+    if version is None:
+        raise BrokerError(f"{_POM} does not declare org.apache.kafka:kafka_2.13 with a version")
+    return version
 
 
 def _emit(progress: Progress | None, message: str) -> None:
@@ -148,23 +161,23 @@ def _require_mvn() -> str:
     return mvn
 
 
-def _pom_digest() -> str:
+def _pom_digest(pom: Path = _POM) -> str:
     """Key the cache on pom content too, so bumping log4j etc. re-resolves."""
-    return hashlib.sha256(_POM.read_bytes()).hexdigest()
+    return hashlib.sha256(pom.read_bytes()).hexdigest()
 
 
-def _lib_is_complete(lib: Path, marker: Path, version: str) -> bool:
+def _lib_is_complete(lib: Path, marker: Path, digest: str, required: Sequence[str]) -> bool:
     if not marker.is_file():
         return False
     try:
         recorded = marker.read_text(encoding="utf-8").split()
     except OSError:
         return False
-    if not recorded or recorded[0] != _pom_digest():
+    if not recorded or recorded[0] != digest:
         return False
     # Someone may have pruned jars by hand; a partial classpath fails in odd ways.
     jars = recorded[1:]
-    return f"kafka_2.13-{version}.jar" in jars and all((lib / jar).is_file() for jar in jars)
+    return all(jar in jars for jar in required) and all((lib / jar).is_file() for jar in jars)
 
 
 @contextlib.contextmanager
@@ -183,41 +196,47 @@ def _tail(text: str, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def resolve_kafka_jars(*, progress: Progress | None = None) -> Path:
-    """Return a directory holding the complete Kafka broker classpath.
+def _resolve_maven_lib(
+    pom: Path,
+    home: Path,
+    required: Sequence[str],
+    *,
+    what: str,
+    progress: Progress | None = None,
+) -> Path:
+    """Resolve ``pom``'s runtime dependencies into ``home/lib`` once and return that directory.
 
-    Runs Maven only on first use (or after the pom changed); later calls just
-    check the marker file, so starting a broker costs no network round-trip.
+    Maven runs only on first use (or after the pom changed): later calls just
+    check the marker file ``home/.complete`` (pom digest + jar list), so starting
+    a JVM costs no network round-trip.  ``required`` names jars whose absence
+    means the resolution failed; ``what`` ("Apache Kafka 4.3.1") is for messages.
+    A ``<home>.lock`` file serialises concurrent resolutions across processes.
+    Raises :class:`BrokerError` (Maven missing, failed, or timed out).
     """
-    _require_java()
-    version = kafka_version()
-    home = cache_dir() / f"kafka-{version}"
     lib = home / "lib"
     marker = home / _MARKER
-    if _lib_is_complete(lib, marker, version):
+    digest = _pom_digest(pom)
+    if _lib_is_complete(lib, marker, digest, required):
         return lib
     mvn = _require_mvn()
-    with _file_lock(cache_dir() / f"kafka-{version}.lock"):
-        if _lib_is_complete(lib, marker, version):  # another process won the race
+    with _file_lock(home.parent / f"{home.name}.lock"):
+        if _lib_is_complete(lib, marker, digest, required):  # another process won the race
             return lib
-        _emit(
-            progress,
-            f"resolving Apache Kafka {version} jars from Maven Central (first run only)…",
-        )
+        _emit(progress, f"resolving {what} jars from Maven Central (first run only)…")
         started = time.monotonic()
         marker.unlink(missing_ok=True)
         shutil.rmtree(lib, ignore_errors=True)
         home.mkdir(parents=True, exist_ok=True)
         # Run against a copy so Maven never writes next to an installed (maybe
         # read-only) package, and so the cache records exactly what it resolved.
-        pom = home / "pom.xml"
-        shutil.copyfile(_POM, pom)
+        pom_copy = home / "pom.xml"
+        shutil.copyfile(pom, pom_copy)
         cmd = [
             mvn,
             "-B",
             "-q",
             "-f",
-            str(pom),
+            str(pom_copy),
             "dependency:copy-dependencies",
             "-DincludeScope=runtime",
             f"-DoutputDirectory={lib}",
@@ -233,22 +252,40 @@ def resolve_kafka_jars(*, progress: Progress | None = None) -> Path:
             )
         except subprocess.TimeoutExpired as exc:
             raise BrokerError(
-                f"Maven did not finish resolving Kafka {version} within {_MVN_TIMEOUT_S:.0f}s "
-                "(is Maven Central reachable?)"
+                f"Maven did not finish resolving {what} within {_MVN_TIMEOUT_S:.0f}s (is Maven Central reachable?)"
             ) from exc
         jars = sorted(p.name for p in lib.glob("*.jar")) if lib.is_dir() else []
-        if proc.returncode != 0 or f"kafka_2.13-{version}.jar" not in jars:
+        missing = [jar for jar in required if jar not in jars]
+        if proc.returncode != 0 or missing:
             output = _tail(proc.stdout + "\n" + proc.stderr)
             raise BrokerError(
-                f"Maven failed to resolve Kafka {version} jars (exit {proc.returncode}) "
+                f"Maven failed to resolve {what} jars (exit {proc.returncode}"
+                f"{', missing ' + ', '.join(missing) if missing else ''}) "
                 f"with: {' '.join(cmd)}\n{output}"
             )
-        marker.write_text("\n".join([_pom_digest(), *jars]) + "\n", encoding="utf-8")
+        marker.write_text("\n".join([digest, *jars]) + "\n", encoding="utf-8")
         _emit(
             progress,
             f"resolved {len(jars)} jars into {lib} in {time.monotonic() - started:.1f}s",
         )
     return lib
+
+
+def resolve_kafka_jars(*, progress: Progress | None = None) -> Path:
+    """Return a directory holding the complete Kafka broker classpath.
+
+    Runs Maven only on first use (or after the pom changed); later calls just
+    check the marker file, so starting a broker costs no network round-trip.
+    """
+    _require_java()
+    version = kafka_version()
+    return _resolve_maven_lib(
+        _POM,
+        cache_dir() / f"kafka-{version}",
+        [f"kafka_2.13-{version}.jar"],
+        what=f"Apache Kafka {version}",
+        progress=progress,
+    )
 
 
 def _free_port() -> int:
@@ -287,21 +324,69 @@ def _cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
 
 
-# Brokers this process started and has not stopped yet; stopped at interpreter exit
-# so an aborted test run does not leave 512 MB JVMs behind.
-_RUNNING: set[LocalKafka] = set()
+class _Stoppable(Protocol):
+    def stop(self, timeout: float = ...) -> None: ...
+
+
+# JVMs (brokers, Connect workers) this process started and has not stopped yet; stopped
+# at interpreter exit so an aborted test run does not leave 512 MB JVMs behind.
+_RUNNING: set[_Stoppable] = set()
 _RUNNING_LOCK = threading.Lock()
+
+
+def _track_for_exit(owner: _Stoppable) -> None:
+    """Have ``owner.stop(timeout=10.0)`` called at interpreter exit unless untracked first."""
+    with _RUNNING_LOCK:
+        _RUNNING.add(owner)
+
+
+def _untrack_for_exit(owner: _Stoppable) -> None:
+    with _RUNNING_LOCK:
+        _RUNNING.discard(owner)
 
 
 def _stop_all_at_exit() -> None:
     with _RUNNING_LOCK:
-        brokers = list(_RUNNING)
-    for broker in brokers:
+        owners = list(_RUNNING)
+    for owner in owners:
         with contextlib.suppress(Exception):
-            broker.stop(timeout=10.0)
+            owner.stop(timeout=10.0)
 
 
 atexit.register(_stop_all_at_exit)
+
+
+def _spawn_jvm(cmd: Sequence[str], *, cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` (a java command line) in its own process group, stdout+stderr to ``log_path``.
+
+    Its own session so that stop can take down everything it spawned with one
+    killpg, and so that a Ctrl-C aimed at the test runner does not kill the JVM
+    before the caller's cleanup gets to shut it down cleanly.  The log is
+    truncated: fresh per launch.
+    """
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            list(cmd),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM the group ``proc`` leads (see :func:`_spawn_jvm`), SIGKILL it if not gone within ``timeout``."""
+    pgid = proc.pid  # start_new_session=True: the JVM leads its own group
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            proc.wait(timeout=10.0)
 
 
 class LocalKafka:
@@ -407,8 +492,7 @@ class LocalKafka:
         """
         with self._lock:
             self._kill_process(timeout=timeout)
-            with _RUNNING_LOCK:
-                _RUNNING.discard(self)
+            _untrack_for_exit(self)
             if self._owns_workdir and self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
                 self._workdir = None
@@ -539,9 +623,7 @@ class LocalKafka:
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self._controller_port}",
-            "listeners": (
-                f"PLAINTEXT://127.0.0.1:{self._port},CONTROLLER://127.0.0.1:{self._controller_port}"
-            ),
+            "listeners": f"PLAINTEXT://127.0.0.1:{self._port},CONTROLLER://127.0.0.1:{self._controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self._port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
@@ -611,18 +693,9 @@ class LocalKafka:
             "kafka.Kafka",
             "server.properties",
         ]
-        log_path = self._workdir / "broker.log"
-        with log_path.open("wb") as log:  # fresh per launch, like data/
-            self._proc = subprocess.Popen(
-                cmd,
-                cwd=self._workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        with _RUNNING_LOCK:
-            _RUNNING.add(self)
+        # broker.log is fresh per launch, like data/
+        self._proc = _spawn_jvm(cmd, cwd=self._workdir, log_path=self._workdir / "broker.log")
+        _track_for_exit(self)
 
     def _wait_ready(self, deadline: float) -> None:
         from confluent_kafka import KafkaException
@@ -676,17 +749,8 @@ class LocalKafka:
         proc = self._proc
         if proc is None:
             return
-        pgid = proc.pid  # start_new_session=True: the JVM leads its own group
         try:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(pgid, signal.SIGKILL)
-                    proc.wait(timeout=10.0)
+            _stop_process_group(proc, timeout)
         finally:
             self._proc = None
 

@@ -7,7 +7,7 @@ them equal to what these models generate (``writeguard schemas --write schemas``
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,8 +64,20 @@ class Alert(_Message):
         description="How many of the agent's writes were anomalous before this alert."
     )
     agent_events: int = Field(description="Events seen from this agent on this table, this one included.")
-    actions: list[Literal["alert", "quarantine"]]
+    actions: list[Literal["alert", "quarantine", "postgres", "webhook"]]
     quarantined: bool = Field(description="True when this alert quarantined the agent.")
+
+
+class EnforcementResult(BaseModel):
+    """What one enforcement action did, so that a release can undo exactly that."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["postgres", "webhook"]
+    ok: bool
+    detail: str = ""
+    revocation: dict[str, Any] | None = Field(
+        None, description="postgres: the role and the privileges taken away (what release grants back)."
+    )
 
 
 class ControlRecord(_Message):
@@ -78,6 +90,9 @@ class ControlRecord(_Message):
     table: str | None = None
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     by: str = Field(description="Who wrote it: 'writeguard-worker' or the releasing user.")
+    enforcement: list[EnforcementResult] = Field(
+        default_factory=list, description="Database and webhook actions taken (quarantine) or undone (release)."
+    )
 
 
 class DeadLetter(_Message):

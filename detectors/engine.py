@@ -15,6 +15,7 @@ import msgspec
 from detectors.features import Extractor
 from detectors.models import Contribution, Detector, OpBurstCeiling, RateCeiling, RiverModel, ZScore
 from detectors.spec import (
+    QUARANTINING,
     SEVERITY_RANK,
     OpBurstSpec,
     RateSpec,
@@ -113,9 +114,7 @@ class _AgentState:
         self.n = 0
 
 
-def _factory(
-    spec: TableSpec, d: ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec
-) -> Callable[[], Detector]:
+def _factory(spec: TableSpec, d: ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec) -> Callable[[], Detector]:
     log = frozenset(f.name for f in spec.features if f.transform == "log")
     if isinstance(d, ZScoreSpec):
         feats, half_z, min_std, warmup = d.features, d.half_z, d.min_std, d.warmup
@@ -141,9 +140,7 @@ def compile_table(spec: TableSpec) -> _Table:
             # A guard's incident stays open until 16 writes in a row are back under the ceiling.
             threshold, warmup, k, n = 1.0, 0, 1, 16
         pop = make() if isinstance(d, ZScoreSpec) and d.population else None
-        plans.append(
-            _Plan(detector_name(d), d.kind, d.severity, threshold, warmup, k, (1 << n) - 1, value, make, pop)
-        )
+        plans.append(_Plan(detector_name(d), d.kind, d.severity, threshold, warmup, k, (1 << n) - 1, value, make, pop))
     return _Table(spec, Extractor(spec), plans)
 
 
@@ -260,7 +257,7 @@ class Engine:
         actions = tab.spec.actions.get(p.severity, ("alert",))  # type: ignore[call-overload]
         aid = alert_id(ch.table, ch.agent_id, name, ch.coords)
         # Read the live state: two detectors firing on one event must quarantine once.
-        quarantines = "quarantine" in actions and ch.agent_id not in self.quarantined
+        quarantines = not QUARANTINING.isdisjoint(actions) and ch.agent_id not in self.quarantined
         if quarantines:
             self.quarantined[ch.agent_id] = Quarantine(aid, f"{name} on {ch.table}", ch.commit_ts_us)
         return Finding(

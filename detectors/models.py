@@ -269,9 +269,7 @@ class RateCeiling:
 
     def explain(self, x: Features, op: str = "c", t: float = 0.0) -> list[Contribution]:
         label = f"events_per_{self.window:g}s"
-        return [
-            Contribution(label, float(self._counter.count(t) + self._weight(op)), 0.0, float(self.max_events))
-        ]
+        return [Contribution(label, float(self._counter.count(t) + self._weight(op)), 0.0, float(self.max_events))]
 
 
 class OpBurstCeiling(RateCeiling):
@@ -297,6 +295,4 @@ class OpBurstCeiling(RateCeiling):
 
     def explain(self, x: Features, op: str = "c", t: float = 0.0) -> list[Contribution]:
         label = f"{'/'.join(sorted(self.ops))}_per_{self.window:g}s"
-        return [
-            Contribution(label, float(self._counter.count(t) + self._weight(op)), 0.0, float(self.max_events))
-        ]
+        return [Contribution(label, float(self._counter.count(t) + self._weight(op)), 0.0, float(self.max_events))]

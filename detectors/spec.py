@@ -12,7 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Op = Literal["c", "u", "d", "r", "t"]
 Severity = Literal["info", "warning", "critical"]
-Action = Literal["alert", "quarantine"]
+# "postgres" (revoke the agent's role's writes) and "webhook" (call the orchestrator's pause endpoint) are
+# enforcement on top of "quarantine" and imply it.
+Action = Literal["alert", "quarantine", "postgres", "webhook"]
+QUARANTINING: frozenset[str] = frozenset({"quarantine", "postgres", "webhook"})
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
 
 
@@ -75,14 +78,10 @@ class ZScoreSpec(_DetectorBase):
     features: tuple[str, ...] | None = Field(None, description="Feature names; all features by default.")
     threshold: float = Field(0.7, gt=0, lt=1, description="Score in [0,1]; 0.7 is |z| >= 9.3 at half_z=4.")
     half_z: float = Field(4.0, gt=0, description="The |z| that maps to score 0.5 (score = z/(z+half_z)).")
-    min_std: float = Field(
-        0.05, gt=0, description="Std floor in transformed units, for features that never vary."
-    )
+    min_std: float = Field(0.05, gt=0, description="Std floor in transformed units, for features that never vary.")
     warmup: int = Field(30, ge=2, description="Events of this agent before its own model may alert.")
     debounce: Debounce = Debounce()
-    population: bool = Field(
-        True, description="Score agents in warm-up against the table's population model."
-    )
+    population: bool = Field(True, description="Score agents in warm-up against the table's population model.")
 
 
 class RiverModelSpec(_DetectorBase):

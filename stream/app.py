@@ -27,6 +27,7 @@ from connectors.debezium import EnvelopeError
 from connectors.messages import ControlRecord, DeadLetter
 from detectors.engine import Change, Engine, Finding
 from stream.config import Config, client_settings
+from stream.enforce import Enforcer
 from stream.metrics import Metrics
 from stream.pipeline import Router, build_alert, coords_of
 
@@ -105,9 +106,7 @@ class ControlFollower:
             except ValueError:
                 log.warning("ignoring an invalid control record at offset %s", msg.offset())
                 continue
-            self.engine.apply_control(
-                rec.agent_id, rec.state, rec.alert_id, rec.reason, int(rec.at.timestamp() * 1e6)
-            )
+            self.engine.apply_control(rec.agent_id, rec.state, rec.alert_id, rec.reason, int(rec.at.timestamp() * 1e6))
             n += 1
         if self.metrics is not None:
             self.metrics.quarantined_agents.set(len(self.engine.quarantined))
@@ -167,6 +166,12 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
     follower: list[ControlFollower] = []
     sample = [0]
 
+    async def send_control(rec: ControlRecord) -> None:
+        await control.send(key=rec.agent_id.encode(), value=rec.to_bytes())
+
+    enforcing = any(a in ("postgres", "webhook") for t in cfg.tables for acts in t.actions.values() for a in acts)
+    enforcer = Enforcer(cfg, send_control, metrics) if enforcing else None
+
     async def publish(findings: list[Finding]) -> None:
         now_us = time.time_ns() // 1000
         for f in findings:
@@ -184,9 +189,11 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
                     table=f.table,
                     by="writeguard-worker",
                 )
-                await control.send(key=f.agent_id.encode(), value=rec.to_bytes())
+                await send_control(rec)
                 metrics.quarantines.labels(f.table).inc()
                 metrics.quarantined_agents.set(len(engine.quarantined))
+                if enforcer is not None:
+                    enforcer.enforce(alert)
 
     def score(ch: Change) -> list[Finding]:
         metrics.event(ch.table, ch.op)
@@ -241,6 +248,8 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
 
     @app.task
     async def follow_control() -> None:
+        if enforcer is not None:
+            await enforcer.start()
         f = ControlFollower(cfg, engine, metrics)
         follower.append(f)
         while True:
@@ -285,9 +294,7 @@ def run_worker(
     ensure_topics(cfg)
     engine = Engine(list(cfg.tables))
     metrics = Metrics()
-    port = metrics.serve(
-        cfg.worker.metrics.host, cfg.worker.metrics.port if metrics_port is None else metrics_port
-    )
+    port = metrics.serve(cfg.worker.metrics.host, cfg.worker.metrics.port if metrics_port is None else metrics_port)
     print(f"writeguard worker: metrics on http://{cfg.worker.metrics.host}:{port}/metrics", flush=True)
     app = build_app(cfg, engine, metrics, datadir=datadir)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)

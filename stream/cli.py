@@ -9,6 +9,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from stream.config import Config, ConfigError, client_settings, config_json_schema, load_config
 
@@ -50,6 +51,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _undo_enforcement(cfg: Config, agent: str) -> list[Any]:
+    """Grant back what the agent's quarantine took away in the database, as recorded on the control topic."""
+    if cfg.enforcement.postgres is None:
+        return []
+    from connectors.messages import EnforcementResult
+    from connectors.pg_enforce import EnforcementError
+    from stream.enforce import postgres_enforcer, read_control_state, revocation_from
+
+    rev = revocation_from(read_control_state(cfg).get(agent))
+    if rev is None:
+        return []
+    pg = postgres_enforcer(cfg)
+    assert pg is not None
+    try:
+        pg.release(rev)
+    except (EnforcementError, OSError, RuntimeError) as e:
+        print(f"writeguard release: could not restore role {rev.role}: {e}", file=sys.stderr)
+        return [EnforcementResult(action="postgres", ok=False, detail=f"restore failed: {e}"[:2000])]
+    finally:
+        pg.close()
+    detail = f"role {rev.role}: {len(rev.privileges)} privileges granted back" + (
+        ", LOGIN restored" if rev.had_login else ""
+    )
+    print(f"restored {detail}")
+    return [EnforcementResult(action="postgres", ok=True, detail=detail, revocation=rev.to_dict())]
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     from confluent_kafka import Producer
 
@@ -57,7 +85,8 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     by = args.by or f"{getpass.getuser()}@{socket.gethostname()}"
-    rec = ControlRecord(agent_id=args.agent, state="released", reason=args.reason, by=by)
+    undone = _undo_enforcement(cfg, args.agent)
+    rec = ControlRecord(agent_id=args.agent, state="released", reason=args.reason, by=by, enforcement=undone)
     # murmur2 is Java's and Faust's partitioner: the record lands where the worker's own records for this agent do.
     producer = Producer({**client_settings(cfg), "partitioner": "murmur2_random", "acks": "all"})
     errors: list[str] = []
@@ -111,6 +140,45 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     if stale:
         print("out of date (run `writeguard schemas --write`): " + ", ".join(stale), file=sys.stderr)
         return 1
+    return 0
+
+
+def connector_config(cfg: Config) -> dict[str, Any]:
+    """The Kafka Connect request body (name + config) for the Debezium PostgreSQL connector of ``cfg``."""
+    from connectors.connect import debezium_postgres_config
+    from detectors.spec import FieldPath
+
+    d = cfg.debezium
+    if d is None:
+        raise ConfigError("the config has no 'debezium:' section (topic.prefix, database, ...)")
+    key_columns: dict[str, str] | None = None
+    if d.key_by_agent:
+        key_columns = {}
+        for i, t in enumerate(cfg.tables):
+            path = FieldPath.parse(t.agent_id)
+            if len(path.keys) != 1:
+                raise ConfigError(f"tables.{i}.agent_id: key_by_agent needs a plain column, not {t.agent_id!r}")
+            key_columns[t.name] = path.keys[0]
+    db = d.database
+    conf = debezium_postgres_config(
+        hostname=db.hostname,
+        port=db.port,
+        user=db.user,
+        password=db.password,
+        dbname=db.dbname,
+        topic_prefix=d.topic_prefix,
+        tables=[t.name for t in cfg.tables],
+        slot_name=d.slot_name,
+        publication_name=d.publication_name,
+        snapshot_mode=d.snapshot_mode,
+        key_columns=key_columns,
+        extra=d.extra,
+    )
+    return {"name": d.name, "config": conf}
+
+
+def cmd_connector_config(args: argparse.Namespace) -> int:
+    print(json.dumps(connector_config(load_config(args.config)), indent=2))
     return 0
 
 
@@ -194,6 +262,17 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--check", action="store_true", help="exit 1 if a file differs from the models")
     s.set_defaults(func=cmd_schemas)
 
+    cc = sub.add_parser(
+        "connector-config",
+        help="print the Debezium PostgreSQL connector JSON for the config's tables (PUT it to Kafka Connect)",
+        description="Render {name, config} for Kafka Connect's REST API from the 'debezium:' section: topic prefix, "
+        "table include list, slot and publication, snapshot mode, JSON converters, and message.key.columns "
+        "when debezium.key_by_agent is set. Example: writeguard connector-config -c C | jq .config | "
+        "curl -X PUT -H 'Content-Type: application/json' --data @- http://connect:8083/connectors/NAME/config",
+    )
+    with_config(cc, kafka=False)
+    cc.set_defaults(func=cmd_connector_config)
+
     d = sub.add_parser(
         "demo",
         help="local Kafka + worker + a simulated agent fleet with one rogue agent",
@@ -203,9 +282,7 @@ def parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="use this Kafka instead of a local one")
     d.add_argument("--agents", type=int, default=12, help="simulated agents (default 12)")
-    d.add_argument(
-        "--warmup", type=float, default=20.0, help="seconds of normal traffic before the rogue (20)"
-    )
+    d.add_argument("--warmup", type=float, default=20.0, help="seconds of normal traffic before the rogue (20)")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("broker", help="start a local single-node Kafka (KRaft) and wait; Ctrl-C stops it")

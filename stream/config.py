@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from connectors.pg_enforce import RoleMapping
+from connectors.webhook import WebhookSettings
 from detectors.spec import TableSpec
 
 
@@ -61,12 +63,49 @@ class WorkerSettings(_Strict):
     )
 
 
+class DebeziumDatabase(_Strict):
+    hostname: str
+    port: int = Field(5432, ge=1, le=65535)
+    user: str
+    password: str = Field("", description="Use ${ENV_VAR}.")
+    dbname: str
+
+
+class DebeziumSettings(_Strict):
+    """What ``writeguard connector-config`` needs to render the Debezium PostgreSQL connector."""
+
+    name: str = Field("writeguard-postgres", description="Kafka Connect connector name.")
+    topic_prefix: str = Field(alias="topic.prefix")
+    database: DebeziumDatabase
+    slot_name: str = Field("writeguard", alias="slot.name")
+    publication_name: str = Field("writeguard", alias="publication.name")
+    snapshot_mode: str = Field("no_data", alias="snapshot.mode")
+    key_by_agent: bool = Field(
+        False, description="Key CDC records by the agent-id column (message.key.columns); then repartition can be off."
+    )
+    extra: dict[str, str] = Field(default_factory=dict, description="More connector properties, set last.")
+
+
+class PostgresEnforcementSettings(_Strict):
+    dsn: str = Field(description="libpq connection string of a role allowed to GRANT/REVOKE; use ${ENV_VAR}.")
+    roles: RoleMapping
+    mode: Literal["revoke_writes", "nologin"] = "revoke_writes"
+    terminate_sessions: bool = True
+
+
+class EnforcementSettings(_Strict):
+    postgres: PostgresEnforcementSettings | None = None
+    webhook: WebhookSettings | None = None
+
+
 class Config(_Strict):
     """Top-level writeguard config."""
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     worker: WorkerSettings = WorkerSettings()
+    debezium: DebeziumSettings | None = None
+    enforcement: EnforcementSettings = EnforcementSettings()
     tables: tuple[TableSpec, ...]
 
     @model_validator(mode="after")
@@ -79,6 +118,16 @@ class Config(_Strict):
         topics = [t.topic for t in self.tables]
         if len(set(topics)) != len(topics):
             raise ValueError("each table needs its own CDC topic")
+        for i, t in enumerate(self.tables):
+            used = {a for acts in t.actions.values() for a in acts}
+            for action in ("postgres", "webhook"):
+                if action in used and getattr(self.enforcement, action) is None:
+                    raise ValueError(f"tables.{i}.actions uses '{action}' but enforcement.{action} is not configured")
+            if self.debezium is not None and t.topic != f"{self.debezium.topic_prefix}.{t.name}":
+                raise ValueError(
+                    f"tables.{i}.topic: Debezium writes {t.name} to '{self.debezium.topic_prefix}.{t.name}', "
+                    f"not '{t.topic}'"
+                )
         return self
 
     def table_by_topic(self) -> dict[str, TableSpec]:
@@ -124,9 +173,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         for err in e.errors():
             # pydantic puts the union's tag (detector kind) in the path; the YAML has no such key.
             loc = [
-                p
-                for i, p in enumerate(err["loc"])
-                if not (p in _KINDS and i and isinstance(err["loc"][i - 1], int))
+                p for i, p in enumerate(err["loc"]) if not (p in _KINDS and i and isinstance(err["loc"][i - 1], int))
             ]
             where = ".".join(str(p) for p in loc) or "(top level)"
             lines.append(f"  {where}: {err['msg']}")

@@ -155,9 +155,7 @@ class Fleet:
         a.rogue_written += rogue
         return Record(topic_of(a.table, self.prefix), orjson.dumps(key), value, a.agent_id, ts_us, rogue, op)
 
-    def _order_write(
-        self, a: Agent, prov: dict[str, object], ts_us: int
-    ) -> tuple[bytes, dict[str, int], str]:
+    def _order_write(self, a: Agent, prov: dict[str, object], ts_us: int) -> tuple[bytes, dict[str, int], str]:
         r = self.rng.random()
         mine = [o for o in self._live_orders[-200:] if o[3] is a]
         if a.rogue == "delete_burst" and mine:
@@ -197,8 +195,7 @@ class Fleet:
     def stream(self, n: int, start_us: int, *, speedup: float = 1.0) -> Iterator[Record]:
         """``n`` writes in commit-time order, each agent a Poisson process at its own rate."""
         heap = [
-            (start_us + int(self.rng.expovariate(a.rate_per_s) * 1e6 / speedup), i)
-            for i, a in enumerate(self.agents)
+            (start_us + int(self.rng.expovariate(a.rate_per_s) * 1e6 / speedup), i) for i, a in enumerate(self.agents)
         ]
         import heapq
 

@@ -27,9 +27,7 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.alerts = Counter(
-            "writeguard_alerts", "Alerts published.", ["table", "detector", "severity"], registry=r
-        )
+        self.alerts = Counter("writeguard_alerts", "Alerts published.", ["table", "detector", "severity"], registry=r)
         self.quarantines = Counter(
             "writeguard_quarantines", "Agents quarantined by this worker.", ["table"], registry=r
         )
@@ -37,6 +35,12 @@ class Metrics:
             "writeguard_quarantined_agent_events",
             "Events from agents already quarantined (blast radius).",
             ["table"],
+            registry=r,
+        )
+        self.enforcement = Counter(
+            "writeguard_enforcement_actions",
+            "Enforcement actions (postgres revoke, webhook pause) by outcome.",
+            ["action", "outcome"],
             registry=r,
         )
         self.dead_letters = Counter(
@@ -64,9 +68,7 @@ class Metrics:
         self.active_models = Gauge(
             "writeguard_active_models", "Per-agent model sets held in memory.", ["table"], registry=r
         )
-        self.quarantined_agents = Gauge(
-            "writeguard_quarantined_agents", "Agents currently quarantined.", registry=r
-        )
+        self.quarantined_agents = Gauge("writeguard_quarantined_agents", "Agents currently quarantined.", registry=r)
         self._events: dict[tuple[str, str], Counter] = {}
 
     def event(self, table: str, op: str) -> None:

@@ -101,9 +101,7 @@ def summarize(c: Contribution) -> str:
 
 def build_alert(f: Finding, detected_at_us: int) -> Alert:
     top = f.contributions[0] if f.contributions else None
-    who = f"agent {f.agent_id}" + (
-        " (judged against the table's population)" if f.scope == "population" else ""
-    )
+    who = f"agent {f.agent_id}" + (" (judged against the table's population)" if f.scope == "population" else "")
     summary = f"{f.table}: {who}: " + (summarize(top) if top else f"score {f.score:.3f}")
     return Alert(
         alert_id=f.alert_id,

@@ -86,9 +86,7 @@ def replay(
             findings = engine.process(out, scores)
             if scores is not None and scores_out is not None:
                 for det, s in scores:
-                    scores_out.write(
-                        _enc.encode(_Score(lineno, out.table, out.agent_id, out.op, det, s)) + b"\n"
-                    )
+                    scores_out.write(_enc.encode(_Score(lineno, out.table, out.agent_id, out.op, det, s)) + b"\n")
                 scores.clear()
             for f in findings:
                 stats.alerts += 1
@@ -101,8 +99,7 @@ def replay(
                 if now - last >= 2.0:
                     last = now
                     progress(
-                        f"replay: {lineno:,} lines, {stats.alerts} alerts, "
-                        f"{lineno / (now - started):,.0f} events/s"
+                        f"replay: {lineno:,} lines, {stats.alerts} alerts, {lineno / (now - started):,.0f} events/s"
                     )
     stats.seconds = time.perf_counter() - started
     return stats

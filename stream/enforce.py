@@ -1,0 +1,199 @@
+"""Enforcement of a quarantine beyond the control topic: revoke the agent's database role, call its pause webhook.
+
+Both run off the event loop's critical path: PostgreSQL statements in one worker thread (in order), webhook
+deliveries in the sender's own task, so a slow database or endpoint never stalls the stream. Each outcome
+is recorded on the control topic, in a ``quarantined`` record that lists every action taken so far: the
+topic is compacted, so the latest record must carry everything a release needs to undo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from connectors.messages import Alert, ControlRecord, EnforcementResult
+from connectors.pg_enforce import EnforcementError, PostgresEnforcer, Revocation
+from connectors.webhook import Delivery, WebhookSender
+from stream.config import Config
+from stream.metrics import Metrics
+
+log = logging.getLogger("writeguard.enforce")
+Publish = Callable[[ControlRecord], Awaitable[None]]
+
+
+def postgres_enforcer(cfg: Config) -> PostgresEnforcer | None:
+    pg = cfg.enforcement.postgres
+    if pg is None:
+        return None
+    return PostgresEnforcer(
+        pg.dsn, pg.roles, [t.name for t in cfg.tables], pg.mode, terminate_sessions=pg.terminate_sessions
+    )
+
+
+@dataclass
+class _Open:
+    alert: Alert
+    results: list[EnforcementResult] = field(default_factory=list)
+
+
+class Enforcer:
+    """Takes a quarantining alert, runs its enforcement actions, publishes what each did."""
+
+    def __init__(self, cfg: Config, publish: Publish, metrics: Metrics) -> None:
+        self._publish = publish
+        self._metrics = metrics
+        self._pg = postgres_enforcer(cfg)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeguard-pg")
+        wh = cfg.enforcement.webhook
+        self._webhook = WebhookSender(wh, on_result=self._on_delivery) if wh is not None else None
+        self._open: dict[str, _Open] = {}  # alert id -> the quarantine it enforces
+        self._done: set[str] = set()  # alert ids already enforced: one alert is enforced once
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._webhook is not None:
+            await self._webhook.start()
+
+    async def stop(self) -> None:
+        if self._webhook is not None:
+            await self._webhook.stop()
+        for t in list(self._tasks):
+            t.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pg is not None:
+            self._pg.close()
+
+    def enforce(self, alert: Alert) -> None:
+        """Start the alert's enforcement actions; returns at once."""
+        if alert.alert_id in self._done:
+            return
+        self._done.add(alert.alert_id)
+        self._open[alert.alert_id] = _Open(alert)
+        if "postgres" in alert.actions and self._pg is not None:
+            task = asyncio.ensure_future(self._revoke(alert))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if "webhook" in alert.actions and self._webhook is not None:
+            payload = {
+                "event": "writeguard.quarantine",
+                "agent_id": alert.agent_id,
+                "run_id": alert.run_id,
+                "alert_id": alert.alert_id,
+                "table": alert.table,
+                "severity": alert.severity,
+                "summary": alert.summary,
+                "commit_ts": alert.commit_ts.isoformat(),
+            }
+            if not self._webhook.submit(f"{alert.alert_id}:webhook", payload):
+                self._record(
+                    alert.alert_id,
+                    EnforcementResult(action="webhook", ok=False, detail="not queued: delivery queue full"),
+                )
+
+    async def _revoke(self, alert: Alert) -> None:
+        assert self._pg is not None and self._loop is not None
+        pg = self._pg
+        try:
+            rev: Revocation = await self._loop.run_in_executor(self._pool, pg.quarantine, alert.agent_id)
+        except (EnforcementError, OSError, RuntimeError) as e:
+            result = EnforcementResult(action="postgres", ok=False, detail=str(e)[:2000])
+        except Exception as e:  # a database error of any kind must be reported, not crash the worker
+            log.exception("postgres enforcement failed for %s", alert.agent_id)
+            result = EnforcementResult(action="postgres", ok=False, detail=repr(e)[:2000])
+        else:
+            inherited = getattr(rev, "inherited", ())
+            detail = f"role {rev.role}: {rev.mode}, {len(rev.privileges)} privileges revoked"
+            if inherited:
+                detail += f"; still writable through {', '.join(inherited)}"
+            result = EnforcementResult(action="postgres", ok=not inherited, detail=detail, revocation=rev.to_dict())
+        self._record(alert.alert_id, result)
+
+    def _on_delivery(self, d: Delivery) -> None:
+        alert_id = d.key.rsplit(":", 1)[0]
+        detail = f"HTTP {d.status} after {d.attempts} attempt(s)" if d.status else f"{d.error} ({d.attempts} attempts)"
+        self._record(alert_id, EnforcementResult(action="webhook", ok=d.delivered, detail=detail))
+
+    def _record(self, alert_id: str, result: EnforcementResult) -> None:
+        self._metrics.enforcement.labels(result.action, "ok" if result.ok else "failed").inc()
+        if not result.ok:
+            log.warning("enforcement %s failed for alert %s: %s", result.action, alert_id, result.detail)
+        entry = self._open.get(alert_id)
+        if entry is None:
+            return
+        entry.results.append(result)
+        a = entry.alert
+        rec = ControlRecord(
+            agent_id=a.agent_id,
+            state="quarantined",
+            reason=a.summary,
+            alert_id=a.alert_id,
+            table=a.table,
+            by="writeguard-worker",
+            enforcement=list(entry.results),
+        )
+        task = asyncio.ensure_future(self._publish(rec))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def revocation_from(record: dict[str, Any] | None) -> Revocation | None:
+    """The postgres revocation recorded in a control record, if any."""
+    if not record:
+        return None
+    for r in record.get("enforcement") or []:
+        if r.get("action") == "postgres" and r.get("revocation"):
+            return Revocation.from_dict(r["revocation"])
+    return None
+
+
+def read_control_state(cfg: Config, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+    """The latest control record of every agent: the compacted control topic read from the start to its end."""
+    import json
+    import time
+    import uuid
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    from stream.config import client_settings
+
+    c = Consumer(
+        {
+            **client_settings(cfg),
+            "group.id": f"writeguard-release-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        topic = cfg.topics.control
+        parts = c.list_topics(topic, timeout=timeout).topics[topic].partitions
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in parts}
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        state: dict[str, dict[str, Any]] = {}
+        pending = {p for p, end in ends.items() if end > 0}
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for msg in c.consume(500, timeout=0.5):
+                if msg.error():
+                    continue
+                part, off = msg.partition(), msg.offset()
+                if part is not None and off is not None and off >= ends[part] - 1:
+                    pending.discard(part)
+                value = msg.value()
+                if value is None:
+                    continue
+                try:
+                    rec = json.loads(value)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("agent_id"), str):
+                    state[rec["agent_id"]] = rec
+        return state
+    finally:
+        c.close()

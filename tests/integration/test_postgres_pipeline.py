@@ -1,0 +1,309 @@
+"""End to end on the real parts: PostgreSQL -> Debezium (Kafka Connect) -> Kafka -> worker -> REVOKE in PostgreSQL.
+
+Agents connect as their own database roles and write rows; nothing is simulated past the SQL they run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from psycopg import errors, sql
+
+from connectors.broker import LocalKafka
+from connectors.connect import LocalConnect
+from connectors.postgres import LocalPostgres
+from stream.cli import connector_config
+from stream.config import Config, load_config
+from stream.process import ROOT, WorkerProcess, spawn_worker
+from tests.integration.conftest import EXAMPLE, read_topic
+
+pytestmark = pytest.mark.integration
+
+REFUND_AGENTS = [f"agent_refund_{i:02d}" for i in range(4)]
+ORDER_AGENTS = [f"agent_order_{i:02d}" for i in range(3)]
+
+DDL = """
+CREATE TABLE public.refunds (id bigserial PRIMARY KEY, order_id bigint, amount double precision NOT NULL,
+                             agent_id text, run_id text);
+CREATE TABLE public.orders (id bigserial PRIMARY KEY, total double precision NOT NULL, items int NOT NULL,
+                            status text NOT NULL DEFAULT 'paid', agent_id text, run_id text);
+-- Deletes and updates must carry the whole old row (agent id, old total) in Debezium's `before`.
+ALTER TABLE public.refunds REPLICA IDENTITY FULL;
+ALTER TABLE public.orders REPLICA IDENTITY FULL;
+"""
+
+
+@dataclass
+class Pipeline:
+    pg: LocalPostgres
+    kafka: LocalKafka
+    worker: WorkerProcess
+    config: Config
+    config_path: Path
+
+    def agent(self, role: str) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.pg.dsn(user=role, dbname="shop"), autocommit=True)
+
+    def wait_events(self, at_least: float, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (got := self.worker.total("writeguard_events_total")) < at_least:
+            assert self.worker.proc.poll() is None, self.worker.log_tail()
+            assert time.monotonic() < deadline, f"worker scored {got} events, not {at_least}:\n{self.worker.log_tail()}"
+            time.sleep(0.2)
+
+
+def _config(tmp: Path, kafka: LocalKafka, pg: LocalPostgres, prefix: str) -> Path:
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["kafka"]["bootstrap.servers"] = kafka.bootstrap_servers
+    data["kafka"]["group.id"] = f"wg-{prefix}"
+    data["topics"] = {
+        "alerts": f"{prefix}.alerts",
+        "control": f"{prefix}.control",
+        "dead_letter": f"{prefix}.dlq",
+        "changes": f"{prefix}.changes",
+        "partitions": 3,
+    }
+    data["debezium"] = {
+        "name": f"{prefix}-connector",
+        "topic.prefix": prefix,
+        "database": {"hostname": pg.host, "port": pg.port, "user": "postgres", "password": "", "dbname": "shop"},
+        "slot.name": f"slot_{prefix}",
+        "publication.name": f"pub_{prefix}",
+    }
+    data["enforcement"] = {
+        "postgres": {
+            "dsn": pg.dsn(dbname="shop"),
+            "roles": {"template": "{agent_id}", "pattern": "^agent_[a-z]+_[0-9]{2}$"},
+        }
+    }
+    for t in data["tables"]:
+        t["topic"] = f"{prefix}.{t['name']}"
+        t["actions"] = {"info": ["alert"], "warning": ["alert"], "critical": ["alert", "quarantine", "postgres"]}
+    path = tmp / "writeguard.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(kafka: LocalKafka, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    tmp = tmp_path_factory.mktemp("pg-pipeline")
+    prefix = f"pg{uuid.uuid4().hex[:6]}"
+    pg = LocalPostgres(progress=lambda m: print(m, file=sys.stderr)).start()
+    connect: LocalConnect | None = None
+    worker: WorkerProcess | None = None
+    try:
+        pg.create_database("shop")
+        with pg.connect(dbname="shop", autocommit=True) as c:
+            c.execute(DDL)
+            for role in REFUND_AGENTS + ORDER_AGENTS:
+                c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+                c.execute(
+                    sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON public.refunds, public.orders TO {}").format(
+                        sql.Identifier(role)
+                    )
+                )
+                c.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(sql.Identifier(role)))
+        cfg_path = _config(tmp, kafka, pg, prefix)
+        cfg = load_config(cfg_path)
+        kafka.create_topics({t.topic: 3 for t in cfg.tables})
+        connect = LocalConnect(kafka.bootstrap_servers, progress=lambda m: print(m, file=sys.stderr)).start()
+        body = connector_config(cfg)
+        connect.put_connector(body["name"], body["config"])
+        worker = spawn_worker(cfg_path, tmp, loglevel="info")
+        yield Pipeline(pg, kafka, worker, cfg, cfg_path)
+    finally:
+        if worker is not None:
+            worker.stop()
+        if connect is not None:
+            connect.stop()
+        pg.stop()
+
+
+def write_until_refused(
+    p: Pipeline,
+    role: str,
+    write: Callable[[psycopg.Connection[Any], int], None],
+    limit: int = 500,
+    pause_s: float = 0.02,
+    timeout_s: float = 60.0,
+) -> tuple[int, float]:
+    """Run ``write(conn, i)`` as ``role`` until PostgreSQL refuses it; returns (writes that landed, seconds).
+
+    The quarantine ends the role's sessions; like an agent framework, this reconnects and tries again.
+    """
+    landed = 0
+    started = time.monotonic()
+    conn = p.agent(role)
+    try:
+        for i in range(limit):
+            assert time.monotonic() - started < timeout_s, f"{role} was not stopped; {landed} writes landed"
+            try:
+                write(conn, i)
+            except errors.InsufficientPrivilege:
+                return landed, time.monotonic() - started
+            except (errors.AdminShutdown, psycopg.OperationalError):
+                conn.close()
+                conn = p.agent(role)
+                continue
+            landed += 1
+            time.sleep(pause_s)
+    finally:
+        conn.close()
+    raise AssertionError(f"{role} was never refused after {landed} writes")
+
+
+def _normal_refunds(p: Pipeline, rng: random.Random, n: int) -> int:
+    conns = {a: p.agent(a) for a in REFUND_AGENTS}
+    means = {a: rng.uniform(20, 90) for a in REFUND_AGENTS}
+    for _ in range(n):
+        for a, c in conns.items():
+            c.execute(
+                "INSERT INTO public.refunds (order_id, amount, agent_id, run_id) VALUES (%s, %s, %s, %s)",
+                (rng.randint(1, 10_000), round(means[a] * math.exp(rng.gauss(0, 0.3)), 2), a, "run-1"),
+            )
+    for c in conns.values():
+        c.close()
+    return n * len(conns)
+
+
+def test_rogue_agent_is_quarantined_in_postgres_and_its_next_write_fails(pipeline: Pipeline) -> None:
+    rng = random.Random(1)
+    written = _normal_refunds(pipeline, rng, 40)
+    pipeline.wait_events(written)
+    rogue = REFUND_AGENTS[1]
+    landed, enforced_s = write_until_refused(
+        pipeline,
+        rogue,
+        lambda c, i: c.execute(
+            "INSERT INTO public.refunds (order_id, amount, agent_id, run_id) VALUES (1, %s, %s, 'run-1')",
+            (round(rng.uniform(20, 90) * 20, 2), rogue),
+        ),
+    )
+    print(f"rogue rows that landed before the REVOKE: {landed}; first rogue write -> refused: {enforced_s:.2f} s")
+    assert landed <= 50
+    # Its other writes are refused too; reads still work; the other agents are untouched.
+    with pipeline.agent(rogue) as c:
+        with pytest.raises(errors.InsufficientPrivilege):
+            c.execute("DELETE FROM public.refunds WHERE agent_id = %s", (rogue,))
+        assert c.execute("SELECT count(*) FROM public.refunds WHERE agent_id = %s", (rogue,)).fetchone()
+    with pipeline.agent(REFUND_AGENTS[0]) as c:
+        c.execute("INSERT INTO public.refunds (amount, agent_id) VALUES (42.0, %s)", (REFUND_AGENTS[0],))
+
+    alerts = [
+        json.loads(v)
+        for _, v, _, _ in read_topic(pipeline.kafka.bootstrap_servers, pipeline.config.topics.alerts, expect=1)
+    ]
+    mine = [a for a in alerts if a["agent_id"] == rogue]
+    assert mine and "postgres" in mine[0]["actions"] and mine[0]["quarantined"]
+    assert [a["agent_id"] for a in alerts if a["agent_id"] != rogue] == []
+    control = [
+        json.loads(v)
+        for _, v, _, _ in read_topic(pipeline.kafka.bootstrap_servers, pipeline.config.topics.control, expect=2)
+    ]
+    enforced = [r for r in control if r["agent_id"] == rogue and r["enforcement"]]
+    assert enforced, control
+    result = enforced[-1]["enforcement"][0]
+    assert result["action"] == "postgres" and result["ok"], result
+    assert result["revocation"]["role"] == rogue
+    assert {p[2] for p in result["revocation"]["privileges"]} >= {"INSERT", "UPDATE", "DELETE"}
+
+
+def test_release_grants_back_exactly_what_was_revoked(pipeline: Pipeline) -> None:
+    rogue = REFUND_AGENTS[1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stream.cli",
+            "release",
+            rogue,
+            "--reason",
+            "prompt fixed",
+            "--config",
+            str(pipeline.config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "granted back" in out.stdout
+    with pipeline.agent(rogue) as c:
+        c.execute("INSERT INTO public.refunds (amount, agent_id) VALUES (50.0, %s)", (rogue,))
+    with pipeline.pg.connect(dbname="shop") as c:
+        acl = c.execute(
+            "SELECT privilege_type FROM information_schema.role_table_grants "
+            "WHERE grantee = %s AND table_name = 'refunds' ORDER BY 1",
+            (rogue,),
+        ).fetchall()
+    assert [r[0] for r in acl] == ["DELETE", "INSERT", "SELECT", "UPDATE"]
+
+
+def test_delete_burst_is_stopped_in_postgres(pipeline: Pipeline) -> None:
+    agent = ORDER_AGENTS[0]
+    before = pipeline.worker.total("writeguard_events_total")
+    with pipeline.agent(agent) as c:
+        for i in range(120):
+            c.execute(
+                "INSERT INTO public.orders (total, items, agent_id) VALUES (%s, %s, %s)",
+                (30.0 + i % 7, 1 + i % 3, agent),
+            )
+    pipeline.wait_events(before + 120)
+    with pipeline.agent(agent) as c:
+        ids = [r[0] for r in c.execute("SELECT id FROM public.orders WHERE agent_id = %s ORDER BY id", (agent,))]
+    deleted, took = write_until_refused(
+        pipeline,
+        agent,
+        lambda c, i: c.execute("DELETE FROM public.orders WHERE id = %s", (ids[i],)),
+        limit=len(ids),
+        pause_s=0.05,
+    )
+    print(f"deletes that landed before the REVOKE: {deleted} (ceiling 20 per 60 s), {took:.2f} s")
+    assert 20 < deleted < len(ids), "the burst must be stopped soon after it crosses the ceiling"
+
+
+def test_update_whose_delta_is_the_anomaly_is_stopped(pipeline: Pipeline) -> None:
+    agent = ORDER_AGENTS[1]
+    rng = random.Random(3)
+    before = pipeline.worker.total("writeguard_events_total")
+    with pipeline.agent(agent) as c:
+        # Like the orders the table has seen so far: a new agent that stands out is judged by the population.
+        for i in range(20):
+            c.execute(
+                "INSERT INTO public.orders (total, items, agent_id) VALUES (%s, %s, %s)",
+                (round(30 + rng.uniform(0, 6), 2), 1 + i % 3, agent),
+            )
+        ids = [r[0] for r in c.execute("SELECT id FROM public.orders WHERE agent_id = %s", (agent,))]
+        for i in range(40):  # price corrections of a few percent: the agent's normal updates
+            c.execute(
+                "UPDATE public.orders SET total = round((total * %s)::numeric, 2) WHERE id = %s",
+                (1 + rng.uniform(-0.05, 0.05), ids[i % len(ids)]),
+            )
+    pipeline.wait_events(before + 60)
+    landed, _ = write_until_refused(
+        pipeline,
+        agent,
+        lambda c, i: c.execute("UPDATE public.orders SET total = total * 40 WHERE id = %s", (ids[i % len(ids)],)),
+    )
+    print(f"anomalous updates that landed before the REVOKE: {landed}")
+    assert 0 < landed <= 50
+    alerts = [
+        json.loads(v)
+        for _, v, _, _ in read_topic(pipeline.kafka.bootstrap_servers, pipeline.config.topics.alerts, expect=1)
+    ]
+    mine = [a for a in alerts if a["agent_id"] == agent]
+    assert mine and mine[0]["explanation"][0]["feature"] in ("total_change", "total")
