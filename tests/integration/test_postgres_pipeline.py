@@ -11,129 +11,40 @@ import random
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import yaml
-from psycopg import errors, sql
+from psycopg import errors
 
 from connectors.broker import LocalKafka
-from connectors.connect import LocalConnect
-from connectors.postgres import LocalPostgres
-from stream.cli import connector_config
-from stream.config import Config, load_config
-from stream.process import ROOT, WorkerProcess, spawn_worker
-from tests.integration.conftest import EXAMPLE, read_topic
+from stream.process import ROOT
+from stream.stack import Stack, start_stack
+from tests.integration.conftest import read_topic
 
 pytestmark = pytest.mark.integration
 
 REFUND_AGENTS = [f"agent_refund_{i:02d}" for i in range(4)]
 ORDER_AGENTS = [f"agent_order_{i:02d}" for i in range(3)]
 
-DDL = """
-CREATE TABLE public.refunds (id bigserial PRIMARY KEY, order_id bigint, amount double precision NOT NULL,
-                             agent_id text, run_id text);
-CREATE TABLE public.orders (id bigserial PRIMARY KEY, total double precision NOT NULL, items int NOT NULL,
-                            status text NOT NULL DEFAULT 'paid', agent_id text, run_id text);
--- Deletes and updates must carry the whole old row (agent id, old total) in Debezium's `before`.
-ALTER TABLE public.refunds REPLICA IDENTITY FULL;
-ALTER TABLE public.orders REPLICA IDENTITY FULL;
-"""
-
-
-@dataclass
-class Pipeline:
-    pg: LocalPostgres
-    kafka: LocalKafka
-    worker: WorkerProcess
-    config: Config
-    config_path: Path
-
-    def agent(self, role: str) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.pg.dsn(user=role, dbname="shop"), autocommit=True)
-
-    def wait_events(self, at_least: float, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while (got := self.worker.total("writeguard_events_total")) < at_least:
-            assert self.worker.proc.poll() is None, self.worker.log_tail()
-            assert time.monotonic() < deadline, f"worker scored {got} events, not {at_least}:\n{self.worker.log_tail()}"
-            time.sleep(0.2)
-
-
-def _config(tmp: Path, kafka: LocalKafka, pg: LocalPostgres, prefix: str) -> Path:
-    data = yaml.safe_load(EXAMPLE.read_text())
-    data["kafka"]["bootstrap.servers"] = kafka.bootstrap_servers
-    data["kafka"]["group.id"] = f"wg-{prefix}"
-    data["topics"] = {
-        "alerts": f"{prefix}.alerts",
-        "control": f"{prefix}.control",
-        "dead_letter": f"{prefix}.dlq",
-        "changes": f"{prefix}.changes",
-        "partitions": 3,
-    }
-    data["debezium"] = {
-        "name": f"{prefix}-connector",
-        "topic.prefix": prefix,
-        "database": {"hostname": pg.host, "port": pg.port, "user": "postgres", "password": "", "dbname": "shop"},
-        "slot.name": f"slot_{prefix}",
-        "publication.name": f"pub_{prefix}",
-    }
-    data["enforcement"] = {
-        "postgres": {
-            "dsn": pg.dsn(dbname="shop"),
-            "roles": {"template": "{agent_id}", "pattern": "^agent_[a-z]+_[0-9]{2}$"},
-        }
-    }
-    for t in data["tables"]:
-        t["topic"] = f"{prefix}.{t['name']}"
-        t["actions"] = {"info": ["alert"], "warning": ["alert"], "critical": ["alert", "quarantine", "postgres"]}
-    path = tmp / "writeguard.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
 
 @pytest.fixture(scope="module")
-def pipeline(kafka: LocalKafka, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    tmp = tmp_path_factory.mktemp("pg-pipeline")
-    prefix = f"pg{uuid.uuid4().hex[:6]}"
-    pg = LocalPostgres(progress=lambda m: print(m, file=sys.stderr)).start()
-    connect: LocalConnect | None = None
-    worker: WorkerProcess | None = None
+def pipeline(kafka: LocalKafka, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = start_stack(
+        tmp_path_factory.mktemp("pg-pipeline"),
+        REFUND_AGENTS + ORDER_AGENTS,
+        kafka=kafka,
+        progress=lambda m: print(m, file=sys.stderr),
+    )
     try:
-        pg.create_database("shop")
-        with pg.connect(dbname="shop", autocommit=True) as c:
-            c.execute(DDL)
-            for role in REFUND_AGENTS + ORDER_AGENTS:
-                c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-                c.execute(
-                    sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON public.refunds, public.orders TO {}").format(
-                        sql.Identifier(role)
-                    )
-                )
-                c.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(sql.Identifier(role)))
-        cfg_path = _config(tmp, kafka, pg, prefix)
-        cfg = load_config(cfg_path)
-        kafka.create_topics({t.topic: 3 for t in cfg.tables})
-        connect = LocalConnect(kafka.bootstrap_servers, progress=lambda m: print(m, file=sys.stderr)).start()
-        body = connector_config(cfg)
-        connect.put_connector(body["name"], body["config"])
-        worker = spawn_worker(cfg_path, tmp, loglevel="info")
-        yield Pipeline(pg, kafka, worker, cfg, cfg_path)
+        yield stack
     finally:
-        if worker is not None:
-            worker.stop()
-        if connect is not None:
-            connect.stop()
-        pg.stop()
+        stack.stop()
 
 
 def write_until_refused(
-    p: Pipeline,
+    p: Stack,
     role: str,
     write: Callable[[psycopg.Connection[Any], int], None],
     limit: int = 500,
@@ -165,7 +76,7 @@ def write_until_refused(
     raise AssertionError(f"{role} was never refused after {landed} writes")
 
 
-def _normal_refunds(p: Pipeline, rng: random.Random, n: int) -> int:
+def _normal_refunds(p: Stack, rng: random.Random, n: int) -> int:
     conns = {a: p.agent(a) for a in REFUND_AGENTS}
     means = {a: rng.uniform(20, 90) for a in REFUND_AGENTS}
     for _ in range(n):
@@ -179,7 +90,7 @@ def _normal_refunds(p: Pipeline, rng: random.Random, n: int) -> int:
     return n * len(conns)
 
 
-def test_rogue_agent_is_quarantined_in_postgres_and_its_next_write_fails(pipeline: Pipeline) -> None:
+def test_rogue_agent_is_quarantined_in_postgres_and_its_next_write_fails(pipeline: Stack) -> None:
     rng = random.Random(1)
     written = _normal_refunds(pipeline, rng, 40)
     pipeline.wait_events(written)
@@ -221,7 +132,7 @@ def test_rogue_agent_is_quarantined_in_postgres_and_its_next_write_fails(pipelin
     assert {p[2] for p in result["revocation"]["privileges"]} >= {"INSERT", "UPDATE", "DELETE"}
 
 
-def test_release_grants_back_exactly_what_was_revoked(pipeline: Pipeline) -> None:
+def test_release_grants_back_exactly_what_was_revoked(pipeline: Stack) -> None:
     rogue = REFUND_AGENTS[1]
     out = subprocess.run(
         [
@@ -253,7 +164,7 @@ def test_release_grants_back_exactly_what_was_revoked(pipeline: Pipeline) -> Non
     assert [r[0] for r in acl] == ["DELETE", "INSERT", "SELECT", "UPDATE"]
 
 
-def test_delete_burst_is_stopped_in_postgres(pipeline: Pipeline) -> None:
+def test_delete_burst_is_stopped_in_postgres(pipeline: Stack) -> None:
     agent = ORDER_AGENTS[0]
     before = pipeline.worker.total("writeguard_events_total")
     with pipeline.agent(agent) as c:
@@ -276,7 +187,7 @@ def test_delete_burst_is_stopped_in_postgres(pipeline: Pipeline) -> None:
     assert 20 < deleted < len(ids), "the burst must be stopped soon after it crosses the ceiling"
 
 
-def test_update_whose_delta_is_the_anomaly_is_stopped(pipeline: Pipeline) -> None:
+def test_update_whose_delta_is_the_anomaly_is_stopped(pipeline: Stack) -> None:
     agent = ORDER_AGENTS[1]
     rng = random.Random(3)
     before = pipeline.worker.total("writeguard_events_total")
