@@ -29,7 +29,7 @@ from detectors.engine import Change, Engine, Finding
 from stream.config import Config, client_settings
 from stream.enforce import Enforcer
 from stream.metrics import Metrics
-from stream.pipeline import Router, build_alert, coords_of
+from stream.pipeline import SKIP_UNATTRIBUTED, Router, build_alert, coords_of
 
 log = logging.getLogger("writeguard.worker")
 BATCH = 500
@@ -155,8 +155,10 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
         producer_linger_ms=1,
         datadir=datadir or f"{cfg.kafka.group_id}-data",
     )
-    router = Router(cfg.tables)
-    cdc = app.topic(*[t.topic for t in cfg.tables], key_serializer="raw", value_serializer="raw")
+    msgs = cfg.worker.agent_messages
+    router = Router(cfg.tables, message_prefix=msgs.prefix if msgs else None, hold_s=msgs.hold_s if msgs else 5.0)
+    inputs = [t.topic for t in cfg.tables] + ([msgs.topic] if msgs else [])
+    cdc = app.topic(*inputs, key_serializer="raw", value_serializer="raw")
     changes = app.topic(
         cfg.topics.changes, key_serializer="raw", value_serializer="raw", partitions=cfg.topics.partitions
     )
@@ -221,12 +223,23 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
             return
         if isinstance(out, str):
             metrics.skipped.labels(out).inc()
-        elif cfg.worker.repartition:
-            await changes.send(key=out.agent_id.encode(), value=_encode(out))
         else:
-            findings = score(out)
+            await forward(out)
+        if router.ready:
+            await forward_ready()
+
+    async def forward(ch: Change) -> None:
+        if cfg.worker.repartition:
+            await changes.send(key=ch.agent_id.encode(), value=_encode(ch))
+        else:
+            findings = score(ch)
             if findings:
                 await publish(findings)
+
+    async def forward_ready() -> None:
+        ready, router.ready = router.ready, []
+        for ch in ready:
+            await forward(ch)
 
     # Batches: Faust's per-event async machinery costs far more than decoding and scoring an event; a batch
     # waits at most BATCH_WITHIN_S for more records, so light load pays at most that in latency.
@@ -255,6 +268,15 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
         while True:
             if f.poll() == 0:
                 await asyncio.sleep(0.2)
+
+    @app.timer(0.5)
+    async def expire_held() -> None:
+        if router.pending:
+            dropped = router.expire(time.time_ns() // 1000)
+            if dropped:
+                metrics.skipped.labels(SKIP_UNATTRIBUTED).inc(dropped)
+        if router.ready:
+            await forward_ready()
 
     @app.timer(5.0)
     async def gauges() -> None:

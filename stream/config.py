@@ -50,6 +50,14 @@ class MetricsSettings(_Strict):
     port: int = Field(9464, ge=0, le=65535)
 
 
+class AgentMessages(_Strict):
+    """Agents named by a logical decoding message in their transaction instead of a column in the row."""
+
+    topic: str = Field(description="Debezium's topic of logical decoding messages: '<topic.prefix>.message'.")
+    prefix: str = Field("writeguard", description="The prefix argument of pg_logical_emit_message.")
+    hold_s: float = Field(5.0, gt=0, description="How long a row without an agent waits for its message.")
+
+
 class WorkerSettings(_Strict):
     repartition: bool = Field(
         True,
@@ -57,6 +65,7 @@ class WorkerSettings(_Strict):
         "when the CDC topics are already keyed by the agent id (Debezium message.key.columns).",
     )
     metrics: MetricsSettings = MetricsSettings()
+    agent_messages: AgentMessages | None = None
     commit_interval_s: float = Field(1.0, gt=0, description="Faust broker_commit_interval.")
     fetch_max_wait_ms: int = Field(
         20, ge=1, le=1500, description="Longest a consumer fetch waits for data; bounds detection lag when idle."

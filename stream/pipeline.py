@@ -6,12 +6,15 @@ run the very same detection code.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import UTC, datetime
 
-from connectors.debezium import ChangeEvent, Heartbeat, Tombstone, TransactionMarker, decode
+import orjson
+
+from connectors.debezium import ChangeEvent, EnvelopeError, Heartbeat, Tombstone, TransactionMarker, decode
 from connectors.messages import Alert, FeatureExplanation, TriggeringEvent
 from detectors.engine import UNATTRIBUTED, Change, Finding
-from detectors.features import Extractor
+from detectors.features import Extractor, identity
 from detectors.models import Contribution
 from detectors.spec import TableSpec
 
@@ -22,17 +25,39 @@ SKIP_TRANSACTION = "transaction"
 SKIP_MESSAGE = "logical_message"
 SKIP_UNATTRIBUTED = "unattributed"
 SKIP_UNWATCHED = "unwatched_table"
+SKIP_PENDING = "awaiting_transaction_agent"  # held until its transaction's agent message arrives
 
 
 class Router:
-    """Finds the table of a change event (by topic, else by ``source``) and extracts what detection needs."""
+    """Finds the table of a change event (by topic, else by ``source``) and extracts what detection needs.
 
-    __slots__ = ("_by_source", "_by_topic")
+    The agent comes from the row (the table's ``agent_id`` path) or, when the row has none, from a
+    ``pg_logical_emit_message(true, '<prefix>', '{"agent_id": ..., "run_id": ...}')`` in the same
+    transaction, which Debezium emits as an op ``m`` event with the same ``source.txId``. The message and
+    the rows travel on different topics, so either may arrive first: a row without an agent waits up to
+    ``hold_s`` of commit time for its transaction's message (in ``pending``), then counts as unattributed.
+    Changes released by a late message are put in ``ready`` for the caller to take.
+    """
 
-    def __init__(self, tables: tuple[TableSpec, ...] | list[TableSpec]) -> None:
+    __slots__ = ("_by_source", "_by_topic", "_prefix", "_tx_agents", "hold_s", "max_tx", "pending", "ready")
+
+    def __init__(
+        self,
+        tables: tuple[TableSpec, ...] | list[TableSpec],
+        *,
+        message_prefix: str | None = None,
+        hold_s: float = 5.0,
+        max_tx: int = 100_000,
+    ) -> None:
         compiled = [(t, Extractor(t)) for t in tables]
         self._by_topic = {t.topic: (t.name, ex) for t, ex in compiled}
         self._by_source = {t.name: (t.name, ex) for t, ex in compiled}
+        self._prefix = message_prefix
+        self.hold_s = hold_s
+        self.max_tx = max_tx  # transactions remembered and transactions held: bounded, whatever the input
+        self._tx_agents: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self.pending: OrderedDict[str, list[tuple[ChangeEvent, str, Extractor, str]]] = OrderedDict()
+        self.ready: list[Change] = []
 
     def route(self, topic: str | None, value: bytes | None, coords: str) -> Change | str:
         """A Change, or the reason (SKIP_*) it is not one. Raises EnvelopeError for malformed input."""
@@ -45,7 +70,7 @@ class Router:
             assert isinstance(ev, TransactionMarker)
             return SKIP_TRANSACTION
         if ev.op == "m":
-            return SKIP_MESSAGE
+            return self._message(ev)
         hit = self._by_topic.get(topic) if topic is not None else None
         if hit is None:
             hit = self._by_source.get(f"{ev.schema}.{ev.table}")
@@ -54,19 +79,68 @@ class Router:
         table, ex = hit
         agent, run = ex.agent(ev.op, ev.before, ev.after)
         if agent is None:
-            if ev.op != "t":
-                return SKIP_UNATTRIBUTED
-            agent = UNATTRIBUTED  # a truncate has no row; issue #3 attributes it through the transaction
-        return Change(
-            table,
-            ev.op,
-            agent,
-            run,
-            ex.features(ev.op, ev.before, ev.after),
-            ev.commit_ts_us,
-            coords,
-            ev.snapshot or ev.op == "r",  # incremental snapshots are op r with snapshot=incremental
-        )
+            if self._prefix is None or ev.tx_id is None:
+                if ev.op != "t":
+                    return SKIP_UNATTRIBUTED
+                return _change(ev, table, ex, UNATTRIBUTED, None, coords)
+            known = self._tx_agents.get(ev.tx_id)
+            if known is None:
+                held = self.pending.get(ev.tx_id)
+                if held is None:
+                    if len(self.pending) >= self.max_tx:
+                        self.pending.popitem(last=False)
+                    held = self.pending[ev.tx_id] = []
+                held.append((ev, table, ex, coords))
+                return SKIP_PENDING
+            agent, run = known
+        return _change(ev, table, ex, agent, run, coords)
+
+    def _message(self, ev: ChangeEvent) -> str:
+        if self._prefix is None or ev.message_prefix != self._prefix:
+            return SKIP_MESSAGE
+        try:
+            body = orjson.loads(ev.message_content or b"")
+        except orjson.JSONDecodeError:
+            raise EnvelopeError("invalid_message", "writeguard message content is not JSON") from None
+        agent = identity(body.get("agent_id")) if isinstance(body, dict) else None
+        if agent is None or ev.tx_id is None:
+            raise EnvelopeError("invalid_message", "writeguard message needs a transaction and an agent_id")
+        run = identity(body.get("run_id"))
+        self._tx_agents[ev.tx_id] = (agent, run)
+        if len(self._tx_agents) > self.max_tx:
+            self._tx_agents.popitem(last=False)
+        for row, table, ex, coords in self.pending.pop(ev.tx_id, ()):
+            self.ready.append(_change(row, table, ex, agent, run, coords))
+        return SKIP_MESSAGE
+
+    def expire(self, now_us: int) -> int:
+        """Give up on held rows whose transaction committed more than ``hold_s`` before ``now_us``."""
+        limit = now_us - int(self.hold_s * 1e6)
+        dropped = 0
+        while self.pending:
+            tx, held = next(iter(self.pending.items()))
+            if held[0][0].commit_ts_us > limit:
+                break
+            del self.pending[tx]
+            for row, table, ex, coords in held:
+                if row.op == "t":  # a truncate is never dropped: it is scored, unattributed
+                    self.ready.append(_change(row, table, ex, UNATTRIBUTED, None, coords))
+                else:
+                    dropped += 1
+        return dropped
+
+
+def _change(ev: ChangeEvent, table: str, ex: Extractor, agent: str, run: str | None, coords: str) -> Change:
+    return Change(
+        table,
+        ev.op,
+        agent,
+        run,
+        ex.features(ev.op, ev.before, ev.after),
+        ev.commit_ts_us,
+        coords,
+        ev.snapshot or ev.op == "r",  # incremental snapshots are op r with snapshot=incremental
+    )
 
 
 def coords_of(topic: str, partition: int, offset: int) -> str:

@@ -18,9 +18,9 @@ from typing import IO
 import msgspec
 
 from connectors.debezium import EnvelopeError
-from detectors.engine import Engine
+from detectors.engine import Change, Engine
 from stream.config import Config
-from stream.pipeline import Router, build_alert
+from stream.pipeline import SKIP_PENDING, SKIP_UNATTRIBUTED, Router, build_alert
 
 _enc = msgspec.json.Encoder()
 
@@ -60,10 +60,32 @@ def replay(
     engine: Engine | None = None,
 ) -> ReplayStats:
     engine = engine or Engine(list(cfg.tables))
-    router = Router(cfg.tables)
+    msgs = cfg.worker.agent_messages
+    router = Router(cfg.tables, message_prefix=msgs.prefix if msgs else None, hold_s=msgs.hold_s if msgs else 5.0)
     stats = ReplayStats()
     scores: list[tuple[str, float]] | None = [] if scores_out is not None else None
     name = str(path)
+
+    def score(ch: Change) -> None:
+        stats.changes += 1
+        findings = engine.process(ch, scores)
+        if scores is not None and scores_out is not None:
+            line = int(ch.coords.rsplit(":", 1)[1])
+            for det, s in scores:
+                scores_out.write(_enc.encode(_Score(line, ch.table, ch.agent_id, ch.op, det, s)) + b"\n")
+            scores.clear()
+        for f in findings:
+            stats.alerts += 1
+            if f.quarantine:
+                stats.quarantined.append(f.agent_id)
+            if alerts_out is not None:
+                alerts_out.write(build_alert(f, time.time_ns() // 1000).to_bytes() + b"\n")
+
+    def drain() -> None:
+        ready, router.ready = router.ready, []
+        for ch in ready:
+            score(ch)
+
     started = last = time.perf_counter()
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -81,19 +103,12 @@ def replay(
                 continue
             if isinstance(out, str):
                 stats.skipped[out] += 1
-                continue
-            stats.changes += 1
-            findings = engine.process(out, scores)
-            if scores is not None and scores_out is not None:
-                for det, s in scores:
-                    scores_out.write(_enc.encode(_Score(lineno, out.table, out.agent_id, out.op, det, s)) + b"\n")
-                scores.clear()
-            for f in findings:
-                stats.alerts += 1
-                if f.quarantine:
-                    stats.quarantined.append(f.agent_id)
-                if alerts_out is not None:
-                    alerts_out.write(build_alert(f, time.time_ns() // 1000).to_bytes() + b"\n")
+            else:
+                score(out)
+                if router.pending:  # commit time is replay's clock: give up on rows whose message never came
+                    stats.skipped[SKIP_UNATTRIBUTED] += router.expire(out.commit_ts_us)
+            if router.ready:
+                drain()
             if progress is not None and lineno & 0xFFF == 0:
                 now = time.perf_counter()
                 if now - last >= 2.0:
@@ -101,6 +116,10 @@ def replay(
                     progress(
                         f"replay: {lineno:,} lines, {stats.alerts} alerts, {lineno / (now - started):,.0f} events/s"
                     )
+    stats.skipped[SKIP_UNATTRIBUTED] += router.expire(2**62)
+    drain()
+    stats.skipped.pop(SKIP_PENDING, None)  # every held row ended up scored or unattributed
+    stats.skipped = +stats.skipped
     stats.seconds = time.perf_counter() - started
     return stats
 

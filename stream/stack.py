@@ -62,6 +62,8 @@ def shop_config(
     data["enforcement"] = {
         "postgres": {"dsn": pg.dsn(dbname="shop"), "roles": {"template": "{agent_id}", "pattern": ROLE_PATTERN}}
     }
+    # Agents may also name themselves with pg_logical_emit_message(true, 'writeguard', '{"agent_id": ...}').
+    data["worker"]["agent_messages"] = {"topic": f"{prefix}.message", "prefix": "writeguard"}
     for t in data["tables"]:
         t["topic"] = f"{prefix}.{t['name']}"
         t["actions"] = {"info": ["alert"], "warning": ["alert"], "critical": list(actions)}
@@ -157,7 +159,7 @@ def start_stack(
         config_path = workdir / "writeguard.yaml"
         config_path.write_text(yaml.safe_dump(data, sort_keys=False))
         cfg = load_config(config_path)
-        kafka.create_topics({t.topic: 3 for t in cfg.tables})
+        kafka.create_topics({**{t.topic: 3 for t in cfg.tables}, f"{prefix}.message": 1})
         say("starting Kafka Connect with the Debezium PostgreSQL connector ...")
         connect = LocalConnect(kafka.bootstrap_servers, workdir / "connect", progress=say).start()
         started.append(connect)

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import errors
+from psycopg import errors, sql
 
 from connectors.broker import LocalKafka
 from stream.process import ROOT
@@ -218,3 +218,35 @@ def test_update_whose_delta_is_the_anomaly_is_stopped(pipeline: Stack) -> None:
     ]
     mine = [a for a in alerts if a["agent_id"] == agent]
     assert mine and mine[0]["explanation"][0]["feature"] in ("total_change", "total")
+
+
+def test_truncate_by_an_agent_named_in_its_transaction_is_stopped(pipeline: Stack) -> None:
+    """Runs last: it empties public.orders. The agent is named only by its transaction's logical message."""
+    agent = ORDER_AGENTS[2]
+    with pipeline.pg.connect(dbname="shop", autocommit=True) as c:
+        c.execute(sql.SQL("GRANT TRUNCATE ON public.orders TO {}").format(sql.Identifier(agent)))
+    with pipeline.agent(agent) as c, c.transaction():
+        c.execute(
+            "SELECT pg_logical_emit_message(true, 'writeguard', %s)",
+            (json.dumps({"agent_id": agent, "run_id": "run-9"}),),
+        )
+        c.execute("TRUNCATE public.orders")
+    landed, took = write_until_refused(
+        pipeline,
+        agent,
+        lambda c, i: c.execute("INSERT INTO public.orders (total, items, agent_id) VALUES (30, 1, %s)", (agent,)),
+    )
+    print(f"writes that landed after the TRUNCATE before the REVOKE: {landed} ({took:.2f} s)")
+    alerts = [
+        json.loads(v)
+        for _, v, _, _ in read_topic(pipeline.kafka.bootstrap_servers, pipeline.config.topics.alerts, expect=1)
+    ]
+    mine = [a for a in alerts if a["agent_id"] == agent]
+    assert mine and mine[0]["detector"] == "op_burst" and mine[0]["run_id"] == "run-9", mine
+    with pipeline.pg.connect(dbname="shop") as c:
+        privs = c.execute(
+            "SELECT privilege_type FROM information_schema.role_table_grants "
+            "WHERE grantee = %s AND table_name = 'orders' ORDER BY 1",
+            (agent,),
+        ).fetchall()
+    assert [r[0] for r in privs] == ["SELECT"]  # TRUNCATE went with INSERT, UPDATE and DELETE

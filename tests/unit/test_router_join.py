@@ -1,0 +1,111 @@
+"""Agents named by a logical decoding message in their transaction: the join of m events to row events."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from connectors.debezium import EnvelopeError
+from detectors.engine import UNATTRIBUTED, Change
+from detectors.spec import FeatureSpec, TableSpec
+from stream.pipeline import SKIP_MESSAGE, SKIP_PENDING, SKIP_UNATTRIBUTED, Router
+
+SPEC = TableSpec(
+    name="public.refunds", topic="shop.public.refunds", features=(FeatureSpec(name="amount", column="amount"),)
+)
+
+
+def row(op: str, tx: int, ts_us: int, amount: float = 10.0, agent: str | None = None) -> bytes:
+    image = {"id": 1, "amount": amount, **({"agent_id": agent} if agent else {})}
+    return json.dumps(
+        {
+            "op": op,
+            "before": image if op == "d" else None,
+            "after": None if op in ("d", "t") else image,
+            "source": {"ts_us": ts_us, "schema": "public", "table": "refunds", "txId": tx, "connector": "postgresql"},
+        }
+    ).encode()
+
+
+def message(tx: int, ts_us: int, content: object, prefix: str = "writeguard") -> bytes:
+    raw = content if isinstance(content, bytes) else json.dumps(content).encode()
+    return json.dumps(
+        {
+            "op": "m",
+            "ts_ms": ts_us // 1000,
+            "source": {"ts_us": ts_us, "schema": "", "table": "", "txId": tx, "connector": "postgresql"},
+            "message": {"prefix": prefix, "content": base64.b64encode(raw).decode()},
+        }
+    ).encode()
+
+
+def router() -> Router:
+    return Router([SPEC], message_prefix="writeguard", hold_s=5.0)
+
+
+def test_message_first_then_rows_are_attributed_at_once() -> None:
+    r = router()
+    assert r.route("shop.message", message(7, 1_000, {"agent_id": "a1", "run_id": "r1"}), "m") == SKIP_MESSAGE
+    out = r.route("shop.public.refunds", row("c", 7, 1_000), "x")
+    assert isinstance(out, Change) and (out.agent_id, out.run_id, out.x) == ("a1", "r1", {"amount": 10.0})
+
+
+def test_rows_first_wait_for_their_message_then_are_released_in_order() -> None:
+    r = router()
+    assert r.route("shop.public.refunds", row("c", 9, 1_000, 1.0), "x1") == SKIP_PENDING
+    assert r.route("shop.public.refunds", row("u", 9, 1_000, 2.0), "x2") == SKIP_PENDING
+    assert r.ready == []
+    r.route("shop.message", message(9, 1_000, {"agent_id": "a2"}), "m")
+    assert [(c.agent_id, c.coords, c.op) for c in r.ready] == [("a2", "x1", "c"), ("a2", "x2", "u")]
+    assert r.pending == {}
+
+
+def test_a_truncate_is_attributed_through_its_transaction() -> None:
+    r = router()
+    r.route("shop.message", message(11, 5, {"agent_id": "cleaner"}), "m")
+    out = r.route("shop.public.refunds", row("t", 11, 5), "t")
+    assert isinstance(out, Change) and out.op == "t" and out.agent_id == "cleaner"
+
+
+def test_a_column_in_the_row_wins_over_the_message() -> None:
+    r = router()
+    r.route("shop.message", message(3, 5, {"agent_id": "from-message"}), "m")
+    out = r.route("shop.public.refunds", row("c", 3, 5, agent="from-row"), "x")
+    assert isinstance(out, Change) and out.agent_id == "from-row"
+
+
+def test_rows_whose_message_never_comes_expire_as_unattributed_but_a_truncate_is_kept() -> None:
+    r = router()
+    r.route("shop.public.refunds", row("c", 20, 1_000_000), "x")
+    r.route("shop.public.refunds", row("t", 21, 1_000_000), "t")
+    assert r.expire(1_000_000 + 4_000_000) == 0  # still within hold_s
+    assert r.expire(1_000_000 + 6_000_000) == 1
+    assert [(c.op, c.agent_id) for c in r.ready] == [("t", UNATTRIBUTED)]
+    assert r.pending == {}
+
+
+def test_other_prefixes_are_ignored_and_bad_content_is_a_dead_letter() -> None:
+    r = router()
+    assert r.route("shop.message", message(1, 5, {"agent_id": "x"}, prefix="audit"), "m") == SKIP_MESSAGE
+    assert r.route("shop.public.refunds", row("c", 1, 5), "x") == SKIP_PENDING
+    for bad in (b"not json", {"run_id": "no agent"}, ["a", "list"], {"agent_id": {"nested": 1}}):
+        with pytest.raises(EnvelopeError) as e:
+            r.route("shop.message", message(2, 5, bad), "m")
+        assert e.value.reason == "invalid_message"
+
+
+def test_without_a_message_prefix_rows_without_agent_are_unattributed() -> None:
+    r = Router([SPEC])
+    assert r.route("shop.public.refunds", row("c", 1, 5), "x") == SKIP_UNATTRIBUTED
+    out = r.route("shop.public.refunds", row("t", 1, 5), "t")
+    assert isinstance(out, Change) and out.agent_id == UNATTRIBUTED
+
+
+def test_memory_is_bounded_whatever_the_input() -> None:
+    r = Router([SPEC], message_prefix="writeguard", max_tx=10)
+    for tx in range(50):
+        r.route("shop.public.refunds", row("c", tx, 5), "x")
+        r.route("shop.message", message(1000 + tx, 5, {"agent_id": "a"}), "m")
+    assert len(r.pending) <= 10 and len(r._tx_agents) <= 10
