@@ -183,6 +183,10 @@ def cmd_connector_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.postgres:
+        from stream.demo_postgres import run_postgres_demo
+
+        return run_postgres_demo(warmup_s=args.warmup, n_agents=args.agents)
     from stream.demo import run_demo
 
     return run_demo(bootstrap_servers=args.bootstrap_servers, warmup_s=args.warmup, agents=args.agents)
@@ -281,6 +285,12 @@ def parser() -> argparse.ArgumentParser:
         "agent goes rogue and is alerted on and quarantined. Ends by itself.",
     )
     d.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="use this Kafka instead of a local one")
+    d.add_argument(
+        "--postgres",
+        action="store_true",
+        help="the real path: agents write to a local PostgreSQL as their own roles, Debezium on Kafka Connect "
+        "streams their commits, and the rogue agent's role loses its write privileges",
+    )
     d.add_argument("--agents", type=int, default=12, help="simulated agents (default 12)")
     d.add_argument("--warmup", type=float, default=20.0, help="seconds of normal traffic before the rogue (20)")
     d.set_defaults(func=cmd_demo)
