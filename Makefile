@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: system-deps install demo test lint unit integration bench schemas clean
+.PHONY: system-deps install demo demo-postgres test lint unit integration bench schemas clean
 
 system-deps:
 	bash scripts/system-deps
@@ -19,6 +19,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m stream.cli demo
+
+demo-postgres: system-deps install
+	$(PY) -m stream.cli demo --postgres
 
 lint: install
 	$(PY) -m ruff check .
