@@ -6,9 +6,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -70,7 +71,7 @@ class Worker:
         return f"{self.prefix}.{table}"
 
 
-def make_config(tmp: Path, bootstrap: str, prefix: str) -> Path:
+def make_config(tmp: Path, bootstrap: str, prefix: str, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """The example config with topics and group unique to one test module, so modules cannot interfere."""
     data = yaml.safe_load(EXAMPLE.read_text())
     data["kafka"]["bootstrap.servers"] = bootstrap
@@ -84,14 +85,18 @@ def make_config(tmp: Path, bootstrap: str, prefix: str) -> Path:
     }
     for t in data["tables"]:
         t["topic"] = f"{prefix}.{t['name']}"
+    if edit is not None:
+        edit(data)
     path = tmp / "writeguard.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
-def start_worker(kafka: LocalKafka, tmp: Path, prefix: str | None = None) -> Worker:
+def start_worker(
+    kafka: LocalKafka, tmp: Path, prefix: str | None = None, edit: Callable[[dict[str, Any]], None] | None = None
+) -> Worker:
     prefix = prefix or f"t{uuid.uuid4().hex[:8]}"
-    cfg_path = make_config(tmp, kafka.bootstrap_servers, prefix)
+    cfg_path = make_config(tmp, kafka.bootstrap_servers, prefix, edit)
     cfg = load_config(cfg_path)
     kafka.create_topics({cfg.tables[0].topic: 3, cfg.tables[1].topic: 3})
     process = spawn_worker(cfg_path, tmp, loglevel="info")
