@@ -13,13 +13,30 @@ from dataclasses import dataclass, field
 import msgspec
 
 from detectors.features import Extractor
-from detectors.models import Contribution, Detector, OpBurstCeiling, RateCeiling, RiverModel, ZScore
+from detectors.models import (
+    CategoricalNovelty,
+    Contribution,
+    Detector,
+    DuplicateKey,
+    LevelDrift,
+    OpBurstCeiling,
+    RateCeiling,
+    RiverModel,
+    Rule,
+    TableValues,
+    ZScore,
+)
 from detectors.spec import (
     QUARANTINING,
     SEVERITY_RANK,
+    AnyDetector,
+    DriftSpec,
+    DuplicateSpec,
+    NoveltySpec,
     OpBurstSpec,
     RateSpec,
     RiverModelSpec,
+    RuleSpec,
     TableSpec,
     ZScoreSpec,
     detector_name,
@@ -41,6 +58,7 @@ class Change(msgspec.Struct, array_like=True, gc=False):
     commit_ts_us: int
     coords: str  # "topic/partition/offset" on Kafka, "path:line" in replay
     snapshot: bool = False
+    c: dict[str, str] | None = None  # categorical columns and the idempotency key ("_key"), when configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +111,7 @@ class _Plan:
     value: bool  # a learned value model (skips anomalous events when learning)
     make: Callable[[], Detector]
     population: Detector | None
+    shared: Detector | None = None  # one instance for the whole table (duplicate keys), instead of per agent
     population_n: list[int] = field(default_factory=lambda: [0])
 
 
@@ -107,15 +126,29 @@ class _AgentState:
     __slots__ = ("dets", "masks", "n", "open", "recent")
 
     def __init__(self, plans: list[_Plan]) -> None:
-        self.dets: list[Detector] = [p.make() for p in plans]
+        # A table-level detector is not copied per agent: its slot points at the shared instance.
+        self.dets: list[Detector] = [p.shared if p.shared is not None else p.make() for p in plans]
         self.masks = [0] * len(plans)
         self.open = 0  # bit i set: an incident is open for detector i, so further anomalies do not re-alert
         self.recent: list[list[Trigger]] | None = None
         self.n = 0
 
 
-def _factory(spec: TableSpec, d: ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec) -> Callable[[], Detector]:
+def _factory(spec: TableSpec, d: AnyDetector, known: TableValues) -> Callable[[], Detector]:
     log = frozenset(f.name for f in spec.features if f.transform == "log")
+    if isinstance(d, NoveltySpec):
+        cols, nw, scope, mv = d.columns, d.warmup, d.table_scope, d.max_values
+        return lambda: CategoricalNovelty(cols, nw, known, scope, mv)
+    if isinstance(d, DuplicateSpec):
+        hz, mk, dops = d.horizon_seconds, d.max_keys, d.ops
+        return lambda: DuplicateKey(hz, mk, dops)
+    if isinstance(d, DriftSpec):
+        feat, delta, dw = d.feature, d.delta, d.warmup
+        return lambda: LevelDrift(feat, delta, dw)
+    if isinstance(d, RuleSpec):
+        conds = [(c.field, c.op, c.value) for c in d.when]
+        rops, cnt, rw = d.ops, d.count, d.window_seconds
+        return lambda: Rule(conds, rops, cnt, rw)
     if isinstance(d, ZScoreSpec):
         feats, half_z, min_std, warmup = d.features, d.half_z, d.min_std, d.warmup
         return lambda: ZScore(feats, log, half_z, min_std, warmup)
@@ -125,22 +158,29 @@ def _factory(spec: TableSpec, d: ZScoreSpec | RiverModelSpec | RateSpec | OpBurs
     if isinstance(d, OpBurstSpec):
         ops, mx, w = d.ops, d.max_events, d.window_seconds
         return lambda: OpBurstCeiling(mx, w, ops)
+    assert isinstance(d, RateSpec)
     mx2, w2 = d.max_events, d.window_seconds
     return lambda: RateCeiling(mx2, w2)
 
 
 def compile_table(spec: TableSpec) -> _Table:
     plans: list[_Plan] = []
+    known = TableValues()  # the table's categorical values, shared by its agents' novelty detectors
     for d in spec.detectors:
-        make = _factory(spec, d)
+        make = _factory(spec, d, known)
         value = isinstance(d, ZScoreSpec | RiverModelSpec)
         if isinstance(d, ZScoreSpec | RiverModelSpec):
             threshold, warmup, k, n = d.threshold, d.warmup, d.debounce.k, d.debounce.n
+        elif isinstance(d, NoveltySpec | DuplicateSpec):
+            threshold, warmup, k, n = 1.0, 0, d.debounce.k, d.debounce.n
         else:
             # A guard's incident stays open until 16 writes in a row are back under the ceiling.
             threshold, warmup, k, n = 1.0, 0, 1, 16
         pop = make() if isinstance(d, ZScoreSpec) and d.population else None
-        plans.append(_Plan(detector_name(d), d.kind, d.severity, threshold, warmup, k, (1 << n) - 1, value, make, pop))
+        shared = make() if isinstance(d, DuplicateSpec) else None
+        plans.append(
+            _Plan(detector_name(d), d.kind, d.severity, threshold, warmup, k, (1 << n) - 1, value, make, pop, shared)
+        )
     return _Table(spec, Extractor(spec), plans)
 
 
@@ -200,7 +240,7 @@ class Engine:
                 else:
                     continue
             else:
-                score = det.score_one(x, ch.op, t)
+                score = det.score_one(x, ch.op, t, ch.c)
             if scores is not None:
                 scores.append((p.name, score))
             anomalous = score >= p.threshold and not ch.snapshot
@@ -233,7 +273,7 @@ class Engine:
         for i, p in enumerate(tab.plans):
             if not p.value:
                 if not ch.snapshot:  # a snapshot replays history: those rows were not written just now
-                    st.dets[i].learn_one(x, ch.op, t)
+                    st.dets[i].learn_one(x, ch.op, t, ch.c)
             elif x and not value_anomaly and quarantine is None:
                 st.dets[i].learn_one(x)
                 if p.population is not None:
@@ -271,7 +311,7 @@ class Engine:
             severity=p.severity,
             score=score,
             threshold=p.threshold,
-            contributions=det.explain(ch.x, ch.op, ch.commit_ts_us / 1e6)[:5],
+            contributions=det.explain(ch.x, ch.op, ch.commit_ts_us / 1e6, ch.c)[:5],
             triggers=triggers,
             actions=tuple(actions),
             quarantine=quarantines,

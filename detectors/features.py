@@ -73,7 +73,7 @@ class Extractor:
     {'amount': 25.0, 'amount_change': 15.0}
     """
 
-    __slots__ = ("_agent", "_features", "_run")
+    __slots__ = ("_agent", "_cats", "_features", "_key", "_run")
 
     def __init__(self, spec: TableSpec) -> None:
         self._agent = FieldPath.parse(spec.agent_id)
@@ -81,6 +81,8 @@ class Extractor:
         self._features: tuple[tuple[FeatureSpec, tuple[str, ...]], ...] = tuple(
             (f, tuple(f.column.split("."))) for f in spec.features
         )
+        self._cats = tuple((col, tuple(col.split("."))) for col in spec.categories)
+        self._key = tuple(spec.idempotency_key.split(".")) if spec.idempotency_key else None
 
     def agent(self, op: str, before: Row | None, after: Row | None) -> tuple[str | None, str | None]:
         agent = identity(pick(self._agent, op, before, after))
@@ -102,4 +104,20 @@ class Extractor:
             v = as_number(lookup(row, keys))
             if v is not None:
                 out[f.name] = v
+        return out
+
+    def categories(self, op: str, before: Row | None, after: Row | None) -> dict[str, str] | None:
+        """Categorical columns as text, and the idempotency key under ``_key``; None when none is configured."""
+        if not self._cats and self._key is None:
+            return None
+        row = before if op == "d" else after
+        out: dict[str, str] = {}
+        for col, keys in self._cats:
+            v = identity(lookup(row, keys), 128)
+            if v is not None:
+                out[col] = v
+        if self._key is not None:
+            k = identity(lookup(row, self._key), 256)
+            if k is not None:
+                out["_key"] = k
         return out

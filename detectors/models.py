@@ -8,14 +8,16 @@ event, ``op`` its Debezium op code and ``t`` its commit time in seconds. Value m
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from river import stats
+from river import drift, stats
 
 Features = Mapping[str, float]
+Cats = Mapping[str, str]  # categorical columns of the row, and the idempotency key, as text
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +34,9 @@ class Contribution:
 class Detector(Protocol):
     n: int  # events learned
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0) -> float: ...
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0) -> None: ...
-    def explain(self, x: Features, op: str = "c", t: float = 0.0) -> list[Contribution]: ...
+    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float: ...
+    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None: ...
+    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]: ...
 
 
 def signed_log1p(v: float) -> float:
@@ -93,7 +95,7 @@ class ZScore:
         std = max(math.sqrt(max(s.get(), 0.0)), self._min_std)
         return (self._value(name, v) - s.mean.get()) / std
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0) -> None:
+    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
         only = self._only
         for name, v in x.items():
             if only is not None and name not in only:
@@ -104,7 +106,7 @@ class ZScore:
             s.update(self._value(name, v))
         self.n += 1
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0) -> float:
+    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
         worst = 0.0
         only = self._only
         for name, v in x.items():
@@ -115,7 +117,7 @@ class ZScore:
                 worst = abs(z)
         return worst / (worst + self.half_z)
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0) -> list[Contribution]:
+    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
         """Features by decreasing |z|, each with the mean +/- 3 std range in the data's own units."""
         out: list[Contribution] = []
         for name, v in x.items():
@@ -176,14 +178,14 @@ class RiverModel:
             return dict(x)
         return {k: v for k, v in x.items() if k in self._only}
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0) -> None:
+    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
         self._model.learn_one(self._select(x))
         self.n += 1
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0) -> float:
+    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
         return float(self._model.score_one(self._select(x)))
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0) -> list[Contribution]:
+    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
         return [Contribution(k, float(v), None, None) for k, v in self._select(x).items()]
 
 
@@ -255,19 +257,19 @@ class RateCeiling:
     def _weight(self, op: str) -> int:
         return 1
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0) -> float:
+    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
         w = self._weight(op)
         if w == 0:
             return 0.0
         return 1.0 if self._counter.count(t) + w > self.max_events else 0.0
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0) -> None:
+    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
         w = self._weight(op)
         self.n += 1
         if w:
             self._counter.add(t, w)
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0) -> list[Contribution]:
+    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
         label = f"events_per_{self.window:g}s"
         return [Contribution(label, float(self._counter.count(t) + self._weight(op)), 0.0, float(self.max_events))]
 
@@ -293,6 +295,261 @@ class OpBurstCeiling(RateCeiling):
             return 0
         return self.max_events + 1 if op == "t" else 1
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0) -> list[Contribution]:
+    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
         label = f"{'/'.join(sorted(self.ops))}_per_{self.window:g}s"
         return [Contribution(label, float(self._counter.count(t) + self._weight(op)), 0.0, float(self.max_events))]
+
+
+class TableValues:
+    """The values a whole table has seen per categorical column, and how many writes it has seen."""
+
+    __slots__ = ("n", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[str, set[str]] = {}
+        self.n = 0
+
+
+class CategoricalNovelty:
+    """Scores 1 for a value of a watched column that this agent (or the whole table) never used before.
+
+    ``known`` holds the table's values per column, shared by every agent's detector. Once the table has
+    seen ``warmup`` writes, a value nobody ever wrote counts from an agent's first write. A value that is
+    only new to this agent counts after the agent's own ``warmup`` writes.
+
+    >>> table = TableValues()
+    >>> a = CategoricalNovelty(["reason"], warmup=3, known=table)
+    >>> for r in ["late", "damaged", "late"]:
+    ...     a.learn_one({}, c={"reason": r})
+    >>> a.score_one({}, c={"reason": "late"}), a.score_one({}, c={"reason": "goodwill"})
+    (0.0, 1.0)
+    """
+
+    __slots__ = ("_columns", "_known", "_max", "_seen", "_table_scope", "n", "warmup")
+
+    def __init__(
+        self,
+        columns: Iterable[str],
+        warmup: int = 30,
+        known: TableValues | None = None,
+        table_scope: bool = True,
+        max_values: int = 256,
+    ) -> None:
+        self._columns = tuple(columns)
+        self._seen: dict[str, set[str]] = {}
+        self._known = known if known is not None else TableValues()
+        self._table_scope = table_scope
+        self._max = max_values
+        self.warmup = warmup
+        self.n = 0
+
+    def _new(self, c: Cats | None) -> list[tuple[str, str]]:
+        if not c:
+            return []
+        out = []
+        for col in self._columns:
+            v = c.get(col)
+            if v is None:
+                continue
+            known = self._known
+            table_new = self._table_scope and known.n >= self.warmup and v not in known.values.get(col, ())
+            mine_new = self.n >= self.warmup and v not in self._seen.get(col, ())
+            if table_new or mine_new:
+                out.append((col, v))
+        return out
+
+    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
+        return 1.0 if self._new(c) else 0.0
+
+    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+        self.n += 1
+        self._known.n += 1
+        if not c:
+            return
+        for col in self._columns:
+            v = c.get(col)
+            if v is None:
+                continue
+            mine = self._seen.setdefault(col, set())
+            if len(mine) < self._max:
+                mine.add(v)
+            table = self._known.values.setdefault(col, set())
+            if len(table) < self._max * 16:
+                table.add(v)
+
+    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+        return [
+            Contribution(f"{col}={v!r} (new)", float(len(self._seen.get(col, ()))), None, None)
+            for col, v in self._new(c)
+        ]
+
+
+def _key_hash(key: str) -> int:
+    # Stable across processes (unlike hash()), so a checkpointed detector still recognises its keys.
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+class DuplicateKey:
+    """Scores 1 when a write's idempotency key was already applied within ``horizon`` seconds.
+
+    One instance per table (keys are unique per effect, whichever agent wrote them), bounded to ``max_keys``
+    keys (oldest forgotten first), each kept as a 64-bit hash.
+
+    >>> d = DuplicateKey(horizon=600.0)
+    >>> d.score_one({}, "c", 0.0, {"_key": "k1"})
+    0.0
+    >>> d.learn_one({}, "c", 0.0, {"_key": "k1"})
+    >>> d.score_one({}, "c", 30.0, {"_key": "k1"}), d.score_one({}, "c", 900.0, {"_key": "k1"})
+    (1.0, 0.0)
+    """
+
+    KEY = "_key"
+    __slots__ = ("_keys", "_max", "horizon", "n", "ops")
+
+    def __init__(self, horizon: float = 3600.0, max_keys: int = 200_000, ops: Iterable[str] = ("c",)) -> None:
+        from collections import OrderedDict
+
+        self.horizon = horizon
+        self._max = max_keys
+        self._keys: OrderedDict[int, float] = OrderedDict()
+        self.ops = frozenset(ops)
+        self.n = 0
+
+    def _first_seen(self, op: str, c: Cats | None) -> float | None:
+        if op not in self.ops or not c or (key := c.get(self.KEY)) is None:
+            return None
+        return self._keys.get(_key_hash(key))
+
+    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
+        seen = self._first_seen(op, c)
+        return 1.0 if seen is not None and t - seen <= self.horizon else 0.0
+
+    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+        self.n += 1
+        if op not in self.ops or not c or (key := c.get(self.KEY)) is None:
+            return
+        h = _key_hash(key)
+        if h not in self._keys:
+            self._keys[h] = t
+        keys = self._keys
+        while keys and (len(keys) > self._max or next(iter(keys.values())) < t - self.horizon):
+            keys.popitem(last=False)
+
+    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+        seen = self._first_seen(op, c)
+        age = t - seen if seen is not None else 0.0
+        return [Contribution("seconds_since_first_use_of_key", age, self.horizon, None)]
+
+
+class LevelDrift:
+    """River's ADWIN on one feature: scores 1 on the write after ADWIN saw the feature's level change.
+
+    For slow drifts that no single write shows; its alerts are meant to be low severity.
+
+    >>> d = LevelDrift("amount", warmup=50)
+    >>> fired = []
+    >>> for i in range(2000):
+    ...     v = 10.0 + (i % 5) if i < 1000 else 30.0 + (i % 5)
+    ...     fired.append(d.score_one({"amount": v}))
+    ...     d.learn_one({"amount": v})
+    >>> 1000 < fired.index(1.0) < 1100
+    True
+    """
+
+    __slots__ = ("_adwin", "_before", "_drifted", "feature", "n", "warmup")
+
+    def __init__(self, feature: str, delta: float = 0.002, warmup: int = 100) -> None:
+        self.feature = feature
+        self._adwin = drift.ADWIN(delta=delta)  # type: ignore[no-untyped-call]
+        self._drifted = False
+        self._before = 0.0
+        self.warmup = warmup
+        self.n = 0
+
+    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
+        return 1.0 if self._drifted else 0.0
+
+    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+        v = x.get(self.feature)
+        self._drifted = False
+        if v is None:
+            return
+        self.n += 1
+        before = self._adwin.estimation
+        self._adwin.update(v)  # type: ignore[no-untyped-call]
+        if self._adwin.drift_detected and self.n > self.warmup:
+            self._drifted = True
+            self._before = before
+
+    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+        return [Contribution(f"{self.feature}_level", float(self._adwin.estimation), self._before, self._before)]
+
+
+_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "in": lambda a, b: a in b,
+    "not in": lambda a, b: a not in b,
+}
+
+
+class Rule:
+    """Structured conditions from the config (no code is evaluated), fired on ``count`` matches per window.
+
+    >>> r = Rule([("amount", ">", 500.0)], ops=("c",), count=2, window=60.0)
+    >>> out = []
+    >>> for t, amount in enumerate([900.0, 10.0, 800.0]):
+    ...     out.append(r.score_one({"amount": amount}, "c", float(t)))
+    ...     r.learn_one({"amount": amount}, "c", float(t))
+    >>> out
+    [0.0, 0.0, 1.0]
+    """
+
+    __slots__ = ("_counter", "conditions", "count", "n", "ops")
+
+    def __init__(
+        self,
+        conditions: Iterable[tuple[str, str, Any]],
+        ops: Iterable[str] | None = None,
+        count: int = 1,
+        window: float = 60.0,
+    ) -> None:
+        self.conditions = tuple((f, _COMPARE[o], v, o) for f, o, v in conditions)
+        self.ops = frozenset(ops) if ops is not None else None
+        self.count = count
+        self._counter = WindowCounter(window)
+        self.n = 0
+
+    def matches(self, x: Features, op: str, c: Cats | None) -> bool:
+        if self.ops is not None and op not in self.ops:
+            return False
+        for field, cmp, value, _ in self.conditions:
+            got: Any = x.get(field)
+            if got is None and c:
+                got = c.get(field)
+            if got is None:
+                return False
+            try:
+                if not cmp(got, value):
+                    return False
+            except TypeError:  # a number against text: the condition does not hold
+                return False
+        return True
+
+    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
+        if not self.matches(x, op, c):
+            return 0.0
+        return 1.0 if self._counter.count(t) + 1 >= self.count else 0.0
+
+    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+        self.n += 1
+        if self.matches(x, op, c):
+            self._counter.add(t)
+
+    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+        text = " and ".join(f"{f} {o} {v!r}" for f, _, v, o in self.conditions) or "any write"
+        return [Contribution(f"matches: {text}", float(self._counter.count(t) + 1), None, float(self.count))]

@@ -126,10 +126,61 @@ class OpBurstSpec(_DetectorBase):
     window_seconds: float = Field(60.0, gt=0)
 
 
-DetectorSpec = Annotated[ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec, Field(discriminator="kind")]
+class NoveltySpec(_DetectorBase):
+    """A value of a categorical column never seen before for this agent (after its warm-up) or this table."""
+
+    kind: Literal["novelty"] = "novelty"
+    columns: tuple[str, ...] = Field(min_length=1, description="Columns listed in the table's 'categories'.")
+    warmup: int = Field(30, ge=1, description="Writes of an agent before its own unseen values count.")
+    table_scope: bool = Field(True, description="A value the whole table never saw counts from the first write.")
+    max_values: int = Field(256, ge=1, description="Values remembered per column and agent (memory bound).")
+    severity: Severity = "warning"
+    debounce: Debounce = Debounce(k=1, n=16)
 
 
-def detector_name(spec: ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec) -> str:
+class DuplicateSpec(_DetectorBase):
+    """The same idempotency key applied again within a horizon: a retried tool call whose effect landed twice."""
+
+    kind: Literal["duplicate"] = "duplicate"
+    horizon_seconds: float = Field(3600.0, gt=0)
+    max_keys: int = Field(200_000, ge=1, description="Keys remembered per table (memory bound, oldest first).")
+    ops: tuple[Op, ...] = Field(("c",), description="Ops whose key counts: a retry re-creates.")
+    debounce: Debounce = Debounce(k=2, n=8)
+
+
+class DriftSpec(_DetectorBase):
+    """A change in a feature's level over time (River ADWIN), for slow drifts no single write shows."""
+
+    kind: Literal["drift"] = "drift"
+    feature: str
+    delta: float = Field(0.002, gt=0, lt=1, description="ADWIN's confidence: smaller is more conservative.")
+    warmup: int = Field(100, ge=1)
+    severity: Severity = "info"
+
+
+class Condition(_Strict):
+    """``field <op> value``; ``field`` is a feature or a categorical column."""
+
+    field: str
+    op: Literal[">", ">=", "<", "<=", "==", "!=", "in", "not in"]
+    value: float | str | tuple[float | str, ...]
+
+
+class RuleSpec(_DetectorBase):
+    """A structured condition from the YAML (no code is evaluated), optionally counted over a window."""
+
+    kind: Literal["rule"] = "rule"
+    when: tuple[Condition, ...] = ()
+    ops: tuple[Op, ...] | None = Field(None, description="Only these ops match (all by default).")
+    count: int = Field(1, ge=1, description="Fire when at least this many matching writes fall in the window.")
+    window_seconds: float = Field(60.0, gt=0)
+
+
+AnyDetector = ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec | NoveltySpec | DuplicateSpec | DriftSpec | RuleSpec
+DetectorSpec = Annotated[AnyDetector, Field(discriminator="kind")]
+
+
+def detector_name(spec: AnyDetector) -> str:
     return spec.name or spec.kind
 
 
@@ -145,6 +196,8 @@ class TableSpec(_Strict):
     agent_id: str = Field("row.agent_id", description="Field path of the agent id.")
     run_id: str | None = Field("row.run_id", description="Field path of the run id (optional).")
     features: tuple[FeatureSpec, ...] = ()
+    categories: tuple[str, ...] = Field((), description="Categorical columns (compared as text), for novelty.")
+    idempotency_key: str | None = Field(None, description="Column holding the write's idempotency key.")
     detectors: tuple[DetectorSpec, ...] = (ZScoreSpec(),)
     actions: dict[Severity, tuple[Action, ...]] = Field(
         default_factory=_default_actions,
@@ -174,6 +227,16 @@ class TableSpec(_Strict):
         if len(feats) != len(self.features):
             raise ValueError("feature names must be unique per table")
         for d in self.detectors:
+            if isinstance(d, NoveltySpec) and (bad := [c for c in d.columns if c not in self.categories]):
+                raise ValueError(f"detector {detector_name(d)!r}: columns {bad} are not in the table's categories")
+            if isinstance(d, DuplicateSpec) and self.idempotency_key is None:
+                raise ValueError(f"detector {detector_name(d)!r} needs the table's idempotency_key column")
+            if isinstance(d, RuleSpec) and (
+                bad := [c.field for c in d.when if c.field not in feats | set(self.categories)]
+            ):
+                raise ValueError(f"detector {detector_name(d)!r}: {bad} are neither features nor categories")
+            if isinstance(d, DriftSpec) and d.feature not in feats:
+                raise ValueError(f"detector {detector_name(d)!r} names unknown feature {d.feature!r}")
             wanted = getattr(d, "features", None) or ()
             missing = [f for f in wanted if f not in feats]
             if missing:

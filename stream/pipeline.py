@@ -140,6 +140,7 @@ def _change(ev: ChangeEvent, table: str, ex: Extractor, agent: str, run: str | N
         ev.commit_ts_us,
         coords,
         ev.snapshot or ev.op == "r",  # incremental snapshots are op r with snapshot=incremental
+        ex.categories(ev.op, ev.before, ev.after),
     )
 
 

@@ -1,0 +1,140 @@
+"""Categorical novelty, duplicate idempotency keys, level drift and rules: alone, and wired through the engine."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from pydantic import ValidationError
+
+from detectors.engine import Engine
+from detectors.models import CategoricalNovelty, DuplicateKey, LevelDrift, Rule, TableValues
+from detectors.spec import TableSpec
+from stream.pipeline import Router
+
+
+def test_novelty_counts_table_new_values_at_once_and_agent_new_values_after_warmup() -> None:
+    known = TableValues()
+    veteran = CategoricalNovelty(["reason"], warmup=5, known=known)
+    for r in ["late", "damaged"] * 5:
+        veteran.learn_one({}, c={"reason": r})
+    newcomer = CategoricalNovelty(["reason"], warmup=5, known=known)
+    # the newcomer has not warmed up: values the table knows are fine, a value nobody used is not
+    assert newcomer.score_one({}, c={"reason": "damaged"}) == 0.0
+    assert newcomer.score_one({}, c={"reason": "goodwill"}) == 1.0
+    veteran_other = CategoricalNovelty(["reason"], warmup=5, known=known, table_scope=False)
+    for _ in range(5):
+        veteran_other.learn_one({}, c={"reason": "late"})
+    assert veteran_other.score_one({}, c={"reason": "damaged"}) == 1.0  # new to this agent after its warm-up
+    assert veteran.score_one({}, c=None) == 0.0 and veteran.score_one({}, c={"other": "x"}) == 0.0
+    assert "reason='goodwill'" in veteran.explain({}, c={"reason": "goodwill"})[0].feature
+
+
+def test_novelty_memory_is_bounded() -> None:
+    n = CategoricalNovelty(["k"], warmup=1, max_values=10)
+    for i in range(1000):
+        n.learn_one({}, c={"k": f"v{i}"})
+    assert len(n._seen["k"]) == 10
+
+
+def test_duplicate_keys_within_the_horizon_only_for_the_configured_ops() -> None:
+    d = DuplicateKey(horizon=60.0, max_keys=3, ops=("c",))
+    d.learn_one({}, "c", 0.0, {"_key": "a"})
+    assert d.score_one({}, "c", 10.0, {"_key": "a"}) == 1.0
+    assert d.score_one({}, "u", 10.0, {"_key": "a"}) == 0.0  # an update may legitimately carry the key
+    assert d.score_one({}, "c", 61.0, {"_key": "a"}) == 0.0
+    for k in "bcde":
+        d.learn_one({}, "c", 1.0, {"_key": k})
+    assert len(d._keys) == 3 and d.score_one({}, "c", 2.0, {"_key": "a"}) == 0.0  # the oldest was forgotten
+
+
+def test_level_drift_does_not_fire_on_a_stable_heavy_tailed_stream() -> None:
+    rng = random.Random(4)
+    d = LevelDrift("amount", warmup=100)
+    fired = 0
+    for _ in range(20_000):
+        v = 40.0 * rng.lognormvariate(0.0, 0.35)
+        fired += d.score_one({"amount": v}) > 0
+        d.learn_one({"amount": v})
+    assert fired <= 2
+
+
+def test_rules_compare_features_and_categories_and_count_over_a_window() -> None:
+    r = Rule([("reason", "in", ("goodwill", "other")), ("amount", ">=", 100.0)], ops=("c", "u"), count=1)
+    assert r.score_one({"amount": 150.0}, "c", 0.0, {"reason": "goodwill"}) == 1.0
+    assert r.score_one({"amount": 150.0}, "d", 0.0, {"reason": "goodwill"}) == 0.0
+    assert r.score_one({"amount": 50.0}, "c", 0.0, {"reason": "goodwill"}) == 0.0
+    assert r.score_one({"amount": 150.0}, "c", 0.0, {"reason": "late"}) == 0.0
+    typed = Rule([("reason", ">", 3.0)])
+    assert typed.score_one({}, "c", 0.0, {"reason": "text"}) == 0.0  # text against a number: no match, no crash
+
+
+SPEC = {
+    "name": "public.refunds",
+    "topic": "shop.public.refunds",
+    "features": [{"name": "amount", "column": "amount", "transform": "log"}],
+    "categories": ["reason"],
+    "idempotency_key": "idempotency_key",
+    "detectors": [
+        {"kind": "novelty", "columns": ["reason"], "warmup": 10},
+        {"kind": "duplicate", "horizon_seconds": 600, "severity": "critical"},
+        {
+            "kind": "rule",
+            "name": "huge",
+            "when": [{"field": "amount", "op": ">", "value": 10000}],
+            "severity": "critical",
+        },
+        {"kind": "drift", "feature": "amount", "warmup": 50},
+    ],
+}
+
+
+def event(i: int, agent: str, reason: str, key: str, amount: float = 40.0) -> bytes:
+    after = {"id": i, "amount": amount, "reason": reason, "agent_id": agent, "idempotency_key": key}
+    return json.dumps(
+        {
+            "op": "c",
+            "after": after,
+            "source": {"ts_ms": 1_700_000_000_000 + i * 1000, "schema": "public", "table": "refunds"},
+        }
+    ).encode()
+
+
+def test_the_engine_runs_them_from_debezium_events() -> None:
+    spec = TableSpec.model_validate(SPEC)
+    router, engine = Router([spec]), Engine([spec])
+    found = []
+    for i in range(40):
+        ch = router.route("shop.public.refunds", event(i, "a1", ["late", "damaged"][i % 2], f"k{i}"), f"t/0/{i}")
+        assert not isinstance(ch, str) and ch.c == {"reason": ["late", "damaged"][i % 2], "_key": f"k{i}"}
+        found += engine.process(ch)
+    assert found == []
+    ch = router.route("shop.public.refunds", event(40, "a1", "goodwill", "k40"), "t/0/40")
+    assert not isinstance(ch, str)
+    assert [f.detector for f in engine.process(ch)] == ["novelty"]
+    dup = []
+    for i in range(41, 44):  # a retry loop: the same effect applied again and again
+        ch = router.route("shop.public.refunds", event(i, "a1", "late", "k39"), f"t/0/{i}")
+        assert not isinstance(ch, str)
+        dup += engine.process(ch)
+    assert [(f.detector, f.quarantine) for f in dup] == [("duplicate", True)]
+    assert len(dup[0].triggers) == 2
+    ch = router.route("shop.public.refunds", event(50, "a2", "late", "k50", amount=50_000.0), "t/0/50")
+    assert not isinstance(ch, str)
+    assert "huge" in [f.detector for f in engine.process(ch)]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"detectors": [{"kind": "novelty", "columns": ["nope"]}]}, "not in the table's categories"),
+        ({"idempotency_key": None}, "needs the table's idempotency_key"),
+        ({"detectors": [{"kind": "drift", "feature": "nope"}]}, "unknown feature"),
+        ({"detectors": [{"kind": "rule", "when": [{"field": "nope", "op": ">", "value": 1}]}]}, "neither features"),
+        ({"detectors": [{"kind": "rule", "when": [{"field": "amount", "op": "~=", "value": 1}]}]}, "op"),
+    ],
+)
+def test_bad_detector_settings_are_refused(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        TableSpec.model_validate({**SPEC, **change})
