@@ -817,9 +817,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"total {int(sum(landed))}")
         lines.append(f"{'  of which after the triggering row':<{w}}: {fmt_dist(after, 'rows')}")
         trig = [float(x.trigger_index) for x in results if x.trigger_index is not None]
-        lines.append(f"{'  triggering row = the rogue row number':<{w}}: "
-                     + (f"{min(trig):.0f}..{max(trig):.0f} (debounce k=2 of n=4: the 2nd is the earliest)"
-                        if trig else "n/a"))
+        counts = ", ".join(f"#{v:.0f}: {trig.count(v)}" for v in sorted(set(trig)))
+        lines.append(f"{'  triggering row, by commit order (rogues)':<{w}}: "
+                     + (f"{counts} (debounce k=2 of n=4 fires on the 2nd anomalous row scored; the CDC topics "
+                        "are keyed by primary key over 3 partitions, so one agent's rows can be scored out of "
+                        "commit order)" if trig else "n/a"))
         refused_n = sum(r.refused_us is not None for r in rogues)
         lines.append(f"{'rogues refused / alerted / enforced ok':<{w}}: {refused_n} / {len(rogue_alerts)} / "
                      f"{sum(x.enforcement.startswith('ok') for x in results)} of {len(rogues)}"
@@ -828,12 +830,16 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"(p99~: fewer than 100 samples, so p99 is approximate: with n={len(al)} it sits between the "
                      "two largest values)")
         lines.append("")
-        lines.append("where the time goes, triggering row of each rogue (p50 / p99~ / max, ms; all one clock):")
+        lines.append("where the time goes, triggering row of each rogue (p50 / p99~ / max, ms, and the p50's share "
+                     "of the sum of the p50s after the commit; all one clock):")
+        p50s = {k: percentile([x.segments[k] for x in results if k in x.segments], 0.5) for k, _ in SEGMENTS[1:]}
+        p50_sum = sum(v for v in p50s.values() if not math.isnan(v))
         for key, label in SEGMENTS:
             vals = [x.segments[key] for x in results if key in x.segments]
             if vals:
+                share = f"  {100 * p50s[key] / p50_sum:3.0f}%" if key in p50s and p50_sum > 0 else "      "
                 lines.append(f"  {label:<80}: {percentile(vals, 0.5):7.1f} / {percentile(vals, 0.99):7.1f} / "
-                             f"{max(vals):7.1f}  (n={len(vals)})")
+                             f"{max(vals):7.1f}{share}  (n={len(vals)})")
         sums = [sum(x.segments[k] for k, _ in SEGMENTS[1:]) for x in results
                 if all(k in x.segments for k, _ in SEGMENTS)]
         if sums:

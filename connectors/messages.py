@@ -60,9 +60,7 @@ class Alert(_Message):
     detected_at: datetime
     lag_ms: float = Field(description="detected_at - commit_ts, in milliseconds.")
     triggering_events: list[TriggeringEvent] = Field(description="The anomalous events of this incident.")
-    anomalous_events: int = Field(
-        description="How many of the agent's writes were anomalous before this alert."
-    )
+    anomalous_events: int = Field(description="How many of the agent's writes were anomalous before this alert.")
     agent_events: int = Field(description="Events seen from this agent on this table, this one included.")
     actions: list[Literal["alert", "quarantine", "postgres", "webhook"]]
     quarantined: bool = Field(description="True when this alert quarantined the agent.")
@@ -90,6 +88,9 @@ class ControlRecord(_Message):
     table: str | None = None
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     by: str = Field(description="Who wrote it: 'writeguard-worker' or the releasing user.")
+    false_positive: bool = Field(
+        False, description="On a release: the alert was wrong, and the agent's models learn its writes as normal."
+    )
     enforcement: list[EnforcementResult] = Field(
         default_factory=list, description="Database and webhook actions taken (quarantine) or undone (release)."
     )

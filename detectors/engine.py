@@ -6,8 +6,10 @@ files and metrics stay in ``stream``; the same engine serves the Faust worker an
 
 from __future__ import annotations
 
+import pickle
 import uuid
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -37,6 +39,7 @@ from detectors.spec import (
     RateSpec,
     RiverModelSpec,
     RuleSpec,
+    Suppression,
     TableSpec,
     ZScoreSpec,
     detector_name,
@@ -66,6 +69,7 @@ class Trigger:
     coords: str
     commit_ts_us: int
     score: float
+    x: Mapping[str, float] | None = None  # what a false-positive mark teaches the agent's model
 
 
 @dataclass(slots=True)
@@ -120,6 +124,7 @@ class _Table:
     spec: TableSpec
     extractor: Extractor
     plans: list[_Plan]
+    known: TableValues
 
 
 class _AgentState:
@@ -181,7 +186,31 @@ def compile_table(spec: TableSpec) -> _Table:
         plans.append(
             _Plan(detector_name(d), d.kind, d.severity, threshold, warmup, k, (1 << n) - 1, value, make, pop, shared)
         )
-    return _Table(spec, Extractor(spec), plans)
+    return _Table(spec, Extractor(spec), plans, known)
+
+
+def _store_key(key: tuple[str, str]) -> str:
+    return f"{key[0]}\x1f{key[1]}"
+
+
+def _detached(st: _AgentState, tab: _Table) -> _AgentState:
+    """The state without what it shares with its table (which must not be copied into every checkpoint)."""
+    for i, p in enumerate(tab.plans):
+        det = st.dets[i]
+        if p.shared is not None:
+            st.dets[i] = None  # type: ignore[call-overload]
+        elif isinstance(det, CategoricalNovelty):
+            det._known = None  # type: ignore[assignment]
+    return st
+
+
+def _relink(st: _AgentState, tab: _Table) -> None:
+    for i, p in enumerate(tab.plans):
+        det = st.dets[i]
+        if p.shared is not None:
+            st.dets[i] = p.shared
+        elif isinstance(det, CategoricalNovelty):
+            det._known = tab.known
 
 
 def alert_id(table: str, agent_id: str, detector: str, coords: str) -> str:
@@ -204,10 +233,49 @@ class Engine:
     [True]
     """
 
-    def __init__(self, tables: list[TableSpec]) -> None:
+    def __init__(
+        self,
+        tables: list[TableSpec],
+        *,
+        suppressions: Sequence[Suppression] = (),
+        max_states: int | None = None,
+        store: MutableMapping[str, bytes] | None = None,
+    ) -> None:
         self.tables: dict[str, _Table] = {t.name: compile_table(t) for t in tables}
-        self.states: dict[tuple[str, str], _AgentState] = {}
+        # Least recently active last-touched order: evicting the head frees the agents idle the longest.
+        self.states: OrderedDict[tuple[str, str], _AgentState] = OrderedDict()
         self.quarantined: dict[str, Quarantine] = {}
+        self.suppressions = tuple(suppressions)
+        self.suppressed = 0  # findings not published because a suppression window covered them
+        self.max_states = max_states
+        self.store: MutableMapping[str, bytes] = store if store is not None else {}
+        self.evicted = 0
+        self.restored = 0
+
+    def _state(self, tab: _Table, key: tuple[str, str]) -> _AgentState:
+        st = self.states.get(key)
+        if st is not None:
+            if self.max_states is not None:
+                self.states.move_to_end(key)
+            return st
+        blob = self.store.pop(_store_key(key), None) if self.max_states is not None else None
+        if blob is not None:
+            st = pickle.loads(blob)  # noqa: S301 - our own checkpoint, written by _evict below
+            _relink(st, tab)
+            self.restored += 1
+        else:
+            st = _AgentState(tab.plans)
+        self.states[key] = st
+        if self.max_states is not None and len(self.states) > self.max_states:
+            self._evict()
+        return st
+
+    def _evict(self) -> None:
+        assert self.max_states is not None
+        while len(self.states) > self.max_states:
+            key, st = self.states.popitem(last=False)
+            self.store[_store_key(key)] = pickle.dumps(_detached(st, self.tables[key[0]]), protocol=5)
+            self.evicted += 1
 
     def table(self, name: str) -> _Table | None:
         return self.tables.get(name)
@@ -216,9 +284,7 @@ class Engine:
         """Score ``ch`` with every detector of its table, then learn from it; return alert decisions."""
         tab = self.tables[ch.table]
         key = (ch.table, ch.agent_id)
-        st = self.states.get(key)
-        if st is None:
-            st = self.states[key] = _AgentState(tab.plans)
+        st = self._state(tab, key)
         st.n += 1
         t = ch.commit_ts_us / 1e6
         x = ch.x
@@ -260,12 +326,15 @@ class Engine:
             if st.recent is None:
                 st.recent = [[] for _ in tab.plans]
             recent = st.recent[i]
-            recent.append(Trigger(ch.coords, ch.commit_ts_us, score))
+            recent.append(Trigger(ch.coords, ch.commit_ts_us, score, x if p.value else None))
             if len(recent) > 64:
                 del recent[0]
             if st.open & bit or mask.bit_count() < p.k:
                 continue
             st.open |= bit
+            if self.suppressions and self.suppressed_by(ch, p.name) is not None:
+                self.suppressed += 1  # planned work: scored and counted, never alerted on
+                continue
             findings.append(self._finding(tab, p, ch, det, scope, score, list(recent), st.n, quarantine))
         if quarantine is not None:
             quarantine.events_after += 1
@@ -319,20 +388,49 @@ class Engine:
             agent_events=n,
         )
 
-    def apply_control(self, agent_id: str, state: str, alert_id: str | None, reason: str, at_us: int) -> None:
-        """Follow the control topic: a record written by any worker or by ``writeguard release``."""
+    def apply_control(
+        self,
+        agent_id: str,
+        state: str,
+        alert_id: str | None,
+        reason: str,
+        at_us: int,
+        false_positive: bool = False,
+    ) -> None:
+        """Follow the control topic: a record written by any worker or by ``writeguard release``.
+
+        A release marked ``false_positive`` also teaches the agent's value models the writes that alerted,
+        so that the same behaviour is normal from now on.
+        """
         if state == "quarantined":
             if agent_id not in self.quarantined:
                 self.quarantined[agent_id] = Quarantine(alert_id, reason, at_us)
         elif state == "released":
             self.quarantined.pop(agent_id, None)
             # A released agent starts with a clean slate: if it misbehaves again, it is alerted again.
-            for table in self.tables:
-                st = self.states.get((table, agent_id))
-                if st is not None:
-                    st.open = 0
-                    st.masks = [0] * len(st.masks)
-                    st.recent = None
+            for name, tab in self.tables.items():
+                st = self.states.get((name, agent_id))
+                if st is None:
+                    continue
+                if false_positive and st.recent is not None:
+                    for i, p in enumerate(tab.plans):
+                        if not p.value:
+                            continue
+                        for trig in st.recent[i]:
+                            if trig.x:
+                                st.dets[i].learn_one(trig.x)
+                                if p.population is not None:
+                                    p.population.learn_one(trig.x)
+                st.open = 0
+                st.masks = [0] * len(st.masks)
+                st.recent = None
+
+    def suppressed_by(self, ch: Change, detector: str) -> Suppression | None:
+        t = ch.commit_ts_us / 1e6
+        for s in self.suppressions:
+            if s.covers(ch.table, ch.agent_id, detector, t):
+                return s
+        return None
 
     @property
     def active_models(self) -> int:

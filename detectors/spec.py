@@ -6,6 +6,7 @@ per-agent models from them. Field names follow Debezium's vocabulary (``before``
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -182,6 +183,36 @@ DetectorSpec = Annotated[AnyDetector, Field(discriminator="kind")]
 
 def detector_name(spec: AnyDetector) -> str:
     return spec.name or spec.kind
+
+
+class Suppression(_Strict):
+    """A window of planned work: matching anomalies are scored and counted, but not alerted on."""
+
+    start: datetime = Field(alias="from")
+    end: datetime = Field(alias="to")
+    reason: str
+    tables: tuple[str, ...] | None = Field(None, description="All tables when omitted.")
+    agents: tuple[str, ...] | None = Field(None, description="All agents when omitted.")
+    detectors: tuple[str, ...] | None = Field(None, description="All detectors when omitted.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Suppression:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise ValueError("from and to need a time zone, e.g. 2026-11-28T22:00:00Z")
+        if self.end <= self.start:
+            raise ValueError("'to' must be after 'from'")
+        return self
+
+    def covers(self, table: str, agent: str, detector: str, t: float) -> bool:
+        base = detector.removesuffix(".population")
+        return (
+            self.start.timestamp() <= t < self.end.timestamp()
+            and (self.tables is None or table in self.tables)
+            and (self.agents is None or agent in self.agents)
+            and (self.detectors is None or base in self.detectors)
+        )
 
 
 def _default_actions() -> dict[Severity, tuple[Action, ...]]:

@@ -12,7 +12,9 @@ and rebalances without co-partitioning.
 from __future__ import annotations
 
 import asyncio
+import dbm
 import logging
+import os
 import ssl
 import time
 import uuid
@@ -26,7 +28,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from connectors.debezium import EnvelopeError
 from connectors.messages import ControlRecord, DeadLetter
 from detectors.engine import Change, Engine, Finding
-from stream.config import Config, client_settings
+from stream.config import Config, client_settings, make_engine
 from stream.enforce import Enforcer
 from stream.metrics import Metrics
 from stream.pipeline import SKIP_UNATTRIBUTED, Router, build_alert, coords_of
@@ -106,7 +108,9 @@ class ControlFollower:
             except ValueError:
                 log.warning("ignoring an invalid control record at offset %s", msg.offset())
                 continue
-            self.engine.apply_control(rec.agent_id, rec.state, rec.alert_id, rec.reason, int(rec.at.timestamp() * 1e6))
+            self.engine.apply_control(
+                rec.agent_id, rec.state, rec.alert_id, rec.reason, int(rec.at.timestamp() * 1e6), rec.false_positive
+            )
             n += 1
         if self.metrics is not None:
             self.metrics.quarantined_agents.set(len(self.engine.quarantined))
@@ -283,6 +287,8 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
         for table, n in engine.models_by_table().items():
             metrics.active_models.labels(table).set(n)
         metrics.quarantined_agents.set(len(engine.quarantined))
+        metrics.suppressed.set(engine.suppressed)
+        metrics.evicted_models.set(engine.evicted)
         mon = app.monitor
         if mon is not None and mon.tp_end_offsets:
             for tp, end in list(mon.tp_end_offsets.items()):
@@ -314,7 +320,11 @@ def run_worker(
 ) -> None:
     """Create topics, serve metrics, and run the Faust worker until SIGTERM/SIGINT."""
     ensure_topics(cfg)
-    engine = Engine(list(cfg.tables))
+    datadir = datadir or f"{cfg.kafka.group_id}-data"
+    os.makedirs(datadir, exist_ok=True)
+    # Agents evicted from memory are checkpointed here and restored on their next write.
+    store: Any = dbm.open(os.path.join(datadir, "agent-models"), "n")
+    engine = make_engine(cfg, store)
     metrics = Metrics()
     port = metrics.serve(cfg.worker.metrics.host, cfg.worker.metrics.port if metrics_port is None else metrics_port)
     print(f"writeguard worker: metrics on http://{cfg.worker.metrics.host}:{port}/metrics", flush=True)

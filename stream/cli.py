@@ -86,7 +86,14 @@ def cmd_release(args: argparse.Namespace) -> int:
     cfg = _config(args)
     by = args.by or f"{getpass.getuser()}@{socket.gethostname()}"
     undone = _undo_enforcement(cfg, args.agent)
-    rec = ControlRecord(agent_id=args.agent, state="released", reason=args.reason, by=by, enforcement=undone)
+    rec = ControlRecord(
+        agent_id=args.agent,
+        state="released",
+        reason=args.reason,
+        by=by,
+        enforcement=undone,
+        false_positive=args.false_positive,
+    )
     # murmur2 is Java's and Faust's partitioner: the record lands where the worker's own records for this agent do.
     producer = Producer({**client_settings(cfg), "partitioner": "murmur2_random", "acks": "all"})
     errors: list[str] = []
@@ -249,6 +256,11 @@ def parser() -> argparse.ArgumentParser:
     rel.add_argument("agent", metavar="AGENT_ID")
     rel.add_argument("--reason", required=True, help="why it is safe to let the agent write again")
     rel.add_argument("--by", help="who releases it (default: user@host)")
+    rel.add_argument(
+        "--false-positive",
+        action="store_true",
+        help="the alert was wrong: the agent's models learn the writes that triggered it as normal",
+    )
     with_config(rel)
     rel.set_defaults(func=cmd_release)
 

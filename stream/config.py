@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from connectors.pg_enforce import RoleMapping
 from connectors.webhook import WebhookSettings
-from detectors.spec import TableSpec
+from detectors.engine import Engine
+from detectors.spec import Suppression, TableSpec
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,12 @@ class WorkerSettings(_Strict):
     )
     metrics: MetricsSettings = MetricsSettings()
     agent_messages: AgentMessages | None = None
+    max_agents: int | None = Field(
+        100_000,
+        ge=1,
+        description="(table, agent) model sets kept in memory; the least recently active beyond it are "
+        "checkpointed to the data folder and restored when the agent writes again. null: no limit.",
+    )
     commit_interval_s: float = Field(1.0, gt=0, description="Faust broker_commit_interval.")
     fetch_max_wait_ms: int = Field(
         20, ge=1, le=1500, description="Longest a consumer fetch waits for data; bounds detection lag when idle."
@@ -115,6 +123,9 @@ class Config(_Strict):
     worker: WorkerSettings = WorkerSettings()
     debezium: DebeziumSettings | None = None
     enforcement: EnforcementSettings = EnforcementSettings()
+    suppressions: tuple[Suppression, ...] = Field(
+        (), description="Windows of planned work: anomalies are scored and counted but not alerted on."
+    )
     tables: tuple[TableSpec, ...]
 
     @model_validator(mode="after")
@@ -211,3 +222,8 @@ def config_json_schema() -> dict[str, Any]:
 def client_settings(cfg: Config) -> dict[str, str | int | float | bool]:
     """confluent-kafka settings for our own producers and consumers (control topic, CLI, DLQ)."""
     return {"bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.client}
+
+
+def make_engine(cfg: Config, store: MutableMapping[str, bytes] | None = None) -> Engine:
+    """The detection engine for ``cfg``: its tables, suppression windows and memory bound."""
+    return Engine(list(cfg.tables), suppressions=cfg.suppressions, max_states=cfg.worker.max_agents, store=store)

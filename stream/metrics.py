@@ -65,6 +65,16 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.suppressed = Gauge(
+            "writeguard_suppressed_findings",
+            "Anomalies not alerted on because a suppression window covered them (since start).",
+            registry=r,
+        )
+        self.evicted_models = Gauge(
+            "writeguard_evicted_models",
+            "Agent model sets checkpointed out of memory (worker.max_agents), since start.",
+            registry=r,
+        )
         self.active_models = Gauge(
             "writeguard_active_models", "Per-agent model sets held in memory.", ["table"], registry=r
         )

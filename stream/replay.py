@@ -19,7 +19,7 @@ import msgspec
 
 from connectors.debezium import EnvelopeError
 from detectors.engine import Change, Engine
-from stream.config import Config
+from stream.config import Config, make_engine
 from stream.pipeline import SKIP_PENDING, SKIP_UNATTRIBUTED, Router, build_alert
 
 _enc = msgspec.json.Encoder()
@@ -59,7 +59,7 @@ def replay(
     progress: Callable[[str], None] | None = None,
     engine: Engine | None = None,
 ) -> ReplayStats:
-    engine = engine or Engine(list(cfg.tables))
+    engine = engine or make_engine(cfg)
     msgs = cfg.worker.agent_messages
     router = Router(cfg.tables, message_prefix=msgs.prefix if msgs else None, hold_s=msgs.hold_s if msgs else 5.0)
     stats = ReplayStats()
