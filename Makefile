@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: system-deps install demo demo-postgres test lint unit integration bench schemas clean
+.PHONY: system-deps install demo demo-postgres test lint unit integration bench schemas clean quality
 
 system-deps:
 	bash scripts/system-deps
@@ -35,7 +35,13 @@ integration: system-deps install
 	$(PY) -m pytest -q -m integration
 
 test: system-deps lint
+	bash scripts/deploy-tools
 	$(PY) -m pytest -q
+
+.PHONY: deploy-check
+deploy-check: install
+	bash scripts/deploy-tools
+	$(PY) -m pytest -q tests/deploy
 
 bench: system-deps install
 	$(PY) benchmarks/bench_pipeline.py
@@ -45,3 +51,6 @@ schemas: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+quality: install
+	$(PY) benchmarks/scenarios.py run

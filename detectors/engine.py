@@ -115,7 +115,8 @@ class _Plan:
     value: bool  # a learned value model (skips anomalous events when learning)
     make: Callable[[], Detector]
     population: Detector | None
-    shared: Detector | None = None  # one instance for the whole table (duplicate keys), instead of per agent
+    shared: Detector | None = None
+    population_threshold: float = 1.0  # one instance for the whole table (duplicate keys), instead of per agent
     population_n: list[int] = field(default_factory=lambda: [0])
 
 
@@ -142,14 +143,14 @@ class _AgentState:
 def _factory(spec: TableSpec, d: AnyDetector, known: TableValues) -> Callable[[], Detector]:
     log = frozenset(f.name for f in spec.features if f.transform == "log")
     if isinstance(d, NoveltySpec):
-        cols, nw, scope, mv = d.columns, d.warmup, d.table_scope, d.max_values
-        return lambda: CategoricalNovelty(cols, nw, known, scope, mv)
+        cols, nw, scope, mv, mine = d.columns, d.warmup, d.table_scope, d.max_values, d.agent_scope
+        return lambda: CategoricalNovelty(cols, nw, known, scope, mv, mine)
     if isinstance(d, DuplicateSpec):
         hz, mk, dops = d.horizon_seconds, d.max_keys, d.ops
         return lambda: DuplicateKey(hz, mk, dops)
     if isinstance(d, DriftSpec):
-        feat, delta, dw = d.feature, d.delta, d.warmup
-        return lambda: LevelDrift(feat, delta, dw)
+        feat, delta, dw, dlog = d.feature, d.delta, d.warmup, d.feature in log
+        return lambda: LevelDrift(feat, delta, dw, dlog)
     if isinstance(d, RuleSpec):
         conds = [(c.field, c.op, c.value) for c in d.when]
         rops, cnt, rw = d.ops, d.count, d.window_seconds
@@ -183,8 +184,12 @@ def compile_table(spec: TableSpec) -> _Table:
             threshold, warmup, k, n = 1.0, 0, 1, 16
         pop = make() if isinstance(d, ZScoreSpec) and d.population else None
         shared = make() if isinstance(d, DuplicateSpec) else None
+        pop_threshold = d.population_threshold if isinstance(d, ZScoreSpec) and d.population_threshold else threshold
         plans.append(
-            _Plan(detector_name(d), d.kind, d.severity, threshold, warmup, k, (1 << n) - 1, value, make, pop, shared)
+            _Plan(
+                detector_name(d), d.kind, d.severity, threshold, warmup, k, (1 << n) - 1, value, make, pop, shared,
+                pop_threshold,
+            )
         )
     return _Table(spec, Extractor(spec), plans, known)
 
@@ -309,7 +314,8 @@ class Engine:
                 score = det.score_one(x, ch.op, t, ch.c)
             if scores is not None:
                 scores.append((p.name, score))
-            anomalous = score >= p.threshold and not ch.snapshot
+            limit = p.threshold if scope == "agent" else p.population_threshold
+            anomalous = score >= limit and not ch.snapshot
             mask = ((st.masks[i] << 1) | anomalous) & p.nmask
             st.masks[i] = mask
             bit = 1 << i
@@ -379,7 +385,7 @@ class Engine:
             scope=scope,
             severity=p.severity,
             score=score,
-            threshold=p.threshold,
+            threshold=p.threshold if scope == "agent" else p.population_threshold,
             contributions=det.explain(ch.x, ch.op, ch.commit_ts_us / 1e6, ch.c)[:5],
             triggers=triggers,
             actions=tuple(actions),

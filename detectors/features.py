@@ -78,8 +78,9 @@ class Extractor:
     def __init__(self, spec: TableSpec) -> None:
         self._agent = FieldPath.parse(spec.agent_id)
         self._run = FieldPath.parse(spec.run_id) if spec.run_id else None
-        self._features: tuple[tuple[FeatureSpec, tuple[str, ...]], ...] = tuple(
-            (f, tuple(f.column.split("."))) for f in spec.features
+        self._features: tuple[tuple[FeatureSpec, tuple[str, ...], tuple[str, ...] | None], ...] = tuple(
+            (f, tuple(f.column.split(".")), tuple(f.divide_by.split(".")) if f.divide_by else None)
+            for f in spec.features
         )
         self._cats = tuple((col, tuple(col.split("."))) for col in spec.categories)
         self._key = tuple(spec.idempotency_key.split(".")) if spec.idempotency_key else None
@@ -92,8 +93,13 @@ class Extractor:
     def features(self, op: str, before: Row | None, after: Row | None) -> dict[str, float]:
         out: dict[str, float] = {}
         row = before if op == "d" else after
-        for f, keys in self._features:
+        for f, keys, per in self._features:
             if op not in f.ops:
+                continue
+            if per is not None:
+                num, den = as_number(lookup(row, keys)), as_number(lookup(row, per))
+                if num is not None and den:
+                    out[f.name] = num / den
                 continue
             if f.delta:
                 a = as_number(lookup(after, keys))

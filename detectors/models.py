@@ -325,7 +325,7 @@ class CategoricalNovelty:
     (0.0, 1.0)
     """
 
-    __slots__ = ("_columns", "_known", "_max", "_seen", "_table_scope", "n", "warmup")
+    __slots__ = ("_agent_scope", "_columns", "_known", "_max", "_seen", "_table_scope", "n", "warmup")
 
     def __init__(
         self,
@@ -334,8 +334,10 @@ class CategoricalNovelty:
         known: TableValues | None = None,
         table_scope: bool = True,
         max_values: int = 256,
+        agent_scope: bool = True,
     ) -> None:
         self._columns = tuple(columns)
+        self._agent_scope = agent_scope
         self._seen: dict[str, set[str]] = {}
         self._known = known if known is not None else TableValues()
         self._table_scope = table_scope
@@ -353,7 +355,7 @@ class CategoricalNovelty:
                 continue
             known = self._known
             table_new = self._table_scope and known.n >= self.warmup and v not in known.values.get(col, ())
-            mine_new = self.n >= self.warmup and v not in self._seen.get(col, ())
+            mine_new = self._agent_scope and self.n >= self.warmup and v not in self._seen.get(col, ())
             if table_new or mine_new:
                 out.append((col, v))
         return out
@@ -456,10 +458,11 @@ class LevelDrift:
     True
     """
 
-    __slots__ = ("_adwin", "_before", "_drifted", "feature", "n", "warmup")
+    __slots__ = ("_adwin", "_before", "_drifted", "_log", "feature", "n", "warmup")
 
-    def __init__(self, feature: str, delta: float = 0.002, warmup: int = 100) -> None:
+    def __init__(self, feature: str, delta: float = 0.002, warmup: int = 100, log: bool = False) -> None:
         self.feature = feature
+        self._log = log  # watch the level of sign(x)*log1p(|x|): heavy tails would hide a drift
         self._adwin = drift.ADWIN(delta=delta)  # type: ignore[no-untyped-call]
         self._drifted = False
         self._before = 0.0
@@ -476,13 +479,16 @@ class LevelDrift:
             return
         self.n += 1
         before = self._adwin.estimation
-        self._adwin.update(v)  # type: ignore[no-untyped-call]
+        self._adwin.update(signed_log1p(v) if self._log else v)  # type: ignore[no-untyped-call]
         if self._adwin.drift_detected and self.n > self.warmup:
             self._drifted = True
             self._before = before
 
     def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
-        return [Contribution(f"{self.feature}_level", float(self._adwin.estimation), self._before, self._before)]
+        now, was = float(self._adwin.estimation), self._before
+        if self._log:
+            now, was = signed_expm1(now), signed_expm1(was)
+        return [Contribution(f"{self.feature}_level", now, was, was)]
 
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {

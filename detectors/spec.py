@@ -51,6 +51,9 @@ class FeatureSpec(_Strict):
         "none", description="'log' = sign(x)*log1p(|x|): money and counts are heavy-tailed."
     )
     delta: bool = Field(False, description="Use after - before on updates instead of the value.")
+    divide_by: str | None = Field(
+        None, description="Another column to divide by, e.g. total / items = a unit price (skipped when 0)."
+    )
     ops: tuple[Op, ...] = Field(("c", "u", "r", "d"), description="Ops whose row image gives this feature.")
 
 
@@ -83,6 +86,13 @@ class ZScoreSpec(_DetectorBase):
     warmup: int = Field(30, ge=2, description="Events of this agent before its own model may alert.")
     debounce: Debounce = Debounce()
     population: bool = Field(True, description="Score agents in warm-up against the table's population model.")
+    population_threshold: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Threshold for the population model (default: threshold). Agents differ more from each other "
+        "than from themselves, so a first-day rogue may need a lower one.",
+    )
 
 
 class RiverModelSpec(_DetectorBase):
@@ -134,6 +144,9 @@ class NoveltySpec(_DetectorBase):
     columns: tuple[str, ...] = Field(min_length=1, description="Columns listed in the table's 'categories'.")
     warmup: int = Field(30, ge=1, description="Writes of an agent before its own unseen values count.")
     table_scope: bool = Field(True, description="A value the whole table never saw counts from the first write.")
+    agent_scope: bool = Field(
+        True, description="A value this agent never used counts after its warm-up (noisy for long-tailed columns)."
+    )
     max_values: int = Field(256, ge=1, description="Values remembered per column and agent (memory bound).")
     severity: Severity = "warning"
     debounce: Debounce = Debounce(k=1, n=16)

@@ -1,0 +1,1224 @@
+"""Labelled scenario benchmark: a synthetic fleet with injected incidents, run through ``writeguard replay``.
+
+Usage::
+
+    python3 benchmarks/scenarios.py generate --out DIR [--seed N] [--events N] [--agents N] [--days D]
+    python3 benchmarks/scenarios.py run [--data DIR | --out DIR] [--seed N] ...      # what `make quality` runs
+
+``generate`` writes ``DIR/events.jsonl`` (one Debezium message value per line, payload-only JSON as
+:mod:`stream.fleet` emits it, in commit order), ``DIR/labels.jsonl`` (one line per input line: ``line``,
+``scenario`` (a scenario name or ``normal``), ``incident`` (its id or null), ``anomalous``, and the line's
+``agent_id``, ``table``, ``op`` and commit time ``ts_us``), ``DIR/incidents.json`` (what was injected
+where) and ``DIR/writeguard.yaml`` (the config the run uses; ``benchmarks/scenarios.yaml`` by default).
+
+``run`` generates that (or reads it with ``--data``), then:
+
+1. runs :func:`stream.replay.replay` over the whole file in this process (events/s from it);
+2. runs the same detection once more through the command line, ``python -m stream.cli replay SUBSET
+   --config C --alerts OUT --scores OUT``, over every event of one scenario's incident agents
+   (``--cli-scenario``), and checks its alerts against the in-process ones;
+3. feeds a fresh engine the first 100,000 events (``--memory-events``) under ``tracemalloc``: bytes held
+   per (table, agent) model set, mostly normal traffic (``--memory-events 0`` takes the whole file, twice
+   as long, and also counts the triggers that alerted agents' open incidents keep, up to 64 each);
+4. scores the alerts against the labels and prints one row per scenario and an overall row (stdout;
+   progress on stderr). No assertions: the figures are the output.
+
+The fleet: three tables (``public.refunds`` inserts; ``public.orders`` inserts, status updates,
+cancellations; ``public.tickets`` opened, resolved, a few deleted), ``--agents`` agents (40% refunds,
+35% orders, 25% tickets) over ``--days`` simulated days, about ``--events`` normal events in all.
+
+- Daily seasonality: each agent writes as a Poisson process whose rate follows a day curve (x0.3 at
+  02:00 UTC, x1.7 at 14:00), in 5-minute slices; per-agent volumes are lognormal (sigma 0.8).
+- Heavy-tailed amounts: a lognormal per agent (refund amount, an order's unit price times a geometric
+  item count, a ticket's goodwill credit); the agents' medians spread by a lognormal (sigma 0.4); per-write
+  sigma 0.25-0.45, and 0.8-1.1 for the 10% of "wide" agents.
+- Categorical columns: each agent has its own mix of refund reasons (Dirichlet) and ticket categories, a
+  home currency (EUR/USD/GBP) it leaves for 3% of its refunds, and unique idempotency keys.
+
+Benign scenarios, labelled ``anomalous: false`` (an alert there is a false alarm):
+
+- ``benign_burst``: an agent doubles its rate for an hour, with normal values (``agents/25`` of them);
+- ``new_agent``: an agent appears mid-run with normal values (``agents/20``); its first day is labelled;
+- ``traffic_spike``: the whole fleet writes x3 for an hour (day 2, 10:00-11:00 UTC).
+
+Incidents, ``--per-kind`` of each (3), each in its own agent, from day 1 on (after every agent's warm-up).
+An incident agent writes nothing after its incident (in production the quarantine stops it):
+
+- ``amount_inflation`` (gross): an established agent's next 30-60 writes are inserts of x20 amounts;
+- ``mass_delete`` (gross): 50-200 deletes of the agent's rows within one minute;
+- ``retry_duplicates`` (gross): over its next 60-150 refunds, 15-30% of an agent's writes re-insert one
+  of its refunds 10-240 s later (same idempotency_key, order, amount; a new id). The duplicates are the
+  anomalous events; the originals around them are labelled with the incident but not anomalous;
+- ``first_day_rogue`` (gross): a brand-new agent whose first 20-40 writes are x20 what its profile says;
+- ``slow_drift`` (subtle): for 24 hours the agent's amounts rise 1-3% per hour (compounded); every insert
+  in that day is anomalous (so the delay counts from the drift's first, still tiny, step);
+- ``new_category`` (subtle): 10-30 inserts with a value the table never saw (``reason: goodwill`` or
+  ``currency: USDT`` on refunds, ``category: vip_override`` on tickets), normal amounts.
+
+Value incidents (inflation, drift) go to agents with an ordinary sigma: a x20 write is within the normal
+spread of a "wide" agent, so it would not be a gross incident there.
+
+Scoring. An alert is a true positive when one of its ``triggering_events`` (``source`` = ``path:line``) is
+a line labelled anomalous for the alert's agent, and it belongs to that line's incident; otherwise it is a
+false alarm, counted in the scenario of its last triggering line. Per scenario:
+
+- recall: incidents detected (by at least one true-positive alert) / incidents;
+- time to detect (of the first detecting alert): the incident's anomalous events up to and including the
+  alert's last triggering line, and the commit-time seconds from the incident's first anomalous event to
+  that line;
+- precision: true-positive alerts / alerts in the scenario;
+- false alarms per 10,000 normal events: false alarms / (the scenario's events labelled not anomalous /
+  10,000). The overall row divides all false alarms by all normal events.
+
+The default run (300,000 events) takes about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import gc
+import heapq
+import io
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
+
+from detectors.engine import Engine  # noqa: E402
+from stream.config import Config, load_config  # noqa: E402
+from stream.fleet import TOPIC_PREFIX  # noqa: E402
+from stream.replay import replay  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "benchmarks" / "scenarios.yaml"
+REFUNDS, ORDERS, TICKETS = "public.refunds", "public.orders", "public.tickets"
+TABLES = (REFUNDS, ORDERS, TICKETS)
+START_US = int(datetime(2026, 3, 2, tzinfo=UTC).timestamp()) * 1_000_000  # a Monday, 00:00 UTC
+DAY_S = 86_400.0
+HOUR_S = 3_600.0
+SLICE_S = 300.0  # the rate is constant within a slice of commit time
+
+GROSS = ("amount_inflation", "mass_delete", "retry_duplicates", "first_day_rogue")
+SUBTLE = ("slow_drift", "new_category")
+INCIDENT_KINDS = GROSS + SUBTLE
+BENIGN = ("traffic_spike", "benign_burst", "new_agent")
+NORMAL = "normal"
+SCENARIOS = INCIDENT_KINDS + BENIGN + (NORMAL,)
+
+CURRENCIES = ("EUR", "USD", "GBP")
+REASONS = ("damaged", "late", "wrong_item", "not_received", "other")
+CATEGORIES = ("billing", "shipping", "product", "account", "other")
+# (table, column, a value the table never sees otherwise), in the order new_category incidents use them
+NEW_VALUES = ((REFUNDS, "reason", "goodwill"), (TICKETS, "category", "vip_override"), (REFUNDS, "currency", "USDT"))
+TABLE_MEDIAN = {REFUNDS: 45.0, ORDERS: 30.0, TICKETS: 12.0}  # refund amount, order unit price, ticket credit
+KIND_NAME = {REFUNDS: "refund", ORDERS: "order", TICKETS: "ticket"}
+
+
+class Log:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+log = Log()
+
+
+# -- labels ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """What one input line is: its scenario (or ``normal``), incident, and whether it is anomalous."""
+
+    line: int
+    scenario: str
+    incident: str | None
+    anomalous: bool
+    agent_id: str
+    table: str
+    op: str
+    ts_us: int
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "line": self.line,
+                "scenario": self.scenario,
+                "incident": self.incident,
+                "anomalous": self.anomalous,
+                "agent_id": self.agent_id,
+                "table": self.table,
+                "op": self.op,
+                "ts_us": self.ts_us,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Label:
+        d = orjson.loads(raw)
+        return cls(
+            int(d["line"]),
+            str(d["scenario"]),
+            None if d["incident"] is None else str(d["incident"]),
+            bool(d["anomalous"]),
+            str(d["agent_id"]),
+            str(d["table"]),
+            str(d["op"]),
+            int(d["ts_us"]),
+        )
+
+
+def read_labels(path: Path) -> list[Label]:
+    with path.open("rb") as fh:
+        return [Label.from_json(raw) for raw in fh if raw.strip()]
+
+
+# -- the generator ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 7
+    events: int = 300_000  # normal events, approximately
+    agents: int = 200  # established agents; new and first-day rogue agents come on top
+    days: float = 4.0
+    per_kind: int = 3  # incidents of each kind
+    new_agents: int | None = None  # default agents // 20
+    bursts: int | None = None  # default agents // 25
+    spike_factor: float = 3.0
+    start_us: int = START_US
+
+    def check(self) -> None:
+        if self.days < 3:
+            raise ValueError("--days must be at least 3 (a warm-up day, a day of drift, and room after)")
+        if self.agents < 12:
+            raise ValueError("--agents must be at least 12")
+        if self.events < 1000:
+            raise ValueError("--events must be at least 1,000")
+        if self.per_kind < 0:
+            raise ValueError("--per-kind must be >= 0")
+
+
+def day_factor(t_s: float) -> float:
+    """The fleet's daily curve: x0.3 at 02:00 UTC, x1.7 at 14:00, mean 1."""
+    h = (t_s / HOUR_S) % 24.0
+    return 1.0 + 0.7 * math.cos(2.0 * math.pi * (h - 14.0) / 24.0)
+
+
+@dataclass(eq=False)
+class _Incident:
+    id: str
+    kind: str
+    agent: _Agent
+    start_s: float
+    end_s: float = math.inf  # the window's end, for time-bounded kinds
+    target: int = 0  # anomalous writes to make, for count-bounded kinds
+    factor: float = 1.0  # x amount (inflation, rogue); growth per hour (drift)
+    dup_q: float = 0.0  # retry_duplicates: chance that a write is retried
+    column: str = ""  # new_category
+    value: str = ""
+    made: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Agent:
+    agent_id: str
+    table: str
+    run_id: str
+    median: float
+    sigma: float
+    weight: float
+    start_s: float
+    end_s: float
+    currency: str
+    mix: list[float]  # weights over REASONS (refunds) or CATEGORIES (tickets)
+    wide: bool
+    rate: float = 0.0  # writes per second at day factor 1
+    live: list[dict[str, Any]] = field(default_factory=list)  # its rows that may be updated or deleted
+    incident: _Incident | None = None
+    burst: tuple[float, float, str] | None = None
+    new_id: str | None = None
+    new_until: float = -1.0
+    retired: bool = False
+
+
+_Write = tuple[str, dict[str, Any] | None, dict[str, Any] | None]  # op, before, after
+
+
+class Generator:
+    """The fleet, its benign scenarios and its incidents; :meth:`events` yields ``(value, label)`` in commit order.
+
+    Deterministic for a given :class:`Params` (one seeded ``random.Random`` drives everything).
+    """
+
+    def __init__(self, p: Params) -> None:
+        p.check()
+        self.p = p
+        self.rng = random.Random(p.seed)
+        self.horizon = p.days * DAY_S
+        self.agents: list[_Agent] = []
+        self.incidents: list[_Incident] = []
+        self._scale = 0.0  # writes per second per unit of an agent's weight
+        self._ids = {REFUNDS: 1_000_000, ORDERS: 5_000_000, TICKETS: 8_000_000}
+        self._legacy_id = 90_000_000  # rows written before the run, for a mass delete that needs more rows
+        self._lsn = 40_000_000
+        self._tx = 9_000
+        self._heap: list[tuple[float, int, int]] = []  # (t, seq, agent index or -1 for a scripted write)
+        self._seq = 0
+        self._scripted: dict[int, tuple[str, _Incident, dict[str, Any] | None]] = {}
+        spike0 = 2 * DAY_S + 10 * HOUR_S
+        self.spike = (spike0, spike0 + HOUR_S)
+        rng = self.rng
+        for i in range(p.agents):
+            self.agents.append(self._new_agent(TABLES[0 if i % 20 < 8 else 1 if i % 20 < 15 else 2], 0.0))
+        n_new = p.agents // 20 if p.new_agents is None else p.new_agents
+        for k in range(n_new):
+            a = self._new_agent(TABLES[k % 3], rng.uniform(0.5 * DAY_S, self.horizon - 0.5 * DAY_S))
+            a.new_id, a.new_until = f"new_agent-{k + 1}", a.start_s + DAY_S
+            self.agents.append(a)
+        active = sum(a.weight * (a.end_s - a.start_s) for a in self.agents)
+        self._scale = p.events / active
+        for a in self.agents:
+            a.rate = a.weight * self._scale
+        self._plan_incidents()
+        n_bursts = p.agents // 25 if p.bursts is None else p.bursts
+        quiet = [a for a in self.agents if a.incident is None and a.start_s == 0.0]
+        for k, a in enumerate(rng.sample(quiet, min(n_bursts, len(quiet)))):
+            b0 = SLICE_S * int(rng.uniform(0.5 * DAY_S, self.horizon - HOUR_S) // SLICE_S)
+            a.burst = (b0, b0 + HOUR_S, f"benign_burst-{k + 1}")
+
+    # -- setup --
+
+    def _new_agent(self, table: str, start_s: float) -> _Agent:
+        rng = self.rng
+        n = len(self.agents)  # ids are numbered in order of creation; they say nothing about the agent
+        wide = rng.random() < 0.1
+        currency = rng.choices(CURRENCIES, (0.6, 0.25, 0.15))[0]
+        mix = [rng.gammavariate(1.0, 1.0) + 0.05 for _ in range(5)]
+        return _Agent(
+            agent_id=f"{KIND_NAME[table]}-agent-{n + 1:03d}",
+            table=table,
+            run_id=f"run-{rng.getrandbits(32):08x}",
+            median=TABLE_MEDIAN[table] * math.exp(rng.gauss(0.0, 0.4)),
+            sigma=rng.uniform(0.8, 1.1) if wide else rng.uniform(0.25, 0.45),
+            weight=rng.lognormvariate(0.0, 0.8),
+            start_s=start_s,
+            end_s=self.horizon,
+            currency=currency,
+            mix=[m / sum(mix) for m in mix],
+            wide=wide,
+        )
+
+    def _pick(self, table: str, *, busy: bool = False) -> _Agent:
+        cands = [
+            a
+            for a in self.agents
+            if a.table == table and a.start_s == 0.0 and a.incident is None and a.new_id is None and not a.wide
+        ]
+        if busy:  # a mass delete needs rows to delete; retries need writes to retry
+            cands.sort(key=lambda a: -a.weight)
+            cands = cands[: max(3, len(cands) // 3)]
+        if not cands:
+            raise ValueError(f"not enough agents on {table} for the incidents: raise --agents")
+        return self.rng.choice(cands)
+
+    def _plan_incidents(self) -> None:
+        rng, h = self.rng, self.horizon
+        kinds: list[tuple[str, int]] = [(k, n) for n in range(self.p.per_kind) for k in INCIDENT_KINDS]
+        for kind, n in kinds:
+            iid = f"{kind}-{n + 1}"
+            if kind == "amount_inflation":
+                a = self._pick(TABLES[n % 3])
+                inc = _Incident(iid, kind, a, rng.uniform(DAY_S, h - 8 * HOUR_S), factor=20.0,
+                                target=rng.randint(30, 60))
+                inc.params = {"factor": 20, "writes": inc.target}
+            elif kind == "mass_delete":
+                a = self._pick((ORDERS, TICKETS)[n % 2], busy=True)
+                inc = _Incident(iid, kind, a, rng.uniform(DAY_S, h - HOUR_S), target=rng.randint(50, 200))
+                a.end_s = inc.start_s  # its normal writes stop; the burst is scripted
+                times = sorted(inc.start_s + rng.uniform(0.0, 60.0) for _ in range(inc.target))
+                for t in times:
+                    self._push_scripted(t, ("delete", inc, None))
+                inc.params = {"deletes": inc.target, "within_s": 60}
+            elif kind == "retry_duplicates":
+                a = self._pick(REFUNDS, busy=True)
+                share = rng.uniform(0.15, 0.30)
+                inc = _Incident(iid, kind, a, rng.uniform(DAY_S, h - 12 * HOUR_S), target=rng.randint(60, 150),
+                                dup_q=share / (1.0 - share))
+                inc.params = {"duplicate_share": round(share, 3), "writes": inc.target}
+            elif kind == "first_day_rogue":
+                table = TABLES[n % 3]
+                a = self._new_agent(table, rng.uniform(DAY_S, h - 8 * HOUR_S))
+                if a.wide:  # x20 must stand out from its own profile too
+                    a.wide, a.sigma = False, rng.uniform(0.25, 0.45)
+                a.rate = a.weight * self._scale
+                self.agents.append(a)
+                inc = _Incident(iid, kind, a, a.start_s, factor=20.0, target=rng.randint(20, 40))
+                inc.params = {"factor": 20, "writes": inc.target}
+            elif kind == "slow_drift":
+                a = self._pick(TABLES[n % 3])
+                start = rng.uniform(DAY_S, h - DAY_S - HOUR_S)
+                inc = _Incident(iid, kind, a, start, end_s=start + DAY_S, factor=rng.uniform(0.01, 0.03))
+                inc.params = {"per_hour": round(inc.factor, 4), "hours": 24}
+            else:  # new_category
+                table, column, value = NEW_VALUES[n % len(NEW_VALUES)]
+                a = self._pick(table)
+                inc = _Incident(iid, kind, a, rng.uniform(DAY_S, h - 12 * HOUR_S), target=rng.randint(10, 30),
+                                column=column, value=value)
+                inc.params = {"column": column, "value": value, "writes": inc.target}
+            a.incident = inc
+            self.incidents.append(inc)
+
+    def manifest(self) -> dict[str, Any]:
+        us = self.p.start_us
+
+        def ts(t: float) -> int:
+            return us + int(t * 1e6)
+
+        return {
+            "params": {k: getattr(self.p, k) for k in self.p.__dataclass_fields__},
+            "start_us": us,
+            "tables": list(TABLES),
+            "agents": len(self.agents),
+            "incidents": [
+                {"id": i.id, "scenario": i.kind, "agent_id": i.agent.agent_id, "table": i.agent.table,
+                 "start_us": ts(i.start_s), **i.params}
+                for i in self.incidents
+            ],
+            "benign": [
+                {"id": "traffic_spike-1", "scenario": "traffic_spike", "factor": self.p.spike_factor,
+                 "start_us": ts(self.spike[0]), "end_us": ts(self.spike[1])},
+                *({"id": a.burst[2], "scenario": "benign_burst", "agent_id": a.agent_id, "table": a.table,
+                   "start_us": ts(a.burst[0]), "end_us": ts(a.burst[1])} for a in self.agents if a.burst),
+                *({"id": a.new_id, "scenario": "new_agent", "agent_id": a.agent_id, "table": a.table,
+                   "start_us": ts(a.start_s), "labelled_until_us": ts(a.new_until)} for a in self.agents if a.new_id),
+            ],
+        }
+
+    # -- timing --
+
+    def _push_scripted(self, t: float, what: tuple[str, _Incident, dict[str, Any] | None]) -> None:
+        self._seq += 1
+        self._scripted[self._seq] = what
+        heapq.heappush(self._heap, (t, self._seq, -1))
+
+    def _rate(self, a: _Agent, mid: float) -> float:
+        r = a.rate * day_factor(mid)
+        if a.burst is not None and a.burst[0] <= mid < a.burst[1]:
+            r *= 2.0
+        if self.spike[0] <= mid < self.spike[1]:
+            r *= self.p.spike_factor
+        return r
+
+    def _next(self, a: _Agent, t: float) -> float | None:
+        """The agent's next write after ``t``: exact for a rate that is constant within each slice."""
+        while t < a.end_s:
+            k = int(t // SLICE_S)
+            edge = (k + 1) * SLICE_S
+            lam = self._rate(a, (k + 0.5) * SLICE_S)
+            if lam > 0:
+                nt = t + self.rng.expovariate(lam)
+                if nt < edge:
+                    return nt if nt < a.end_s else None
+            t = edge
+        return None
+
+    # -- rows --
+
+    def _amount(self, a: _Agent, mult: float = 1.0) -> float:
+        return round(max(0.5, a.median * math.exp(self.rng.gauss(0.0, a.sigma))) * mult, 2)
+
+    def _prov(self, a: _Agent) -> dict[str, Any]:
+        return {"agent_id": a.agent_id, "run_id": a.run_id, "agent_version": "2.3.0"}
+
+    def _next_id(self, table: str) -> int:
+        self._ids[table] += 1
+        return self._ids[table]
+
+    def _keep(self, a: _Agent, row: dict[str, Any]) -> None:
+        a.live.append(row)
+        if len(a.live) > 400:
+            del a.live[:100]
+
+    def _write(self, a: _Agent, *, mult: float = 1.0, create: bool = False,
+               override: tuple[str, str] | None = None) -> _Write:
+        """One normal-looking write by ``a``; ``mult`` scales its amount, ``override`` sets a column."""
+        rng = self.rng
+        r = rng.random()
+        if a.table == REFUNDS:
+            cur = a.currency if rng.random() >= 0.03 else rng.choice(CURRENCIES)
+            row: dict[str, Any] = {
+                "id": self._next_id(REFUNDS),
+                "order_id": rng.randint(1, 2_000_000),
+                "amount": self._amount(a, mult),
+                "currency": cur,
+                "reason": rng.choices(REASONS, a.mix)[0],
+                "idempotency_key": f"rk-{rng.getrandbits(64):016x}",
+                **self._prov(a),
+            }
+            if override is not None:
+                row[override[0]] = override[1]
+            return "c", None, row
+        if a.table == ORDERS:
+            if not create and a.live and r < 0.28:
+                if r < 0.25:  # ship (or deliver) one of its orders; 20% of them with a discount on the total
+                    idx = rng.randrange(len(a.live))
+                    before = a.live[idx]
+                    after = {**before, "status": "shipped" if before["status"] == "paid" else "delivered"}
+                    if rng.random() < 0.2:
+                        after["total"] = round(before["total"] * rng.uniform(0.85, 0.98), 2)
+                    if after["status"] == "delivered":
+                        del a.live[idx]
+                    else:
+                        a.live[idx] = after
+                    return "u", before, after
+                return "d", a.live.pop(rng.randrange(len(a.live))), None  # a cancellation
+            items = 1 + min(int(rng.expovariate(0.6)), 9)
+            row = {
+                "id": self._next_id(ORDERS),
+                "customer_id": rng.randint(1, 90_000),
+                "total": round(self._amount(a, mult) * items, 2),
+                "items": items,
+                "status": "paid",
+                **self._prov(a),
+            }
+            self._keep(a, row)
+            return "c", None, row
+        if not create and a.live and r < 0.40:
+            if r < 0.37:  # resolve one of its tickets
+                before = a.live.pop(rng.randrange(len(a.live)))
+                return "u", before, {**before, "status": "resolved"}
+            return "d", a.live.pop(rng.randrange(len(a.live))), None  # spam clean-up
+        row = {
+            "id": self._next_id(TICKETS),
+            "customer_id": rng.randint(1, 90_000),
+            "category": rng.choices(CATEGORIES, a.mix)[0],
+            "priority": rng.choices((1, 2, 3, 4), (0.4, 0.35, 0.2, 0.05))[0],
+            "credit": self._amount(a, mult),
+            "status": "open",
+            **self._prov(a),
+        }
+        if override is not None:
+            row[override[0]] = override[1]
+        self._keep(a, row)
+        return "c", None, row
+
+    def _old_row(self, a: _Agent) -> dict[str, Any]:
+        """A row of ``a``'s written before the run started (a mass delete may reach past its recent rows)."""
+        self._legacy_id += 1
+        if a.table == ORDERS:
+            items = 1 + min(int(self.rng.expovariate(0.6)), 9)
+            return {"id": self._legacy_id, "customer_id": self.rng.randint(1, 90_000),
+                    "total": round(self._amount(a) * items, 2), "items": items, "status": "delivered",
+                    **self._prov(a)}
+        return {"id": self._legacy_id, "customer_id": self.rng.randint(1, 90_000),
+                "category": self.rng.choices(CATEGORIES, a.mix)[0], "priority": 2, "credit": self._amount(a),
+                "status": "resolved", **self._prov(a)}
+
+    def _envelope(self, table: str, op: str, before: dict[str, Any] | None, after: dict[str, Any] | None,
+                  ts_us: int) -> bytes:
+        """Debezium's PostgreSQL connector value, payload-only JSON (``schemas.enable=false``), as stream.fleet."""
+        schema, name = table.split(".")
+        self._lsn += self.rng.randint(200, 900)
+        self._tx += 1
+        now_us = ts_us + 3_000
+        return orjson.dumps(
+            {
+                "before": before,
+                "after": after,
+                "source": {
+                    "version": "3.6.1.Final",
+                    "connector": "postgresql",
+                    "name": TOPIC_PREFIX,
+                    "ts_ms": ts_us // 1000,
+                    "ts_us": ts_us,
+                    "ts_ns": ts_us * 1000,
+                    "snapshot": "false",
+                    "db": "shop",
+                    "sequence": f'[null,"{self._lsn}"]',
+                    "schema": schema,
+                    "table": name,
+                    "txId": self._tx,
+                    "lsn": self._lsn,
+                    "xmin": None,
+                },
+                "transaction": None,
+                "op": op,
+                "ts_ms": now_us // 1000,
+                "ts_us": now_us,
+                "ts_ns": now_us * 1000,
+            }
+        )
+
+    # -- what each write is --
+
+    def _benign(self, a: _Agent, t: float) -> tuple[str, str | None]:
+        if a.burst is not None and a.burst[0] <= t < a.burst[1]:
+            return "benign_burst", a.burst[2]
+        if self.spike[0] <= t < self.spike[1]:
+            return "traffic_spike", "traffic_spike-1"
+        if t < a.new_until:
+            return "new_agent", a.new_id
+        return NORMAL, None
+
+    def _tick(self, a: _Agent, t: float) -> tuple[_Write, str, str | None, bool] | None:
+        inc = a.incident
+        if inc is None or t < inc.start_s:
+            scenario, iid = self._benign(a, t)
+            return self._write(a), scenario, iid, False
+        kind = inc.kind
+        if kind in ("amount_inflation", "first_day_rogue"):
+            w = self._write(a, mult=inc.factor, create=True)
+            inc.made += 1
+            a.retired = inc.made >= inc.target
+            return w, kind, inc.id, True
+        if t >= inc.end_s:  # the window of a time-bounded incident is over: the agent was stopped
+            a.retired = True
+            return None
+        if kind == "slow_drift":
+            w = self._write(a, mult=(1.0 + inc.factor) ** ((t - inc.start_s) / HOUR_S))
+            return w, kind, inc.id, w[0] == "c"
+        if kind == "retry_duplicates":
+            w = self._write(a)
+            if w[2] is not None and self.rng.random() < inc.dup_q:
+                self._push_scripted(t + self.rng.uniform(10.0, 240.0), ("retry", inc, w[2]))
+            inc.made += 1
+            a.retired = inc.made >= inc.target
+            return w, kind, inc.id, False
+        misuse = self.rng.random() < 0.35  # new_category
+        w = self._write(a, create=misuse, override=(inc.column, inc.value) if misuse else None)
+        if misuse:
+            inc.made += 1
+            a.retired = inc.made >= inc.target
+        return w, kind, inc.id, misuse
+
+    def _script(self, what: tuple[str, _Incident, dict[str, Any] | None]) -> _Write:
+        action, inc, row = what
+        a = inc.agent
+        if action == "retry":
+            assert row is not None
+            return "c", None, {**row, "id": self._next_id(a.table)}
+        return "d", a.live.pop() if a.live else self._old_row(a), None
+
+    def events(self) -> Iterator[tuple[bytes, Label]]:
+        """Every write in commit order, as (Debezium value, label)."""
+        for i, a in enumerate(self.agents):
+            t = self._next(a, a.start_s)
+            if t is not None:
+                self._seq += 1
+                heapq.heappush(self._heap, (t, self._seq, i))
+        line = 0
+        us = self.p.start_us
+        while self._heap:
+            t, seq, ref = heapq.heappop(self._heap)
+            if ref >= 0:
+                a = self.agents[ref]
+                out = self._tick(a, t)
+                nt = None if a.retired else self._next(a, t)
+                if nt is not None:
+                    self._seq += 1
+                    heapq.heappush(self._heap, (nt, self._seq, ref))
+                if out is None:
+                    continue
+                (op, before, after), scenario, iid, anomalous = out
+            else:
+                what = self._scripted.pop(seq)
+                a = what[1].agent
+                op, before, after = self._script(what)
+                scenario, iid, anomalous = what[1].kind, what[1].id, True
+            line += 1
+            ts_us = us + int(t * 1e6)
+            value = self._envelope(a.table, op, before, after, ts_us)
+            yield value, Label(line, scenario, iid, anomalous, a.agent_id, a.table, op, ts_us)
+
+
+@dataclass
+class Generated:
+    events: Path
+    labels: Path
+    config: Path
+    manifest: Path
+    lines: int
+    anomalous: int
+
+
+def generate_to(out: Path, p: Params, config: Path = DEFAULT_CONFIG) -> Generated:
+    """Write events.jsonl, labels.jsonl, incidents.json and writeguard.yaml (a copy of ``config``) to ``out``."""
+    load_config(config)  # refuse a bad config before spending time on the events
+    out.mkdir(parents=True, exist_ok=True)
+    gen = Generator(p)
+    ev_path, lab_path = out / "events.jsonl", out / "labels.jsonl"
+    n = anomalous = 0
+    with ev_path.open("wb") as ev, lab_path.open("wb") as lab:
+        for value, label in gen.events():
+            ev.write(value + b"\n")
+            lab.write(label.to_json() + b"\n")
+            n += 1
+            anomalous += label.anomalous
+    man = gen.manifest()
+    man["lines"], man["anomalous"] = n, anomalous
+    man_path = out / "incidents.json"
+    man_path.write_bytes(orjson.dumps(man, option=orjson.OPT_INDENT_2) + b"\n")
+    cfg_path = out / "writeguard.yaml"
+    if config.resolve() != cfg_path.resolve():
+        shutil.copyfile(config, cfg_path)
+    return Generated(ev_path, lab_path, cfg_path, man_path, n, anomalous)
+
+
+# -- scoring ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRef:
+    """What scoring needs from one published alert."""
+
+    agent_id: str
+    detector: str
+    table: str
+    lines: tuple[int, ...]  # input lines of its triggering events
+    quarantined: bool = False
+
+
+def read_alerts(raw_lines: Iterable[bytes], line_map: Sequence[int] | None = None) -> list[AlertRef]:
+    """Alerts (JSON lines); ``triggering_events[].source`` is ``path:line``, mapped through ``line_map``."""
+    out: list[AlertRef] = []
+    for raw in raw_lines:
+        if not raw.strip():
+            continue
+        d = orjson.loads(raw)
+        lines: list[int] = []
+        for ev in d.get("triggering_events") or ():
+            src = ev.get("source")
+            if isinstance(src, str) and ":" in src:
+                tail = src.rsplit(":", 1)[1]
+                if tail.isdigit():
+                    n = int(tail)
+                    lines.append(line_map[n - 1] if line_map is not None else n)
+        out.append(AlertRef(str(d["agent_id"]), str(d["detector"]), str(d["table"]), tuple(lines),
+                            bool(d.get("quarantined"))))
+    return out
+
+
+@dataclass
+class IncidentResult:
+    id: str
+    scenario: str
+    agent_id: str
+    table: str
+    anomalous: int
+    first_ts_us: int
+    detector: str | None = None
+    delay_events: int | None = None
+    delay_s: float | None = None
+    alerts: int = 0  # true-positive alerts on it
+
+    @property
+    def detected(self) -> bool:
+        return self.delay_events is not None
+
+
+@dataclass
+class Row:
+    scenario: str
+    incidents: int = 0
+    detected: int = 0
+    alerts: int = 0
+    tp: int = 0
+    normal_events: int = 0
+    anomalous_events: int = 0
+    delays_events: list[int] = field(default_factory=list)
+    delays_s: list[float] = field(default_factory=list)
+
+    @property
+    def false_alarms(self) -> int:
+        return self.alerts - self.tp
+
+    @property
+    def precision(self) -> float | None:
+        return self.tp / self.alerts if self.alerts else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.detected / self.incidents if self.incidents else None
+
+    @property
+    def fa_per_10k(self) -> float | None:
+        return self.false_alarms / (self.normal_events / 10_000) if self.normal_events else None
+
+
+@dataclass
+class Score:
+    rows: list[Row]  # one per scenario present, in SCENARIOS order
+    overall: Row
+    incidents: list[IncidentResult]
+    alerts_without_lines: int = 0
+    false_alarms_by: Counter[tuple[str, str]] = field(default_factory=Counter)  # (scenario, detector) -> count
+
+    def row(self, scenario: str) -> Row | None:
+        return next((r for r in self.rows if r.scenario == scenario), None)
+
+
+def score(labels: Sequence[Label], alerts: Sequence[AlertRef]) -> Score:
+    """Precision, recall, false alarms per 10,000 normal events and time to detect, per scenario and overall."""
+    rows: dict[str, Row] = {}
+    incidents: dict[str, IncidentResult] = {}
+    inc_lines: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        if lab.line != i + 1:
+            raise ValueError(f"labels must be one per input line, in order: entry {i + 1} says line {lab.line}")
+        row = rows.get(lab.scenario)
+        if row is None:
+            row = rows[lab.scenario] = Row(lab.scenario)
+        if not lab.anomalous:
+            row.normal_events += 1
+            continue
+        row.anomalous_events += 1
+        if lab.incident is None:
+            raise ValueError(f"line {lab.line} is anomalous but names no incident")
+        res = incidents.get(lab.incident)
+        if res is None:
+            res = incidents[lab.incident] = IncidentResult(lab.incident, lab.scenario, lab.agent_id, lab.table, 0,
+                                                           lab.ts_us)
+            inc_lines[lab.incident] = []
+        res.anomalous += 1
+        inc_lines[lab.incident].append(lab.line)
+    detected_at: dict[str, int] = {}  # incident -> last triggering line of its first detecting alert
+    without = 0
+    fa_by: Counter[tuple[str, str]] = Counter()
+    for al in alerts:
+        valid = [n for n in al.lines if 1 <= n <= len(labels)]
+        if not valid:
+            without += 1
+            rows.setdefault(NORMAL, Row(NORMAL)).alerts += 1
+            fa_by[NORMAL, al.detector] += 1
+            continue
+        last = max(valid)
+        hits = [n for n in valid if labels[n - 1].anomalous and labels[n - 1].agent_id == al.agent_id]
+        if not hits:
+            scenario = labels[last - 1].scenario
+            rows.setdefault(scenario, Row(scenario)).alerts += 1
+            fa_by[scenario, al.detector] += 1
+            continue
+        res = incidents[labels[max(hits) - 1].incident or ""]
+        row = rows[res.scenario]
+        row.alerts += 1
+        row.tp += 1
+        res.alerts += 1
+        if res.id not in detected_at or last < detected_at[res.id]:
+            detected_at[res.id] = last
+            res.detector = al.detector
+            res.delay_events = bisect.bisect_right(inc_lines[res.id], last)
+            res.delay_s = (labels[last - 1].ts_us - res.first_ts_us) / 1e6
+    for res in incidents.values():
+        row = rows[res.scenario]
+        row.incidents += 1
+        if res.detected:
+            row.detected += 1
+            row.delays_events.append(res.delay_events or 0)
+            row.delays_s.append(res.delay_s or 0.0)
+    ordered = [rows[s] for s in SCENARIOS if s in rows] + [r for s, r in rows.items() if s not in SCENARIOS]
+    overall = Row("overall")
+    for r in ordered:
+        overall.incidents += r.incidents
+        overall.detected += r.detected
+        overall.alerts += r.alerts
+        overall.tp += r.tp
+        overall.normal_events += r.normal_events
+        overall.anomalous_events += r.anomalous_events
+        overall.delays_events += r.delays_events
+        overall.delays_s += r.delays_s
+    order = {s: i for i, s in enumerate(SCENARIOS)}
+    results = sorted(incidents.values(), key=lambda r: (order.get(r.scenario, 99), r.first_ts_us))
+    return Score(ordered, overall, results, without, fa_by)
+
+
+# -- the runs --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CliCheck:
+    scenario: str
+    command: str
+    returncode: int
+    lines: int
+    alerts: int
+    score_lines: int
+    same_as_in_process: bool
+    detail: str
+    summary: str  # the replay summary line it printed on stderr
+    seconds: float
+
+
+def _alert_key(a: AlertRef) -> tuple[str, str, str, tuple[int, ...]]:
+    return (a.table, a.agent_id, a.detector, a.lines)
+
+
+def cli_check(workdir: Path, events: Path, labels: Sequence[Label], cfg_path: Path, scenario: str,
+              in_process: Sequence[AlertRef], scored: Score) -> CliCheck:
+    """``writeguard replay`` as a subprocess over every event of ``scenario``'s incident agents (or ``all``)."""
+    if scenario == "all":
+        agents = None
+    else:
+        agents = {r.agent_id for r in scored.incidents if r.scenario == scenario}
+        agents |= {lab.agent_id for lab in labels if lab.scenario == scenario and lab.incident is not None}
+    sub = workdir / f"cli-{scenario}.jsonl"
+    line_map: list[int] = []
+    with events.open("rb") as src, sub.open("wb") as dst:
+        for lab, raw in zip(labels, src, strict=True):
+            if agents is None or lab.agent_id in agents:
+                dst.write(raw)
+                line_map.append(lab.line)
+    alerts_out, scores_out = workdir / f"cli-{scenario}.alerts.jsonl", workdir / f"cli-{scenario}.scores.jsonl"
+    cmd = [sys.executable, "-m", "stream.cli", "replay", str(sub), "--config", str(cfg_path),
+           "--alerts", str(alerts_out), "--scores", str(scores_out)]
+    shown = " ".join(["python", "-m", "stream.cli", "replay", sub.name, "--config", cfg_path.name,
+                      "--alerts", alerts_out.name, "--scores", scores_out.name])
+    log(f"CLI: {shown} ({len(line_map):,} lines) ...")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    secs = time.perf_counter() - t0
+    summary = next((ln for ln in proc.stderr.splitlines() if ln.startswith("replay: ") and "changes scored" in ln),
+                   proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "")
+    got = read_alerts(alerts_out.read_bytes().splitlines(), line_map) if alerts_out.exists() else []
+    n_scores = 0
+    if scores_out.exists():
+        with scores_out.open("rb") as fh:
+            n_scores = sum(1 for _ in fh)
+    mine = {_alert_key(a) for a in in_process if agents is None or a.agent_id in agents}
+    theirs = {_alert_key(a) for a in got}
+    same = proc.returncode == 0 and mine == theirs
+    if same:
+        detail = f"the same {len(theirs)} alerts (agent, detector, triggering lines) as in process"
+    else:
+        detail = (f"exit {proc.returncode}; {len(theirs - mine)} alerts only from the CLI, {len(mine - theirs)} only "
+                  "in process (the population model learns from fewer agents in a subset)")
+        if proc.returncode != 0:
+            detail += f"; stderr: {proc.stderr.strip()[-500:]}"
+    return CliCheck(scenario, shown, proc.returncode, len(line_map), len(got), n_scores, same, detail, summary, secs)
+
+
+def measure_memory(events: Path, cfg: Config, workdir: Path, limit: int = 0) -> tuple[float, int, int]:
+    """Bytes held per (table, agent) after a fresh engine has seen the first ``limit`` events (0: all).
+
+    Net tracemalloc growth over the replay, agent ids and retained alert triggers included; the compiled
+    tables and population models are built before tracing starts. Returns (bytes per model set, model sets,
+    events).
+    """
+    n_events = 0
+    if limit > 0:
+        prefix = workdir / "memory-prefix.jsonl"
+        with events.open("rb") as src, prefix.open("wb") as dst:
+            for raw in src:
+                if n_events >= limit:
+                    break
+                dst.write(raw)
+                n_events += 1
+        events = prefix
+    engine = Engine(list(cfg.tables))
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    stats = replay(events, cfg, engine=engine)
+    n_events = stats.lines
+    del stats
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    n = len(engine.states)
+    return held / max(n, 1), n, n_events
+
+
+def busiest_minutes(labels: Sequence[Label]) -> tuple[int, int]:
+    """Most writes, and most deletes, of one agent in one clock minute of normal traffic."""
+    writes: Counter[tuple[str, str, int]] = Counter()
+    deletes: Counter[tuple[str, str, int]] = Counter()
+    for lab in labels:
+        if lab.anomalous:
+            continue
+        key = (lab.table, lab.agent_id, lab.ts_us // 60_000_000)
+        writes[key] += 1
+        if lab.op in ("d", "t"):
+            deletes[key] += 1
+    return max(writes.values(), default=0), max(deletes.values(), default=0)
+
+
+# -- the table -------------------------------------------------------------------------------------------
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _num(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def _p50_max(values: Sequence[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    return f"{format(statistics.median(values), fmt)} / {format(max(values), fmt)}"
+
+
+def format_table(sc: Score) -> list[str]:
+    head = ("scenario", "incidents", "detected", "recall", "alerts", "TP", "precision", "normal events",
+            "false alarms", "FA/10k normal", "TTD events p50/max", "TTD seconds p50/max")
+    body: list[tuple[str, ...]] = []
+    for r in [*sc.rows, sc.overall]:
+        incident_row = r.incidents > 0 or r.scenario == "overall"
+        body.append((
+            r.scenario,
+            str(r.incidents) if incident_row else "-",
+            str(r.detected) if incident_row else "-",
+            _pct(r.recall),
+            str(r.alerts),
+            str(r.tp),
+            _pct(r.precision),
+            f"{r.normal_events:,}",
+            str(r.false_alarms),
+            _num(r.fa_per_10k),
+            _p50_max(r.delays_events, ",.0f"),
+            _p50_max(r.delays_s, ",.0f"),
+        ))
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths,
+                                                                                               strict=True)))
+
+    out = [fmt(head)]
+    for b in body:
+        if b[0] == "overall":
+            out.append("  ".join("-" * w for w in widths))
+        out.append(fmt(b))
+    return out
+
+
+def format_incidents(sc: Score) -> list[str]:
+    out = []
+    for r in sc.incidents:
+        if r.detected:
+            how = (f"detected by {r.detector} after {r.delay_events} anomalous events, {r.delay_s:,.0f} s "
+                   f"({r.alerts} alert{'s' if r.alerts != 1 else ''})")
+        else:
+            how = "MISSED"
+        out.append(f"  {r.id:<20} {r.table:<15} {r.agent_id:<17} {r.anomalous:>4} anomalous  {how}")
+    return out
+
+
+def acceptance(sc: Score) -> list[str]:
+    gross = [r for r in sc.incidents if r.scenario in GROSS]
+    fast = [r for r in gross if r.delay_events is not None and r.delay_events <= 10]
+    o = sc.overall
+    return [
+        f"  gross incidents detected within 10 anomalous events: {len(fast)}/{len(gross)} (target: all)",
+        f"  overall recall: {_pct(o.recall)} (target: >= 90%)",
+        f"  false alarms per 10,000 normal events: {_num(o.fa_per_10k)} (target: <= 1)",
+    ]
+
+
+# -- commands --------------------------------------------------------------------------------------------
+
+
+def params_from(args: argparse.Namespace) -> Params:
+    return Params(seed=args.seed, events=args.events, agents=args.agents, days=args.days, per_kind=args.per_kind)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    p = params_from(args)
+    log(f"generating about {p.events:,} normal events from {p.agents} agents over {p.days:g} days (seed {p.seed}) ...")
+    g = generate_to(Path(args.out), p, Path(args.config))
+    log("done")
+    print(f"{g.events}: {g.lines:,} lines ({g.anomalous:,} anomalous)")
+    print(f"{g.labels}: one label per line")
+    print(f"{g.manifest}: the incidents and benign scenarios")
+    print(f"{g.config}: the writeguard config")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    wall0 = time.monotonic()
+    tmp: Path | None = None
+    if args.data:
+        data = Path(args.data)
+        cfg_path = data / "writeguard.yaml"
+        if args.config or not cfg_path.exists():
+            cfg_path = Path(args.config) if args.config else DEFAULT_CONFIG
+        source = f"read from {data}"
+        for name in ("events.jsonl", "labels.jsonl"):
+            if not (data / name).exists():
+                raise ValueError(f"{data / name} does not exist: write it with `generate --out {data}`")
+    else:
+        p = params_from(args)
+        if args.out:
+            data = Path(args.out)
+        else:
+            data = tmp = Path(tempfile.mkdtemp(prefix="writeguard-scenarios-"))
+        cfg_path = Path(args.config) if args.config else DEFAULT_CONFIG
+        log(f"generating about {p.events:,} normal events from {p.agents} agents over {p.days:g} days "
+            f"(seed {p.seed}) into {data} ...")
+        t0 = time.perf_counter()
+        g = generate_to(data, p, cfg_path)
+        cfg_path = g.config
+        log(f"generated {g.lines:,} lines ({g.anomalous:,} anomalous) in {time.perf_counter() - t0:.1f} s")
+        source = f"seed {p.seed}"
+    try:
+        events = data / "events.jsonl"
+        cfg = load_config(cfg_path)
+        labels = read_labels(data / "labels.jsonl")
+        man = orjson.loads((data / "incidents.json").read_bytes()) if (data / "incidents.json").exists() else {}
+
+        log(f"replay in process: {events} ...")
+        buf = io.BytesIO()
+        stats = replay(events, cfg, alerts_out=buf, progress=log)
+        log(f"replay: {stats.events_per_second:,.0f} events/s, {stats.changes:,} changes, {stats.alerts} alerts")
+        if tmp is None:
+            (data / "alerts.jsonl").write_bytes(buf.getvalue())
+        alerts = read_alerts(buf.getvalue().splitlines())
+        sc = score(labels, alerts)
+
+        cli: CliCheck | None = None
+        if args.cli_scenario != "none":
+            cli = cli_check(data, events, labels, cfg_path, args.cli_scenario, alerts, sc)
+            log(f"CLI: exit {cli.returncode}, {cli.alerts} alerts, {cli.detail}")
+
+        mem: tuple[float, int, int] | None = None
+        if args.memory_events >= 0:
+            what = f"the first {args.memory_events:,}" if args.memory_events else "all the"
+            log(f"memory: a fresh engine over {what} events under tracemalloc ...")
+            mem = measure_memory(events, cfg, data, args.memory_events)
+            (data / "memory-prefix.jsonl").unlink(missing_ok=True)
+
+        busy_w, busy_d = busiest_minutes(labels)
+        p_ = man.get("params", {})
+        n_new = sum(1 for b in man.get("benign", []) if b.get("scenario") == "new_agent")
+        n_rogue = sum(1 for i in man.get("incidents", []) if i.get("scenario") == "first_day_rogue")
+        shown_cfg = args.config or (str(cfg_path) if args.data else "benchmarks/scenarios.yaml")
+        o = sc.overall
+        lines = [
+            f"writeguard scenario benchmark ({source}: {len(labels):,} events, {o.normal_events:,} normal, "
+            f"{o.anomalous_events:,} anomalous; {len(TABLES)} tables; "
+            + (f"{p_.get('agents')} agents + {n_new} new + {n_rogue} first-day rogues over {p_.get('days'):g} days; "
+               if p_ else "")
+            + f"{o.incidents} incidents; config {shown_cfg})",
+            *format_table(sc),
+            "",
+            "acceptance (issue #4):",
+            *acceptance(sc),
+            f"replay (in process)  : {stats.events_per_second:,.0f} events/s ({stats.lines:,} lines, "
+            f"{stats.changes:,} changes, {stats.alerts} alerts, {len(stats.quarantined)} quarantines, "
+            f"{stats.seconds:.1f} s)",
+        ]
+        if mem is not None:
+            lines.append(f"memory per (table, agent): {mem[0]:,.0f} bytes (tracemalloc over the engine's states, "
+                         f"{mem[1]:,} model sets after {mem[2]:,} events)")
+        if cli is not None:
+            over = "the whole file" if cli.scenario == "all" else f"{cli.scenario}'s agents"
+            lines.append(f"CLI replay           : `{cli.command}` over {over} ({cli.lines:,} lines): "
+                         f"exit {cli.returncode}, {cli.alerts} alerts, {cli.score_lines:,} score lines, "
+                         f"{cli.seconds:.1f} s; {cli.detail}")
+        lines += [
+            "",
+            "incidents (TTD = anomalous events up to the first detecting alert's last triggering line, "
+            "and commit-time seconds from the incident's first anomalous event):",
+            *format_incidents(sc),
+            "",
+            "details:",
+            f"  normal traffic: busiest agent-minute {busy_w} writes, most deletes in an agent-minute {busy_d}",
+        ]
+        if sc.alerts_without_lines:
+            lines.append(f"  alerts without a triggering line (counted as false alarms): {sc.alerts_without_lines}")
+        if sc.false_alarms_by:
+            lines.append("  false alarms by scenario and detector: "
+                         + ", ".join(f"{s}/{d} {n}" for (s, d), n in sorted(sc.false_alarms_by.items())))
+        if cli is not None and cli.summary:
+            lines.append(f"  CLI summary: {cli.summary}")
+        lines.append(f"  total wall time {time.monotonic() - wall0:.0f} s on {os.cpu_count()} cores"
+                     + (f"; data kept in {data}" if tmp is None else ""))
+        print("\n".join(lines), flush=True)
+        return 0
+    finally:
+        if tmp is not None:
+            if args.keep:
+                log(f"work folder kept: {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Labelled scenario benchmark: a synthetic fleet (3 tables, daily seasonality, benign bursts, "
+        "new agents and a traffic spike) with injected incidents, run through writeguard replay and scored per "
+        "scenario: precision, recall, false alarms per 10,000 normal events, time to detect. Progress on stderr, "
+        "the table on stdout.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def fleet_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--seed", type=int, default=7, help="random seed (7)")
+        s.add_argument("--events", type=int, default=300_000, help="normal events, approximately (300,000)")
+        s.add_argument("--agents", type=int, default=200,
+                       help="established agents (200); new agents (5%%) and first-day rogues come on top")
+        s.add_argument("--days", type=float, default=4.0, help="simulated days, at least 3 (4)")
+        s.add_argument("--per-kind", type=int, default=3, help="incidents of each kind (3)")
+
+    g = sub.add_parser("generate", help="write events.jsonl, labels.jsonl, incidents.json and the config to DIR",
+                       description="Write DIR/events.jsonl (Debezium values), DIR/labels.jsonl (one per line), "
+                       "DIR/incidents.json and DIR/writeguard.yaml.")
+    g.add_argument("--out", required=True, metavar="DIR")
+    fleet_args(g)
+    g.add_argument("--config", default=str(DEFAULT_CONFIG), help="config to copy to DIR (benchmarks/scenarios.yaml)")
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("run", help="generate (or read --data), replay in process and by the CLI, score, print",
+                       description="Generate the fleet (or read a generated DIR), replay it in process, replay one "
+                       "scenario's agents through `python -m stream.cli replay`, measure memory per agent, and "
+                       "print the per-scenario table.")
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--data", metavar="DIR", help="use a folder written by `generate` instead of generating")
+    src.add_argument("--out", metavar="DIR", help="generate into DIR and keep it (default: a temporary folder)")
+    fleet_args(r)
+    r.add_argument("--config", help="writeguard config (default: DIR/writeguard.yaml with --data, else "
+                   "benchmarks/scenarios.yaml)")
+    r.add_argument("--cli-scenario", default="amount_inflation", choices=[*INCIDENT_KINDS, "all", "none"],
+                   help="whose agents the CLI replay covers (amount_inflation); 'all': the whole file")
+    r.add_argument("--memory-events", type=int, default=100_000, metavar="N",
+                   help="measure bytes per (table, agent) with tracemalloc over a fresh engine fed the first N "
+                   "events (100,000; tracing slows replay about 5x); 0: all of them; -1: skip")
+    r.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ValueError as e:
+        print(f"scenarios: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

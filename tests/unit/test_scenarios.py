@@ -1,0 +1,166 @@
+"""The scenario benchmark's generator (deterministic, labels one per line) and its scorer, on small inputs."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from benchmarks import scenarios as sc
+from benchmarks.scenarios import AlertRef, Generator, Label, Params, read_alerts, score
+
+SMALL = Params(seed=3, events=4000, agents=30, days=3, per_kind=1)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scenarios")
+    gen = sc.generate_to(out, SMALL)
+    events = out.joinpath("events.jsonl").read_bytes().splitlines()
+    labels = sc.read_labels(gen.labels)
+    return gen, events, labels
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes():
+    first = list(Generator(SMALL).events())
+    again = list(Generator(SMALL).events())
+    assert first == again
+    other = list(Generator(Params(seed=4, events=4000, agents=30, days=3, per_kind=1)).events())
+    assert [v for v, _ in other] != [v for v, _ in first]
+
+
+def test_generate_writes_the_files_and_refuses_bad_params(small, tmp_path):
+    gen, events, labels = small
+    assert gen.lines == len(events) == len(labels)
+    assert gen.anomalous == sum(lab.anomalous for lab in labels)
+    man = orjson.loads(gen.manifest.read_bytes())
+    assert {i["scenario"] for i in man["incidents"]} == set(sc.INCIDENT_KINDS)
+    assert sc.load_config(gen.config).tables
+    with pytest.raises(ValueError, match="days"):
+        sc.generate_to(tmp_path, Params(days=2))
+
+
+def test_labels_align_one_to_one_with_events(small):
+    _, events, labels = small
+    last_ts = 0
+    for i, (raw, lab) in enumerate(zip(events, labels, strict=True), 1):
+        ev = orjson.loads(raw)
+        row = ev["before"] if ev["op"] == "d" else ev["after"]
+        assert lab.line == i
+        assert (lab.agent_id, lab.op, lab.ts_us) == (row["agent_id"], ev["op"], ev["source"]["ts_us"])
+        assert lab.table == f"{ev['source']['schema']}.{ev['source']['table']}"
+        assert lab.ts_us >= last_ts  # commit order
+        last_ts = lab.ts_us
+        assert lab.scenario in sc.SCENARIOS
+        if lab.anomalous:
+            assert lab.incident is not None and lab.scenario in sc.INCIDENT_KINDS
+        if lab.scenario in sc.BENIGN or lab.scenario == sc.NORMAL:
+            assert not lab.anomalous
+    assert {lab.scenario for lab in labels if lab.anomalous} == set(sc.INCIDENT_KINDS)
+    assert {"traffic_spike", "new_agent"} <= {lab.scenario for lab in labels}
+
+
+def test_incidents_look_like_their_description(small):
+    _, events, labels = small
+    rows = [orjson.loads(raw) for raw in events]
+    deletes = [lab for lab in labels if lab.scenario == "mass_delete" and lab.anomalous]
+    assert 50 <= len(deletes) <= 200 and {lab.op for lab in deletes} == {"d"}
+    assert deletes[-1].ts_us - deletes[0].ts_us < 60_000_000
+    # every duplicate repeats an idempotency key the same agent used within the last 240 s
+    seen: dict[str, int] = {}
+    dups = 0
+    for lab, ev in zip(labels, rows, strict=True):
+        if lab.table != sc.REFUNDS:
+            continue
+        key = ev["after"]["idempotency_key"]
+        if lab.scenario == "retry_duplicates" and lab.anomalous:
+            dups += 1
+            assert 0 < lab.ts_us - seen[key] <= 240_000_000
+        else:
+            assert key not in seen
+            seen[key] = lab.ts_us
+    assert dups > 0
+    # the misused category value appears nowhere but on the incident's anomalous writes
+    table, column, value = sc.NEW_VALUES[0]
+    for lab, ev in zip(labels, rows, strict=True):
+        row = ev["before"] if ev["op"] == "d" else ev["after"]
+        used = lab.table == table and row.get(column) == value
+        assert used == (lab.scenario == "new_category" and lab.anomalous)
+
+
+def _labels(spec):
+    """spec: (scenario, incident, anomalous, agent) per line; commit times 10 s apart."""
+    return [Label(i, s, inc, anom, agent, "public.refunds", "c", 1_000_000_000 + 10_000_000 * i)
+            for i, (s, inc, anom, agent) in enumerate(spec, 1)]
+
+
+def test_scorer_on_a_hand_made_example():
+    labels = _labels([
+        ("normal", None, False, "a"),                       # 1
+        ("normal", None, False, "a"),                       # 2
+        ("normal", None, False, "b"),                       # 3
+        ("traffic_spike", "traffic_spike-1", False, "c"),   # 4
+        ("amount_inflation", "inf-1", True, "b"),           # 5  first anomalous event of inf-1
+        ("amount_inflation", "inf-1", True, "b"),           # 6
+        ("traffic_spike", "traffic_spike-1", False, "c"),   # 7
+        ("amount_inflation", "inf-1", True, "b"),           # 8
+        ("slow_drift", "drift-1", True, "d"),               # 9
+        ("slow_drift", "drift-1", False, "d"),              # 10 an update during the drift: not anomalous
+        ("slow_drift", "drift-1", True, "d"),               # 11
+        ("normal", None, False, "a"),                       # 12
+    ])
+    alerts = [
+        AlertRef("a", "zscore", "public.refunds", (2,)),        # false alarm on normal traffic
+        AlertRef("b", "zscore", "public.refunds", (3, 5, 6)),  # detects inf-1 at line 6: 2 anomalous events, 10 s
+        AlertRef("c", "rate", "public.refunds", (4, 7)),       # false alarm in the spike
+        AlertRef("b", "rate", "public.refunds", (8,)),         # a second true positive, later: not the first
+        AlertRef("d", "zscore", "public.refunds", (10,)),      # the drift agent, on a non-anomalous line
+    ]
+    s = score(labels, alerts)
+    inf = s.row("amount_inflation")
+    assert inf is not None
+    assert (inf.incidents, inf.detected, inf.alerts, inf.tp, inf.precision, inf.recall) == (1, 1, 2, 2, 1.0, 1.0)
+    assert inf.delays_events == [2] and inf.delays_s == [10.0]
+    drift = s.row("slow_drift")
+    assert drift is not None
+    assert (drift.incidents, drift.detected, drift.alerts, drift.tp, drift.normal_events) == (1, 0, 1, 0, 1)
+    assert drift.precision == 0.0 and drift.fa_per_10k == pytest.approx(10_000.0)
+    normal = s.row("normal")
+    assert normal is not None
+    assert (normal.alerts, normal.false_alarms, normal.normal_events) == (1, 1, 4)
+    assert normal.fa_per_10k == pytest.approx(1 / (4 / 10_000))
+    spike = s.row("traffic_spike")
+    assert spike is not None and (spike.alerts, spike.false_alarms, spike.recall) == (1, 1, None)
+    o = s.overall
+    assert (o.incidents, o.detected, o.alerts, o.tp, o.false_alarms) == (2, 1, 5, 2, 3)
+    assert o.precision == pytest.approx(2 / 5) and o.recall == pytest.approx(0.5)
+    assert o.normal_events == 7 and o.fa_per_10k == pytest.approx(3 / (7 / 10_000))
+    by_id = {r.id: r for r in s.incidents}
+    assert by_id["inf-1"].detector == "zscore" and by_id["inf-1"].alerts == 2
+    assert not by_id["drift-1"].detected
+    assert s.false_alarms_by == {("normal", "zscore"): 1, ("traffic_spike", "rate"): 1, ("slow_drift", "zscore"): 1}
+    assert [r.scenario for r in s.rows] == ["amount_inflation", "slow_drift", "traffic_spike", "normal"]
+
+
+def test_an_anomalous_line_of_another_agent_is_no_true_positive():
+    labels = _labels([("normal", None, False, "a"), ("mass_delete", "md-1", True, "b")])
+    s = score(labels, [AlertRef("a", "rate", "public.refunds", (2,))])
+    assert s.overall.tp == 0 and s.overall.detected == 0 and s.overall.false_alarms == 1
+
+
+def test_read_alerts_maps_sources_to_lines():
+    raw = orjson.dumps({"agent_id": "b", "detector": "zscore", "table": "public.refunds", "quarantined": True,
+                        "triggering_events": [{"source": "C:/runs/x.jsonl:2"}, {"source": "x.jsonl:3"},
+                                              {"topic": "t", "partition": 0, "offset": 9}]})
+    assert read_alerts([raw]) == [AlertRef("b", "zscore", "public.refunds", (2, 3), True)]
+    assert read_alerts([raw, b""], line_map=[10, 20, 30]) == [AlertRef("b", "zscore", "public.refunds", (20, 30), True)]
+
+
+def test_scorer_refuses_labels_that_skip_a_line():
+    labels = _labels([("normal", None, False, "a"), ("normal", None, False, "a")])
+    with pytest.raises(ValueError, match="one per input line"):
+        score([labels[1]], [])
+
+
+def test_help_lists_both_commands():
+    text = sc.parser().format_help()
+    assert "generate" in text and "run" in text
