@@ -133,6 +133,17 @@ def histogram_quantile(buckets: dict[float, float], q: float) -> float:
     return prev_bound
 
 
+def bucket_of(buckets: dict[float, float], q: float) -> tuple[float, float]:
+    """The (lower, upper] bounds of the bucket that holds the q-quantile: all a histogram really knows."""
+    rank = q * buckets.get(math.inf, 0.0)
+    prev = 0.0
+    for b in sorted(buckets):
+        if buckets[b] >= rank:
+            return prev, b
+        prev = b
+    return prev, math.inf
+
+
 _LE = re.compile(r'le="([^"]+)"')
 
 
@@ -399,6 +410,7 @@ class CdcRecord:
     source_us: int  # source.ts_us: the PostgreSQL commit time
     debezium_us: int  # envelope ts_us: when Debezium built the change event
     kafka_ms: int  # Kafka record timestamp (CreateTime: Kafka Connect's producer)
+    coords: str  # topic/partition/offset, as the worker names it
 
 
 @dataclass
@@ -416,6 +428,8 @@ class SideConsumer(threading.Thread):
         self.tables = {t.topic: t.name for t in cfg.tables}
         self.alerts_topic = cfg.topics.alerts
         self.control_topic = cfg.topics.control
+        # The worker's re-keyed copy of each change (repartition on): its Kafka timestamp splits the worker's time.
+        self.changes_topic = cfg.topics.changes if cfg.worker.repartition else None
         self.consumer = Consumer({
             "bootstrap.servers": stack.kafka.bootstrap_servers,
             "group.id": f"bench-side-{uuid.uuid4().hex[:8]}",
@@ -424,6 +438,8 @@ class SideConsumer(threading.Thread):
             "fetch.wait.max.ms": 50,
         })
         topics = [*self.tables, self.alerts_topic, self.control_topic]
+        if self.changes_topic is not None:
+            topics.append(self.changes_topic)
         md = self.consumer.list_topics(timeout=30)
         tps = [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in md.topics[t].partitions]
         self.consumer.assign(tps)
@@ -433,6 +449,7 @@ class SideConsumer(threading.Thread):
         self.coords: dict[tuple[str, int, int], tuple[str, int]] = {}
         self.alerts: list[Seen] = []
         self.control: list[Seen] = []
+        self.rekeyed_ms: dict[str, int] = {}  # CDC coords -> Kafka timestamp of the worker's changes record
         self.error: str | None = None
 
     def run(self) -> None:
@@ -460,7 +477,8 @@ class SideConsumer(threading.Thread):
             if "id" not in after or src.get("ts_us") is None:
                 return
             rec = CdcRecord(self.tables[topic], int(after["id"]), after.get("agent_id"), int(src["ts_us"]),
-                            int(body.get("ts_us") or body["ts_ms"] * 1000), kafka_ms)
+                            int(body.get("ts_us") or body["ts_ms"] * 1000), kafka_ms,
+                            f"{topic}/{m.partition()}/{m.offset()}")
             with self.lock:
                 self.cdc[(rec.table, rec.row_id)] = rec
                 self.coords[(topic, int(m.partition()), int(m.offset()))] = (rec.table, rec.row_id)
@@ -470,6 +488,11 @@ class SideConsumer(threading.Thread):
         elif topic == self.control_topic:
             with self.lock:
                 self.control.append(Seen(body, kafka_ms))
+        elif topic == self.changes_topic:
+            # detectors.engine.Change, msgspec array_like: [table, op, agent_id, run_id, x, commit_ts_us, coords, ...]
+            if isinstance(body, list) and len(body) > 6 and isinstance(body[6], str):
+                with self.lock:
+                    self.rekeyed_ms[body[6]] = kafka_ms
 
     def alert_for(self, role: str) -> Seen | None:
         with self.lock:
@@ -550,6 +573,10 @@ def analyse_rogue(r: Rogue, side: SideConsumer) -> RogueResult:
             seg["pg_to_debezium"] = (trig.debezium_us - trig.source_us) / 1000
             seg["debezium_to_kafka"] = (trig.kafka_ms * 1000 - trig.debezium_us) / 1000
             seg["kafka_to_alert"] = (detected - trig.kafka_ms * 1000) / 1000
+            rekeyed = side.rekeyed_ms.get(trig.coords)
+            if rekeyed is not None:
+                seg["kafka_to_rekeyed"] = float(rekeyed - trig.kafka_ms)
+                seg["rekeyed_to_alert"] = (detected - rekeyed * 1000) / 1000
             if r.refused_us is not None:
                 enf_trigger = (r.refused_us - row.ack_us) / 1000
         if r.revoked_us is not None:
@@ -845,7 +872,9 @@ def main(argv: list[str] | None = None) -> int:
         if sums:
             lines.append(f"  {'sum of the five segments after the commit = refused - source.ts_us':<80}: "
                          f"{percentile(sums, 0.5):7.1f} / {percentile(sums, 0.99):7.1f} / {max(sums):7.1f}")
-        for key, label in [("alert_to_terminated", "(alert detected_at -> the rogue finds its session terminated)"),
+        for key, label in [("kafka_to_rekeyed", "(Kafka -> alert, 1: CDC record -> worker's re-keyed changes record)"),
+                           ("rekeyed_to_alert", "(Kafka -> alert, 2: changes record -> alert detected_at)"),
+                           ("alert_to_terminated", "(alert detected_at -> the rogue finds its session terminated)"),
                            ("alert_to_control", "(alert detected_at -> control record 'at', stamped after the "
                             "sessions ended)")]:
             vals = [x.segments[key] for x in results if key in x.segments]
@@ -856,7 +885,9 @@ def main(argv: list[str] | None = None) -> int:
         # Background rows: the Debezium part of the path, with many more samples.
         with side.lock:
             cdc = dict(side.cdc)
-        bg: dict[str, list[float]] = {"commit_ack": [], "pg_to_debezium": [], "debezium_to_kafka": [], "total": []}
+            rekeyed_ms = dict(side.rekeyed_ms)
+        bg: dict[str, list[float]] = {"commit_ack": [], "pg_to_debezium": [], "debezium_to_kafka": [], "total": [],
+                                      "kafka_to_rekeyed": []}
         missing = 0
         for row_key, ack in shared.steady_acks.items():
             rec = cdc.get(row_key)
@@ -867,9 +898,12 @@ def main(argv: list[str] | None = None) -> int:
             bg["pg_to_debezium"].append((rec.debezium_us - rec.source_us) / 1000)
             bg["debezium_to_kafka"].append((rec.kafka_ms * 1000 - rec.debezium_us) / 1000)
             bg["total"].append((rec.kafka_ms * 1000 - rec.source_us) / 1000)
+            if rec.coords in rekeyed_ms:
+                bg["kafka_to_rekeyed"].append(float(rekeyed_ms[rec.coords] - rec.kafka_ms))
         lines.append(f"background rows, steady phase (p50 / p99 / max, ms; n={len(bg['total']):,}"
                      + (f", {missing} not read back" if missing else "") + "):")
-        for key, label in [*SEGMENTS[:3], ("total", "PostgreSQL commit -> Kafka record timestamp")]:
+        for key, label in [*SEGMENTS[:3], ("total", "PostgreSQL commit -> Kafka record timestamp"),
+                           ("kafka_to_rekeyed", "Kafka record -> the worker's re-keyed record (its ingest hop)")]:
             vals = bg[key]
             if vals:
                 lines.append(f"  {label:<80}: {percentile(vals, 0.5):7.1f} / {percentile(vals, 0.99):7.1f} / "
@@ -880,8 +914,10 @@ def main(argv: list[str] | None = None) -> int:
                            ("writeguard_processing_lag_seconds", "commit -> scored, 1 event in 16")]:
             d = hist_delta(hist_buckets(hist1, name), hist_buckets(hist0, name))
             n = int(d.get(math.inf, 0.0))
+            lo, hi = bucket_of(d, 0.99)
             lines.append(f"  {name} ({what}): p50 {1000 * histogram_quantile(d, 0.5):,.0f} ms, "
-                         f"p99 {1000 * histogram_quantile(d, 0.99):,.0f} ms (n={n:,})")
+                         f"p99 {1000 * histogram_quantile(d, 0.99):,.0f} ms (interpolated inside its bucket, "
+                         f"{1000 * lo:,.0f}-{1000 * hi:,.0f} ms) (n={n:,})")
         lines.append("")
         lines.append("details:")
         lines.append(f"  alerts on normal agents (false positives): {len(other_alerts)}"
