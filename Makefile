@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: system-deps install demo demo-postgres test lint unit integration bench schemas clean quality
+.PHONY: system-deps install demo demo-postgres test lint unit integration bench schemas clean quality bench-postgres
 
 system-deps:
 	bash scripts/system-deps
@@ -45,6 +45,9 @@ deploy-check: install
 
 bench: system-deps install
 	$(PY) benchmarks/bench_pipeline.py
+
+bench-postgres: system-deps install
+	$(PY) benchmarks/bench_postgres.py
 
 schemas: install
 	$(PY) -m stream.cli schemas --write

@@ -1,0 +1,262 @@
+"""The Helm chart: lint, render with the default and the SASL/TLS values, validate every manifest offline.
+
+Kubernetes kinds are validated with kubernetes-validate (the API's own OpenAPI schemas, ``--strict``) for
+Kubernetes 1.33. kubernetes-validate has no schemas for CRDs: the ServiceMonitor and PrometheusRule are validated
+against tests/deploy/schemas/*.json instead, hand-written subsets of the Prometheus Operator's
+monitoring.coreos.com/v1 CRDs that cover every field the chart renders and refuse any other.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from stream.config import parse_config
+from tests.deploy.conftest import (
+    CHART,
+    CI_VALUES,
+    DASHBOARD,
+    K8S_VERSION,
+    RELEASE,
+    ROOT,
+    RULES,
+    VALUE_SETS,
+    Rendered,
+    env_refs,
+    render,
+    run_helm,
+    template_args,
+)
+
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): Path(__file__).parent / "schemas" / "servicemonitor.schema.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): Path(__file__).parent / "schemas" / "prometheusrule.schema.json",
+}
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS), ids=list(VALUE_SETS))
+def test_helm_lint_strict(helm: str, values: str) -> None:
+    args = ["lint", "--strict", str(CHART)]
+    for v in VALUE_SETS[values]:
+        args += ["-f", str(v)]
+    out = run_helm(helm, *args).stdout
+    assert "0 chart(s) failed" in out
+
+
+def test_chart_versions_follow_pyproject() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["apiVersion"] == "v2"
+    assert chart["appVersion"] == project["version"]
+
+
+def test_default_install_renders_the_worker_only(rendered: dict[str, Rendered]) -> None:
+    kinds = sorted(d["kind"] for d in rendered["default"].docs)
+    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    kinds = sorted(d["kind"] for d in rendered["sasl-tls"].docs)
+    assert kinds == [
+        "ConfigMap",
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "PrometheusRule",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+    ]
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS), ids=list(VALUE_SETS))
+def test_every_manifest_is_valid_kubernetes_1_33_strict(rendered: dict[str, Rendered], values: str) -> None:
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is in the dev extra: pip install -e '.[dev]'"
+    )
+    crds = 0
+    for doc in rendered[values].docs:
+        schema_path = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+        if schema_path is not None:
+            jsonschema.validate(doc, json.loads(schema_path.read_text()))
+            crds += 1
+            continue
+        try:
+            kv.validate(doc, K8S_VERSION, strict=True)
+        except kv.ValidationError as e:
+            raise AssertionError(f"{values}: {doc['kind']}/{doc['metadata']['name']}: {e.message} at {e.path}") from e
+    assert crds == (2 if values == "sasl-tls" else 0)
+
+
+def test_kubernetes_validate_refuses_what_it_should() -> None:
+    """The validator is not a no-op: strict mode rejects an unknown field, and a wrong type fails either way."""
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is in the dev extra: pip install -e '.[dev]'"
+    )
+    svc: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "x"},
+        "spec": {"ports": [{"port": 9464}], "selector": {"a": "b"}},
+    }
+    kv.validate(svc, K8S_VERSION, strict=True)
+    with pytest.raises(kv.ValidationError):
+        kv.validate({**svc, "spec": {**svc["spec"], "portz": []}}, K8S_VERSION, strict=True)
+    with pytest.raises(kv.ValidationError):
+        kv.validate({**svc, "spec": {"ports": [{"port": "metrics"}]}}, K8S_VERSION, strict=True)
+
+
+def test_crd_schemas_refuse_unknown_fields(rendered: dict[str, Rendered]) -> None:
+    for (_, kind), path in CRD_SCHEMAS.items():
+        doc = json.loads(json.dumps(rendered["sasl-tls"].one(kind)))
+        doc["spec"]["unknownField"] = 1
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(doc, json.loads(path.read_text()))
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS), ids=list(VALUE_SETS))
+def test_the_rendered_config_is_a_valid_writeguard_config(
+    rendered: dict[str, Rendered], values: str, dummy_env: Any
+) -> None:
+    r = rendered[values]
+    data = r.config()
+    refs = env_refs(data)
+    # Each ${VAR} must reach the pod: the worker refuses to start on an unset one.
+    env = {e["name"] for e in r.worker().get("env", [])}
+    assert refs <= env, f"{values}: config names {sorted(refs - env)} but the Deployment does not set them"
+    dummy_env(refs)
+    cfg = parse_config(data, f"{values} ConfigMap")
+    assert cfg.tables
+    # The Service, probes and container port follow the config's metrics port.
+    port = cfg.worker.metrics.port
+    assert r.one("Service")["spec"]["ports"] == [
+        {"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    assert r.worker()["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+
+
+def test_sasl_tls_values_wire_secrets_and_files(rendered: dict[str, Rendered]) -> None:
+    r = rendered["sasl-tls"]
+    worker = r.worker()
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in worker["env"]}
+    assert refs["KAFKA_SASL_USERNAME"] == {"name": "writeguard-kafka-user", "key": "username"}
+    assert refs["KAFKA_SASL_PASSWORD"] == {"name": "writeguard-kafka-user", "key": "password"}
+    assert refs["PG_ADMIN_PASSWORD"] == {"name": "writeguard-shop-db", "key": "password"}
+    assert refs["WRITEGUARD_WEBHOOK_SECRET"] == {"name": "writeguard-webhook", "key": "hmac-key"}
+    assert refs["ORCHESTRATOR_TOKEN"] == {"name": "orchestrator-token", "key": "token"}
+    # No secret value is ever in the ConfigMap, only the variable names.
+    text = r.one("ConfigMap", RELEASE)["data"]["writeguard.yaml"]
+    assert "${KAFKA_SASL_PASSWORD}" in text and "${WRITEGUARD_WEBHOOK_SECRET}" in text
+    # Every file the config points at under /etc/writeguard/tls is in the mounted TLS Secret's folder.
+    mounts = {m["name"]: m for m in worker["volumeMounts"]}
+    assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/writeguard/tls", "readOnly": True}
+    volumes = {v["name"]: v for v in r.one("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "writeguard-tls"
+    client = r.config()["kafka"]["client"]
+    for key in ("ssl.ca.location", "ssl.certificate.location", "ssl.key.location"):
+        assert client[key].startswith("/etc/writeguard/tls/")
+    assert "sslrootcert=/etc/writeguard/tls/ca.crt" in r.config()["enforcement"]["postgres"]["dsn"]
+
+
+def test_a_config_naming_an_unset_variable_is_refused(helm: str) -> None:
+    proc = run_helm(
+        helm, *template_args([], "--set", "config.kafka.client.sasl\\.password=${KAFKA_SASL_PASSWORD}"), check=False
+    )
+    assert proc.returncode != 0
+    assert "config names ${KAFKA_SASL_PASSWORD}" in proc.stderr
+    # ... and accepted once the Secret is named.
+    run_helm(
+        helm,
+        *template_args(
+            [],
+            "--set",
+            "config.kafka.client.sasl\\.password=${KAFKA_SASL_PASSWORD}",
+            "--set",
+            "secrets.kafkaSasl.existingSecret=kafka-user",
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("replicaCount=-1", "/replicaCount"),
+        ("logLevel=verbose", "/logLevel"),
+        ("secrets.webhook.secretEnv=not-an-env-name", "/secrets/webhook/secretEnv"),
+        ("servicemonitor.enabled=true", "additional properties 'servicemonitor' not allowed"),
+        ("config.tables=null", "tables"),
+    ],
+)
+def test_values_schema_refuses_bad_values(helm: str, setting: str, message: str) -> None:
+    proc = run_helm(helm, *template_args([], "--set", setting), check=False)
+    assert proc.returncode != 0, f"--set {setting} was accepted"
+    assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS), ids=list(VALUE_SETS))
+def test_worker_pod_is_locked_down_and_stateless(rendered: dict[str, Rendered], values: str) -> None:
+    r = rendered[values]
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    worker = r.worker()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001  # the Dockerfile's USER
+    sc = worker["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["automountServiceAccountToken"] is False
+    # Writable paths are emptyDirs only: /tmp and the Faust data folder the worker is pointed at.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert "emptyDir" in volumes[mounts["/var/lib/writeguard"]]
+    assert not [v for v in volumes.values() if "persistentVolumeClaim" in v]
+    args = worker["args"]
+    assert args[:3] == ["worker", "--config", "/etc/writeguard/writeguard.yaml"]
+    assert args[args.index("--datadir") + 1].startswith("/var/lib/writeguard/")
+    assert mounts["/etc/writeguard/writeguard.yaml"] == "config"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert worker[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert worker["resources"]["requests"] and worker["resources"]["limits"]
+    # The config is read once at start: a change must roll the pods.
+    assert "checksum/config" in r.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert (
+        r.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+        == r.one("Deployment")["spec"]["selector"]["matchLabels"]
+    )
+
+
+def test_prometheus_rule_is_the_compose_rules_file(rendered: dict[str, Rendered]) -> None:
+    """One set of alert rules: the chart's copy equals deploy/prometheus's, and renders to the same groups."""
+    assert (CHART / "rules" / "writeguard-rules.yml").read_text() == RULES.read_text()
+    rule = rendered["sasl-tls"].one("PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+
+
+def test_prometheus_rule_selects_the_release_job(helm: str) -> None:
+    r = render(helm, [], "other-release", "--set", "prometheusRule.enabled=true", "--set", "fullnameOverride=wg-prod")
+    exprs = [rule["expr"] for g in r.one("PrometheusRule")["spec"]["groups"] for rule in g["rules"]]
+    assert 'up{job="wg-prod"} == 0' in exprs
+    assert r.one("Service")["metadata"]["name"] == "wg-prod"  # the ServiceMonitor's job label
+
+
+def test_dashboard_configmap_carries_the_dashboard(rendered: dict[str, Rendered]) -> None:
+    assert (CHART / "dashboards" / "writeguard.json").read_text() == DASHBOARD.read_text()
+    cm = rendered["sasl-tls"].one("ConfigMap", f"{RELEASE}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["writeguard.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_service_monitor_scrapes_the_metrics_port(rendered: dict[str, Rendered]) -> None:
+    r = rendered["sasl-tls"]
+    sm = r.one("ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= r.one("Service")["metadata"]["labels"].items()
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_ci_values_file_is_used() -> None:
+    assert CI_VALUES.is_file()
