@@ -22,10 +22,12 @@ from detectors.models import (
     DuplicateKey,
     LevelDrift,
     OpBurstCeiling,
+    OpMix,
     RateCeiling,
     RiverModel,
     Rule,
     TableValues,
+    Volume,
     ZScore,
 )
 from detectors.spec import (
@@ -36,11 +38,13 @@ from detectors.spec import (
     DuplicateSpec,
     NoveltySpec,
     OpBurstSpec,
+    OpMixSpec,
     RateSpec,
     RiverModelSpec,
     RuleSpec,
     Suppression,
     TableSpec,
+    VolumeSpec,
     ZScoreSpec,
     detector_name,
 )
@@ -151,6 +155,12 @@ def _factory(spec: TableSpec, d: AnyDetector, known: TableValues) -> Callable[[]
     if isinstance(d, DriftSpec):
         feat, delta, dw, dlog = d.feature, d.delta, d.warmup, d.feature in log
         return lambda: LevelDrift(feat, delta, dw, dlog)
+    if isinstance(d, VolumeSpec):
+        vw, vwu, vhz, va, vmx = d.window_seconds, d.warmup, d.half_z, d.alpha, d.max_events
+        return lambda: Volume(vw, vwu, vhz, va, vmx)
+    if isinstance(d, OpMixSpec):
+        mops, mw, mwu, mmin, mhz, mtx = d.ops, d.window_seconds, d.warmup, d.min_events, d.half_z, d.max_rows_per_tx
+        return lambda: OpMix(mops, mw, mwu, mmin, mhz, mtx)
     if isinstance(d, RuleSpec):
         conds = [(c.field, c.op, c.value) for c in d.when]
         rops, cnt, rw = d.ops, d.count, d.window_seconds
@@ -179,6 +189,8 @@ def compile_table(spec: TableSpec) -> _Table:
             threshold, warmup, k, n = d.threshold, d.warmup, d.debounce.k, d.debounce.n
         elif isinstance(d, NoveltySpec | DuplicateSpec):
             threshold, warmup, k, n = 1.0, 0, d.debounce.k, d.debounce.n
+        elif isinstance(d, VolumeSpec | OpMixSpec):
+            threshold, warmup, k, n = d.threshold, 0, d.debounce.k, d.debounce.n
         else:
             # A guard's incident stays open until 16 writes in a row are back under the ceiling.
             threshold, warmup, k, n = 1.0, 0, 1, 16
@@ -187,7 +199,17 @@ def compile_table(spec: TableSpec) -> _Table:
         pop_threshold = d.population_threshold if isinstance(d, ZScoreSpec) and d.population_threshold else threshold
         plans.append(
             _Plan(
-                detector_name(d), d.kind, d.severity, threshold, warmup, k, (1 << n) - 1, value, make, pop, shared,
+                detector_name(d),
+                d.kind,
+                d.severity,
+                threshold,
+                warmup,
+                k,
+                (1 << n) - 1,
+                value,
+                make,
+                pop,
+                shared,
                 pop_threshold,
             )
         )

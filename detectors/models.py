@@ -559,3 +559,219 @@ class Rule:
     def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
         text = " and ".join(f"{f} {o} {v!r}" for f, _, v, o in self.conditions) or "any write"
         return [Contribution(f"matches: {text}", float(self._counter.count(t) + 1), None, float(self.count))]
+
+
+class _Windows:
+    """Counts per fixed window of commit time; hands each closed window to ``on_close``, gaps as zeros."""
+
+    __slots__ = ("_counts", "_index", "width")
+
+    def __init__(self, width: float) -> None:
+        self.width = width
+        self._index = -1
+        self._counts: dict[str, int] = {}
+
+    def roll(self, t: float, on_close: Callable[[dict[str, int]], None], max_gap: int = 3) -> None:
+        idx = int(t // self.width)
+        if self._index < 0:
+            self._index = idx
+        elif idx > self._index:
+            on_close(self._counts)
+            for _ in range(min(idx - self._index - 1, max_gap)):  # quiet windows are part of the baseline
+                on_close({})
+            self._counts = {}
+            self._index = idx
+
+    def add(self, key: str) -> None:
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def get(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+
+class Volume:
+    """An agent's writes per window against its own learned baseline (a slowly moving mean and variance).
+
+    Counts are Poisson-like, so the deviation is measured against ``max(std, sqrt(mean), 1)``; the score is
+    ``z / (z + half_z)`` as for ``ZScore``. ``max_events`` adds an optional hard ceiling (score 1).
+
+    >>> v = Volume(window=60.0, warmup=10)
+    >>> t = 0.0
+    >>> for minute in range(30):          # 5 writes a minute
+    ...     for i in range(5):
+    ...         v.learn_one({}, "c", minute * 60.0 + i)
+    >>> v.score_one({}, "c", 30 * 60.0) < 0.5
+    True
+    >>> for i in range(80):               # then 80 in one minute
+    ...     v.learn_one({}, "c", 31 * 60.0 + i * 0.5)
+    >>> v.score_one({}, "c", 31 * 60.0 + 41) > 0.7
+    True
+    """
+
+    __slots__ = ("_mean", "_n_windows", "_var", "_win", "alpha", "half_z", "max_events", "n", "warmup")
+
+    def __init__(
+        self,
+        window: float = 60.0,
+        warmup: int = 30,
+        half_z: float = 4.0,
+        alpha: float = 0.05,
+        max_events: int | None = None,
+    ) -> None:
+        self._win = _Windows(window)
+        self._mean = 0.0
+        self._var = 0.0
+        self._n_windows = 0
+        self.alpha = alpha  # weight of each closed window: the baseline follows daily seasonality slowly
+        self.warmup = warmup
+        self.half_z = half_z
+        self.max_events = max_events
+        self.n = 0
+
+    def _close(self, counts: dict[str, int]) -> None:
+        c = float(sum(counts.values()))
+        self._n_windows += 1
+        if self._n_windows == 1:
+            self._mean = c
+            return
+        a = max(self.alpha, 1.0 / self._n_windows)  # a plain mean until the window count reaches 1/alpha
+        d = c - self._mean
+        self._mean += a * d
+        self._var = (1 - a) * (self._var + a * d * d)
+
+    def _z(self, count: int) -> float:
+        std = max(math.sqrt(self._var), math.sqrt(max(self._mean, 0.0)), 1.0)
+        return (count - self._mean) / std
+
+    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
+        self._win.roll(t, self._close)
+        count = self._win.total() + 1
+        if self.max_events is not None and count > self.max_events:
+            return 1.0
+        if self._n_windows < self.warmup:
+            return 0.0
+        z = self._z(count)
+        return z / (z + self.half_z) if z > 0 else 0.0
+
+    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+        self.n += 1
+        self._win.roll(t, self._close)
+        self._win.add("all")
+
+    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+        count = self._win.total() + 1
+        std = max(math.sqrt(self._var), math.sqrt(max(self._mean, 0.0)), 1.0)
+        return [
+            Contribution(f"writes_per_{self._win.width:g}s", float(count), 0.0, self._mean + 3 * std, self._z(count))
+        ]
+
+
+class OpMix:
+    """The share of destructive ops (deletes, updates by default) in the current window against the agent's usual
+    share, once the window holds ``min_events`` writes; also fires on a mass change in one transaction.
+
+    >>> m = OpMix(window=60.0, warmup=5, min_events=10, max_rows_per_tx=50)
+    >>> for minute in range(20):                      # 1 update in 10
+    ...     for i in range(10):
+    ...         m.learn_one({}, "u" if i == 0 else "c", minute * 60.0 + i)
+    >>> [m.score_one({}, "d", 20 * 60.0 + 11) for _ in range(1)]
+    [0.0]
+    >>> for i in range(10):                           # then a minute of deletes only
+    ...     m.learn_one({}, "d", 21 * 60.0 + i)
+    >>> m.score_one({}, "d", 21 * 60.0 + 11) > 0.7
+    True
+    """
+
+    __slots__ = (
+        "_mean",
+        "_n_windows",
+        "_tx",
+        "_tx_rows",
+        "_var",
+        "_win",
+        "half_z",
+        "max_rows_per_tx",
+        "min_events",
+        "n",
+        "ops",
+        "warmup",
+    )
+
+    def __init__(
+        self,
+        ops: Iterable[str] = ("d", "u"),
+        window: float = 60.0,
+        warmup: int = 30,
+        min_events: int = 10,
+        half_z: float = 4.0,
+        max_rows_per_tx: int | None = None,
+    ) -> None:
+        self.ops = frozenset(ops)
+        self._win = _Windows(window)
+        self._mean = 0.0
+        self._var = 0.0
+        self._n_windows = 0
+        self.warmup = warmup
+        self.min_events = min_events
+        self.half_z = half_z
+        self.max_rows_per_tx = max_rows_per_tx
+        self._tx: str | None = None
+        self._tx_rows = 0
+        self.n = 0
+
+    def _close(self, counts: dict[str, int]) -> None:
+        total = sum(counts.values())
+        if total < self.min_events:
+            return  # too few writes to say anything about a share
+        share = counts.get("destructive", 0) / total
+        self._n_windows += 1
+        a = max(0.05, 1.0 / self._n_windows)
+        d = share - self._mean
+        self._mean += a * d
+        self._var = (1 - a) * (self._var + a * d * d)
+
+    def _share_z(self, op: str) -> float:
+        total = self._win.total() + 1
+        if total < self.min_events or self._n_windows < self.warmup:
+            return 0.0
+        share = (self._win.get("destructive") + (op in self.ops)) / total
+        # Binomial noise at this window's size, so small windows do not look extreme.
+        noise = math.sqrt(max(self._mean * (1 - self._mean), 0.01) / total)
+        return (share - self._mean) / max(math.sqrt(self._var), noise)
+
+    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
+        self._win.roll(t, self._close)
+        tx = c.get("_tx") if c else None
+        if (
+            self.max_rows_per_tx is not None
+            and op in self.ops
+            and tx is not None
+            and tx == self._tx
+            and self._tx_rows + 1 > self.max_rows_per_tx
+        ):
+            return 1.0
+        z = self._share_z(op)
+        return z / (z + self.half_z) if z > 0 else 0.0
+
+    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+        self.n += 1
+        self._win.roll(t, self._close)
+        self._win.add("destructive" if op in self.ops else "other")
+        tx = c.get("_tx") if c else None
+        if op in self.ops and tx is not None:
+            if tx != self._tx:
+                self._tx, self._tx_rows = tx, 0
+            self._tx_rows += 1
+
+    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+        total = self._win.total() + 1
+        share = (self._win.get("destructive") + (op in self.ops)) / total
+        out = [Contribution(f"{'/'.join(sorted(self.ops))}_share", share, 0.0, self._mean, self._share_z(op))]
+        if self._tx_rows and self.max_rows_per_tx is not None:
+            out.append(
+                Contribution("rows_changed_in_transaction", float(self._tx_rows + 1), 0.0, float(self.max_rows_per_tx))
+            )
+        return out

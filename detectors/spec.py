@@ -172,6 +172,37 @@ class DriftSpec(_DetectorBase):
     severity: Severity = "info"
 
 
+class VolumeSpec(_DetectorBase):
+    """An agent's writes per window against its own learned baseline, with an optional hard ceiling."""
+
+    kind: Literal["volume"] = "volume"
+    window_seconds: float = Field(60.0, gt=0)
+    warmup: int = Field(30, ge=1, description="Windows of the agent's history before it may alert.")
+    threshold: float = Field(0.7, gt=0, lt=1, description="Score z/(z+half_z); 0.7 is z >= 9.3.")
+    half_z: float = Field(4.0, gt=0)
+    alpha: float = Field(0.05, gt=0, le=1, description="Weight of each closed window in the baseline.")
+    max_events: int | None = Field(None, ge=1, description="Hard ceiling per window (score 1).")
+    severity: Severity = "warning"
+    debounce: Debounce = Debounce()
+
+
+class OpMixSpec(_DetectorBase):
+    """Share of destructive ops per window against the agent's usual share; mass changes in one transaction."""
+
+    kind: Literal["op_mix"] = "op_mix"
+    ops: tuple[Op, ...] = ("d", "u")
+    window_seconds: float = Field(60.0, gt=0)
+    warmup: int = Field(30, ge=1, description="Windows (of at least min_events writes) before it may alert.")
+    min_events: int = Field(10, ge=1, description="Writes a window needs before its share is judged.")
+    threshold: float = Field(0.7, gt=0, lt=1)
+    half_z: float = Field(4.0, gt=0)
+    max_rows_per_tx: int | None = Field(
+        None, ge=1, description="Rows one transaction may update or delete before it counts as a mass change."
+    )
+    severity: Severity = "critical"
+    debounce: Debounce = Debounce(k=1, n=16)
+
+
 class Condition(_Strict):
     """``field <op> value``; ``field`` is a feature or a categorical column."""
 
@@ -190,7 +221,18 @@ class RuleSpec(_DetectorBase):
     window_seconds: float = Field(60.0, gt=0)
 
 
-AnyDetector = ZScoreSpec | RiverModelSpec | RateSpec | OpBurstSpec | NoveltySpec | DuplicateSpec | DriftSpec | RuleSpec
+AnyDetector = (
+    ZScoreSpec
+    | RiverModelSpec
+    | RateSpec
+    | OpBurstSpec
+    | NoveltySpec
+    | DuplicateSpec
+    | DriftSpec
+    | RuleSpec
+    | VolumeSpec
+    | OpMixSpec
+)
 DetectorSpec = Annotated[AnyDetector, Field(discriminator="kind")]
 
 

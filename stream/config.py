@@ -159,7 +159,7 @@ class Config(_Strict):
         return self.model_copy(update={"kafka": self.kafka.model_copy(update={"bootstrap_servers": servers})})
 
 
-_KINDS = frozenset({"zscore", "river", "rate", "op_burst"})
+_KINDS = frozenset({"zscore", "river", "rate", "op_burst", "novelty", "duplicate", "drift", "rule", "volume", "op_mix"})
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

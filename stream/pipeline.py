@@ -49,7 +49,7 @@ class Router:
         hold_s: float = 5.0,
         max_tx: int = 100_000,
     ) -> None:
-        compiled = [(t, Extractor(t)) for t in tables]
+        compiled = [(t, _TxExtractor(t) if _needs_tx(t) else Extractor(t)) for t in tables]
         self._by_topic = {t.topic: (t.name, ex) for t, ex in compiled}
         self._by_source = {t.name: (t.name, ex) for t, ex in compiled}
         self._prefix = message_prefix
@@ -130,6 +130,22 @@ class Router:
         return dropped
 
 
+def _needs_tx(spec: TableSpec) -> bool:
+    return any(getattr(d, "max_rows_per_tx", None) for d in spec.detectors)
+
+
+class _TxExtractor(Extractor):
+    """Also hands the transaction id to detection (as ``_tx``), for tables that judge whole transactions."""
+
+    __slots__ = ()
+
+    def with_tx(self, ev: ChangeEvent) -> dict[str, str] | None:
+        c = self.categories(ev.op, ev.before, ev.after)
+        if ev.tx_id is None:
+            return c
+        return {**(c or {}), "_tx": ev.tx_id}
+
+
 def _change(ev: ChangeEvent, table: str, ex: Extractor, agent: str, run: str | None, coords: str) -> Change:
     return Change(
         table,
@@ -140,7 +156,7 @@ def _change(ev: ChangeEvent, table: str, ex: Extractor, agent: str, run: str | N
         ev.commit_ts_us,
         coords,
         ev.snapshot or ev.op == "r",  # incremental snapshots are op r with snapshot=incremental
-        ex.categories(ev.op, ev.before, ev.after),
+        ex.with_tx(ev) if isinstance(ex, _TxExtractor) else ex.categories(ev.op, ev.before, ev.after),
     )
 
 

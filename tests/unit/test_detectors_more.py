@@ -138,3 +138,59 @@ def test_the_engine_runs_them_from_debezium_events() -> None:
 def test_bad_detector_settings_are_refused(change: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         TableSpec.model_validate({**SPEC, **change})
+
+
+def test_volume_learns_the_agents_own_baseline_and_its_ceiling_is_hard() -> None:
+    from detectors.models import Volume
+
+    v = Volume(window=60.0, warmup=10, max_events=200)
+    for minute in range(60):
+        for i in range(3 + minute % 3):  # 3-5 writes a minute
+            v.learn_one({}, "c", minute * 60.0 + i)
+    assert v.score_one({}, "c", 60 * 60.0) < 0.3
+    for i in range(12):  # 12 in a minute: a lot for this agent, not for another
+        v.learn_one({}, "c", 61 * 60.0 + i)
+    assert v.score_one({}, "c", 61 * 60.0 + 13) < 0.6
+    for i in range(60):
+        v.learn_one({}, "c", 62 * 60.0 + i * 0.5)
+    assert v.score_one({}, "c", 62 * 60.0 + 31) > 0.7
+    ceiling = Volume(window=60.0, warmup=1000, max_events=5)
+    for i in range(5):
+        ceiling.learn_one({}, "c", float(i))
+    assert ceiling.score_one({}, "c", 6.0) == 1.0  # hard ceiling holds during warm-up too
+
+
+def test_op_mix_flags_a_mass_update_in_one_transaction_through_the_router() -> None:
+    spec = TableSpec.model_validate(
+        {
+            "name": "public.orders",
+            "topic": "shop.public.orders",
+            "features": [{"name": "total", "column": "total"}],
+            "detectors": [{"kind": "op_mix", "max_rows_per_tx": 20}],
+        }
+    )
+    router, engine = Router([spec]), Engine([spec])
+
+    def update(i: int, tx: int) -> bytes:
+        row = {"id": i, "total": 10.0, "agent_id": "bulk"}
+        return json.dumps(
+            {
+                "op": "u",
+                "before": row,
+                "after": row,
+                "source": {"ts_ms": 1_700_000_000_000 + i, "schema": "public", "table": "orders", "txId": tx},
+            }
+        ).encode()
+
+    found = []
+    for i in range(15):  # 15 single-row transactions: fine
+        ch = router.route("shop.public.orders", update(i, 100 + i), f"t/0/{i}")
+        assert not isinstance(ch, str) and ch.c == {"_tx": str(100 + i)}
+        found += engine.process(ch)
+    assert found == []
+    for i in range(30):  # one transaction updating 30 rows
+        ch = router.route("shop.public.orders", update(100 + i, 999), f"t/0/{100 + i}")
+        assert not isinstance(ch, str)
+        found += engine.process(ch)
+    assert [f.detector for f in found] == ["op_mix"]
+    assert found[0].contributions[-1].feature == "rows_changed_in_transaction"
