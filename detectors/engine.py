@@ -170,7 +170,7 @@ def _factory(spec: TableSpec, d: AnyDetector, known: TableValues) -> Callable[[]
         return lambda: ZScore(feats, log, half_z, min_std, warmup)
     if isinstance(d, RiverModelSpec):
         model, params, scaler, rfeats = d.model, d.params, d.scaler, d.features
-        return lambda: RiverModel(model, params, scaler, rfeats)
+        return lambda: RiverModel(model, params, scaler, rfeats, log)
     if isinstance(d, OpBurstSpec):
         ops, mx, w = d.ops, d.max_events, d.window_seconds
         return lambda: OpBurstCeiling(mx, w, ops)

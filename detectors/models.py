@@ -149,7 +149,7 @@ class RiverModel:
     True
     """
 
-    __slots__ = ("_model", "_only", "n")
+    __slots__ = ("_log", "_model", "_only", "n")
 
     def __init__(
         self,
@@ -157,6 +157,7 @@ class RiverModel:
         params: Mapping[str, Any] | None = None,
         scaler: str = "minmax",
         features: Iterable[str] | None = None,
+        log_features: Iterable[str] = (),
     ) -> None:
         from river import anomaly, compose, preprocessing
 
@@ -171,12 +172,13 @@ class RiverModel:
             est = compose.Pipeline(preprocessing.StandardScaler(), est)
         self._model = est
         self._only = frozenset(features) if features is not None else None
+        # A heavy tail would squash every other value into a corner of the scaler's [0, 1].
+        self._log = frozenset(log_features)
         self.n = 0
 
     def _select(self, x: Features) -> dict[str, float]:
-        if self._only is None:
-            return dict(x)
-        return {k: v for k, v in x.items() if k in self._only}
+        only, log = self._only, self._log
+        return {k: (signed_log1p(v) if k in log else v) for k, v in x.items() if only is None or k in only}
 
     def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
         self._model.learn_one(self._select(x))
@@ -186,7 +188,8 @@ class RiverModel:
         return float(self._model.score_one(self._select(x)))
 
     def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
-        return [Contribution(k, float(v), None, None) for k, v in self._select(x).items()]
+        only = self._only
+        return [Contribution(k, float(v), None, None) for k, v in x.items() if only is None or k in only]
 
 
 class WindowCounter:
