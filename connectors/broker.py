@@ -18,8 +18,9 @@ or from a shell: ``python -m connectors.broker`` (prints ``bootstrap.servers=…
 and runs until Ctrl-C).
 
 The Maven resolution (:func:`_resolve_maven_lib`), the JVM process handling
-(:func:`_spawn_jvm`, :func:`_stop_process_group`) and the stop-at-exit registry
-(:func:`_track_for_exit`) are also used by :mod:`connectors.connect`.
+(:func:`_spawn_jvm`, :func:`_stop_process_group`), the stop-at-exit registry
+(:func:`_track_for_exit`) and the JVM service lifecycle (:class:`_JvmService`)
+are also used by :mod:`connectors.connect`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Protocol
+from typing import ClassVar, Protocol, Self
 
 __all__ = [
     "BrokerError",
@@ -389,20 +390,25 @@ def _stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
             proc.wait(timeout=10.0)
 
 
-class LocalKafka:
-    """One KRaft node (broker + controller) on 127.0.0.1, owned by this Python process.
+class _JvmService:
+    """The lifecycle :class:`LocalKafka` and :class:`connectors.connect.LocalConnect` share.
 
-    The JVM runs in its own process group so stop() can reliably take down
-    everything it spawned, and so a Ctrl-C aimed at the test runner does not
-    kill the broker before the test's own cleanup gets to shut it down cleanly.
+    One JVM in its own process group (see :func:`_spawn_jvm`), logging to
+    ``_LOG_NAME`` in a workdir that is either the caller's or a temp dir we own
+    and remove on stop, on the loopback port ``_port``.  Subclasses write their
+    own properties file, launch their own main class and check readiness in
+    their own start(); they extend stop() for any further state.
     """
+
+    _LOG_NAME: ClassVar[str]  # e.g. "broker.log": the JVM's stdout+stderr, in the workdir
+    _WORKDIR_PREFIX: ClassVar[str]  # prefix of the temp workdir made when none is given
 
     def __init__(
         self,
-        workdir: Path | None = None,
+        workdir: Path | None,
         *,
-        heap: str = "512m",
-        progress: Progress | None = None,
+        heap: str,
+        progress: Progress | None,
     ) -> None:
         self._requested_workdir = Path(workdir) if workdir is not None else None
         self._heap = heap
@@ -411,27 +417,23 @@ class LocalKafka:
         self._owns_workdir = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
-        self._controller_port: int | None = None
         self._lock = threading.RLock()
 
     # -- introspection -------------------------------------------------------
 
     @property
-    def bootstrap_servers(self) -> str:
-        """``127.0.0.1:<port>``; raises before start() so a typo can't silently hit another broker."""
-        if self._port is None or self._proc is None:
-            raise BrokerError("LocalKafka is not started; call start() first")
-        return f"127.0.0.1:{self._port}"
-
-    @property
     def workdir(self) -> Path | None:
-        """Directory with server.properties, broker.log and data/ (None until started)."""
+        """Directory with the properties file, the log and the service's state (None until started).
+
+        LocalKafka: server.properties, broker.log and data/; LocalConnect:
+        worker.properties, connect.log and offsets.dat.
+        """
         return self._workdir
 
     @property
     def log_path(self) -> Path | None:
-        """The broker's stdout/stderr, for debugging failed tests."""
-        return None if self._workdir is None else self._workdir / "broker.log"
+        """The JVM's stdout/stderr (broker.log, connect.log), for debugging failed tests."""
+        return None if self._workdir is None else self._workdir / self._LOG_NAME
 
     @property
     def pid(self) -> int | None:
@@ -442,6 +444,120 @@ class LocalKafka:
     def running(self) -> bool:
         """True while the JVM we started is alive (it may die on its own, e.g. disk full)."""
         return self._proc is not None and self._proc.poll() is None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the JVM (see :func:`_stop_process_group`) and clean up; safe to call any number of times."""
+        with self._lock:
+            self._kill_process(timeout=timeout)
+            _untrack_for_exit(self)
+            if self._owns_workdir and self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
+                self._owns_workdir = False
+            self._port = None
+
+    def __enter__(self) -> Self:
+        if self._proc is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60.0) -> Self:
+        """Start the JVM and return once it is ready to use; each subclass has its own."""
+        raise NotImplementedError
+
+    # -- internals -----------------------------------------------------------
+
+    def _prepare_workdir(self) -> None:
+        """Use the requested workdir (created if missing) or make a temp one that stop() removes."""
+        if self._requested_workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix=self._WORKDIR_PREFIX))
+            self._owns_workdir = True
+        else:
+            self._workdir = self._requested_workdir.resolve()
+            self._workdir.mkdir(parents=True, exist_ok=True)
+            self._owns_workdir = False
+
+    def _launch_jvm(self, java: str, lib: Path, log4j2: Path, *main: str) -> None:
+        """Start ``java … -cp lib/* <main…>`` in the workdir and have it stopped at exit."""
+        assert self._workdir is not None
+        cmd = [
+            java,
+            f"-Xms{_initial_heap(self._heap)}",
+            f"-Xmx{self._heap}",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={log4j2}",
+            "-cp",
+            f"{lib}/*",
+            *main,
+        ]
+        self._proc = _spawn_jvm(cmd, cwd=self._workdir, log_path=self._workdir / self._LOG_NAME)
+        _track_for_exit(self)
+
+    def _bind_failed(self) -> bool:
+        path = self.log_path
+        if path is None or not path.is_file():
+            return False
+        return "Address already in use" in path.read_text(encoding="utf-8", errors="replace")
+
+    def _log_tail(self) -> str:
+        path = self.log_path
+        if path is None or not path.is_file():
+            return ""
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            return f"\n({path} is empty)"
+        # Name the file, not the path: a temp workdir is gone by the time this is read.
+        return f"\n--- last lines of {self._LOG_NAME} ---\n{_tail(text)}"
+
+    def _kill_process(self, timeout: float) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            _stop_process_group(proc, timeout)
+        finally:
+            self._proc = None
+
+
+class LocalKafka(_JvmService):
+    """One KRaft node (broker + controller) on 127.0.0.1, owned by this Python process.
+
+    The JVM runs in its own process group so stop() can reliably take down
+    everything it spawned, and so a Ctrl-C aimed at the test runner does not
+    kill the broker before the test's own cleanup gets to shut it down cleanly.
+    """
+
+    _LOG_NAME = "broker.log"
+    _WORKDIR_PREFIX = "writeguard-kafka-"
+
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        *,
+        heap: str = "512m",
+        progress: Progress | None = None,
+    ) -> None:
+        super().__init__(workdir, heap=heap, progress=progress)
+        self._controller_port: int | None = None
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``127.0.0.1:<port>``; raises before start() so a typo can't silently hit another broker."""
+        if self._port is None or self._proc is None:
+            raise BrokerError("LocalKafka is not started; call start() first")
+        return f"127.0.0.1:{self._port}"
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -491,27 +607,8 @@ class LocalKafka:
         recovery noise); SIGKILL the whole group only if that hangs.
         """
         with self._lock:
-            self._kill_process(timeout=timeout)
-            _untrack_for_exit(self)
-            if self._owns_workdir and self._workdir is not None:
-                shutil.rmtree(self._workdir, ignore_errors=True)
-                self._workdir = None
-                self._owns_workdir = False
-            self._port = None
+            super().stop(timeout)
             self._controller_port = None
-
-    def __enter__(self) -> LocalKafka:
-        if self._proc is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         where = f"127.0.0.1:{self._port}" if self._port is not None else "not started"
@@ -598,13 +695,8 @@ class LocalKafka:
     # -- internals -----------------------------------------------------------
 
     def _prepare_workdir(self) -> None:
-        if self._requested_workdir is None:
-            self._workdir = Path(tempfile.mkdtemp(prefix="writeguard-kafka-"))
-            self._owns_workdir = True
-        else:
-            self._workdir = self._requested_workdir.resolve()
-            self._workdir.mkdir(parents=True, exist_ok=True)
-            self._owns_workdir = False
+        super()._prepare_workdir()
+        assert self._workdir is not None
         # Each start is a fresh single-node cluster (new cluster id); a log dir
         # formatted for a previous id would make the format step refuse.
         shutil.rmtree(self._workdir / "data", ignore_errors=True)
@@ -681,21 +773,8 @@ class LocalKafka:
             )
 
     def _launch(self, java: str, lib: Path) -> None:
-        assert self._workdir is not None
-        cmd = [
-            java,
-            f"-Xms{_initial_heap(self._heap)}",
-            f"-Xmx{self._heap}",
-            "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={_LOG4J2}",
-            "-cp",
-            f"{lib}/*",
-            "kafka.Kafka",
-            "server.properties",
-        ]
         # broker.log is fresh per launch, like data/
-        self._proc = _spawn_jvm(cmd, cwd=self._workdir, log_path=self._workdir / "broker.log")
-        _track_for_exit(self)
+        self._launch_jvm(java, lib, _LOG4J2, "kafka.Kafka", "server.properties")
 
     def _wait_ready(self, deadline: float) -> None:
         from confluent_kafka import KafkaException
@@ -728,31 +807,6 @@ class LocalKafka:
                 return
             last_error = "metadata lists no brokers yet"
             time.sleep(0.1)
-
-    def _bind_failed(self) -> bool:
-        path = self.log_path
-        if path is None or not path.is_file():
-            return False
-        return "Address already in use" in path.read_text(encoding="utf-8", errors="replace")
-
-    def _log_tail(self) -> str:
-        path = self.log_path
-        if path is None or not path.is_file():
-            return ""
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            return f"\n({path} is empty)"
-        # Name the file, not the path: a temp workdir is gone by the time this is read.
-        return f"\n--- last lines of broker.log ---\n{_tail(text)}"
-
-    def _kill_process(self, timeout: float) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            _stop_process_group(proc, timeout)
-        finally:
-            self._proc = None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,17 +27,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import shutil
-import subprocess
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 from connectors.broker import (
@@ -45,16 +40,11 @@ from connectors.broker import (
     Progress,
     _emit,
     _free_port,
-    _initial_heap,
+    _JvmService,
     _pom_dependency_version,
     _port_answers,
     _require_java,
     _resolve_maven_lib,
-    _spawn_jvm,
-    _stop_process_group,
-    _tail,
-    _track_for_exit,
-    _untrack_for_exit,
     cache_dir,
 )
 
@@ -230,7 +220,7 @@ class _RestError(ConnectError):
         self.status = status
 
 
-class LocalConnect:
+class LocalConnect(_JvmService):
     """One standalone Kafka Connect worker on 127.0.0.1, owned by this Python process.
 
     The JVM runs in its own process group (see :func:`connectors.broker._spawn_jvm`) and is stopped
@@ -238,6 +228,9 @@ class LocalConnect:
     the workdir is removed, and standalone mode keeps connector configs in memory only, so
     connectors are (re)created with :meth:`put_connector` after every start.
     """
+
+    _LOG_NAME = "connect.log"
+    _WORKDIR_PREFIX = "writeguard-connect-"
 
     def __init__(
         self,
@@ -247,15 +240,8 @@ class LocalConnect:
         heap: str = "512m",
         progress: Progress | None = None,
     ) -> None:
+        super().__init__(workdir, heap=heap, progress=progress)
         self._bootstrap_servers = bootstrap_servers
-        self._requested_workdir = Path(workdir) if workdir is not None else None
-        self._heap = heap
-        self._progress = progress
-        self._workdir: Path | None = None
-        self._owns_workdir = False
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._port: int | None = None
-        self._lock = threading.RLock()
 
     # -- introspection -------------------------------------------------------
 
@@ -269,26 +255,6 @@ class LocalConnect:
     @property
     def bootstrap_servers(self) -> str:
         return self._bootstrap_servers
-
-    @property
-    def workdir(self) -> Path | None:
-        """Directory with worker.properties, connect.log and offsets.dat (None until started)."""
-        return self._workdir
-
-    @property
-    def log_path(self) -> Path | None:
-        """The worker's stdout/stderr, for debugging failed tests."""
-        return None if self._workdir is None else self._workdir / "connect.log"
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the JVM, which is also its process-group id."""
-        return None if self._proc is None else self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        """True while the JVM we started is alive."""
-        return self._proc is not None and self._proc.poll() is None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -334,27 +300,7 @@ class LocalConnect:
         then confirms the LSN to PostgreSQL and closes its replication connection); SIGKILL the
         whole group only if that takes longer than ``timeout``.
         """
-        with self._lock:
-            self._kill_process(timeout=timeout)
-            _untrack_for_exit(self)
-            if self._owns_workdir and self._workdir is not None:
-                shutil.rmtree(self._workdir, ignore_errors=True)
-                self._workdir = None
-                self._owns_workdir = False
-            self._port = None
-
-    def __enter__(self) -> LocalConnect:
-        if self._proc is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        super().stop(timeout)
 
     def __repr__(self) -> str:
         where = f"http://127.0.0.1:{self._port}" if self._port is not None else "not started"
@@ -496,13 +442,8 @@ class LocalConnect:
         return json.loads(raw) if raw.strip() else None
 
     def _prepare_workdir(self) -> None:
-        if self._requested_workdir is None:
-            self._workdir = Path(tempfile.mkdtemp(prefix="writeguard-connect-"))
-            self._owns_workdir = True
-        else:
-            self._workdir = self._requested_workdir.resolve()
-            self._workdir.mkdir(parents=True, exist_ok=True)
-            self._owns_workdir = False
+        super()._prepare_workdir()
+        assert self._workdir is not None
         # Each start is fresh, like LocalKafka's: offsets from an earlier run would point
         # Debezium at an LSN of another slot (or another PostgreSQL).
         (self._workdir / "offsets.dat").unlink(missing_ok=True)
@@ -529,20 +470,7 @@ class LocalConnect:
         (self._workdir / "worker.properties").write_text(text, encoding="utf-8")
 
     def _launch(self, java: str, lib: Path) -> None:
-        assert self._workdir is not None
-        cmd = [
-            java,
-            f"-Xms{_initial_heap(self._heap)}",
-            f"-Xmx{self._heap}",
-            "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={_LOG4J2}",
-            "-cp",
-            f"{lib}/*",
-            "org.apache.kafka.connect.cli.ConnectStandalone",
-            "worker.properties",
-        ]
-        self._proc = _spawn_jvm(cmd, cwd=self._workdir, log_path=self._workdir / "connect.log")
-        _track_for_exit(self)
+        self._launch_jvm(java, lib, _LOG4J2, "org.apache.kafka.connect.cli.ConnectStandalone", "worker.properties")
 
     def _wait_ready(self, deadline: float) -> None:
         """Ready = the REST API answers ``GET /`` and ``GET /connector-plugins`` lists Debezium.
@@ -578,28 +506,3 @@ class LocalConnect:
                 f"Kafka Connect is up but does not list {POSTGRES_CONNECTOR_CLASS} "
                 f"(found {classes}); is the Debezium jar in {resolve_connect_jars()}?{self._log_tail()}"
             )
-
-    def _bind_failed(self) -> bool:
-        path = self.log_path
-        if path is None or not path.is_file():
-            return False
-        return "Address already in use" in path.read_text(encoding="utf-8", errors="replace")
-
-    def _log_tail(self) -> str:
-        path = self.log_path
-        if path is None or not path.is_file():
-            return ""
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            return f"\n({path} is empty)"
-        # Name the file, not the path: a temp workdir is gone by the time this is read.
-        return f"\n--- last lines of connect.log ---\n{_tail(text)}"
-
-    def _kill_process(self, timeout: float) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            _stop_process_group(proc, timeout)
-        finally:
-            self._proc = None
