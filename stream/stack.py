@@ -38,10 +38,9 @@ ALTER TABLE public.orders REPLICA IDENTITY FULL;
 ROLE_PATTERN = "^agent_[a-z]+_[0-9]{2}$"
 
 
-def shop_config(
-    kafka: str, pg: LocalPostgres, prefix: str, actions: Sequence[str] = ("alert", "quarantine", "postgres")
-) -> dict[str, Any]:
-    """The example config, pointed at ``pg`` through Debezium, with writeguard's topics unique to ``prefix``."""
+def example_config(kafka: str, prefix: str) -> dict[str, Any]:
+    """The example config with its consumer group, its own topics and the CDC topics all under ``prefix``,
+    so that several runs (test modules, benchmark phases) share one broker without seeing each other."""
     data: dict[str, Any] = yaml.safe_load(EXAMPLE_CONFIG.read_text())
     data["kafka"]["bootstrap.servers"] = kafka
     data["kafka"]["group.id"] = f"wg-{prefix}"
@@ -52,6 +51,16 @@ def shop_config(
         "changes": f"{prefix}.changes",
         "partitions": 3,
     }
+    for t in data["tables"]:
+        t["topic"] = f"{prefix}.{t['name']}"
+    return data
+
+
+def shop_config(
+    kafka: str, pg: LocalPostgres, prefix: str, actions: Sequence[str] = ("alert", "quarantine", "postgres")
+) -> dict[str, Any]:
+    """The example config, pointed at ``pg`` through Debezium, with writeguard's topics unique to ``prefix``."""
+    data = example_config(kafka, prefix)
     data["debezium"] = {
         "name": f"{prefix}-connector",
         "topic.prefix": prefix,
@@ -65,7 +74,6 @@ def shop_config(
     # Agents may also name themselves with pg_logical_emit_message(true, 'writeguard', '{"agent_id": ...}').
     data["worker"]["agent_messages"] = {"topic": f"{prefix}.message", "prefix": "writeguard"}
     for t in data["tables"]:
-        t["topic"] = f"{prefix}.{t['name']}"
         t["actions"] = {"info": ["alert"], "warning": ["alert"], "critical": list(actions)}
     return data
 

@@ -19,8 +19,8 @@ from connectors.broker import LocalKafka
 from stream.config import Config, load_config
 from stream.fleet import ORDERS, REFUNDS
 from stream.process import ROOT, WorkerProcess, spawn_worker
+from stream.stack import example_config
 
-EXAMPLE = ROOT / "stream" / "examples" / "writeguard.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -73,18 +73,7 @@ class Worker:
 
 def make_config(tmp: Path, bootstrap: str, prefix: str, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """The example config with topics and group unique to one test module, so modules cannot interfere."""
-    data = yaml.safe_load(EXAMPLE.read_text())
-    data["kafka"]["bootstrap.servers"] = bootstrap
-    data["kafka"]["group.id"] = f"wg-{prefix}"
-    data["topics"] = {
-        "alerts": f"{prefix}.alerts",
-        "control": f"{prefix}.control",
-        "dead_letter": f"{prefix}.dlq",
-        "changes": f"{prefix}.changes",
-        "partitions": 3,
-    }
-    for t in data["tables"]:
-        t["topic"] = f"{prefix}.{t['name']}"
+    data = example_config(bootstrap, prefix)
     if edit is not None:
         edit(data)
     path = tmp / "writeguard.yaml"
