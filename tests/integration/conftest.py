@@ -18,9 +18,8 @@ from confluent_kafka import Consumer, TopicPartition
 from connectors.broker import LocalKafka
 from stream.config import Config, load_config
 from stream.fleet import ORDERS, REFUNDS
-from stream.process import ROOT, WorkerProcess, spawn_worker
+from stream.process import WorkerProcess, spawn_worker
 from stream.stack import example_config
-
 
 
 @pytest.fixture(scope="session")
