@@ -16,7 +16,8 @@ import pytest
 from confluent_kafka import Producer
 
 from stream.fleet import REFUNDS, Fleet
-from tests.integration.conftest import ROOT, Worker, read_topic
+from stream.process import ROOT
+from tests.integration.conftest import Worker, read_topic
 
 pytestmark = pytest.mark.integration
 
