@@ -104,7 +104,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
 from detectors.engine import Engine  # noqa: E402
 from stream.config import Config, load_config  # noqa: E402
-from stream.fleet import TOPIC_PREFIX  # noqa: E402
+from stream.fleet import TOPIC_PREFIX, debezium_value  # noqa: E402
 from stream.replay import replay  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "benchmarks" / "scenarios.yaml"
@@ -538,37 +538,9 @@ class Generator:
     def _envelope(self, table: str, op: str, before: dict[str, Any] | None, after: dict[str, Any] | None,
                   ts_us: int) -> bytes:
         """Debezium's PostgreSQL connector value, payload-only JSON (``schemas.enable=false``), as stream.fleet."""
-        schema, name = table.split(".")
         self._lsn += self.rng.randint(200, 900)
         self._tx += 1
-        now_us = ts_us + 3_000
-        return orjson.dumps(
-            {
-                "before": before,
-                "after": after,
-                "source": {
-                    "version": "3.6.1.Final",
-                    "connector": "postgresql",
-                    "name": TOPIC_PREFIX,
-                    "ts_ms": ts_us // 1000,
-                    "ts_us": ts_us,
-                    "ts_ns": ts_us * 1000,
-                    "snapshot": "false",
-                    "db": "shop",
-                    "sequence": f'[null,"{self._lsn}"]',
-                    "schema": schema,
-                    "table": name,
-                    "txId": self._tx,
-                    "lsn": self._lsn,
-                    "xmin": None,
-                },
-                "transaction": None,
-                "op": op,
-                "ts_ms": now_us // 1000,
-                "ts_us": now_us,
-                "ts_ns": now_us * 1000,
-            }
-        )
+        return debezium_value(table, op, before, after, ts_us, prefix=TOPIC_PREFIX, tx_id=self._tx, lsn=self._lsn)
 
     # -- what each write is --
 

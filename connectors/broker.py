@@ -503,6 +503,41 @@ class _JvmService:
         self._proc = _spawn_jvm(cmd, cwd=self._workdir, log_path=self._workdir / self._LOG_NAME)
         _track_for_exit(self)
 
+    def _launch_until_bound(
+        self,
+        java: str,
+        lib: Path,
+        deadline: float,
+        configure: Callable[[], None],
+        error: type[Exception],
+    ) -> None:
+        """Pick ports (``configure``), launch, wait until ready; on failure ``stop()`` and re-raise.
+
+        Ports are picked by binding to :0 and releasing, so another process can grab one in between:
+        that (rare) race is retried instead of failing.
+        """
+        try:
+            for attempt in range(3):
+                configure()
+                self._launch(java, lib)
+                try:
+                    self._wait_ready(deadline)
+                except error:
+                    if attempt < 2 and self._bind_failed():
+                        self._kill_process(timeout=5.0)
+                        continue
+                    raise
+                return
+        except BaseException:
+            self.stop()
+            raise
+
+    def _launch(self, java: str, lib: Path) -> None:
+        raise NotImplementedError
+
+    def _wait_ready(self, deadline: float) -> None:
+        raise NotImplementedError
+
     def _bind_failed(self) -> bool:
         path = self.log_path
         if path is None or not path.is_file():
@@ -575,25 +610,13 @@ class LocalKafka(_JvmService):
             java = _require_java()
             lib = resolve_kafka_jars(progress=self._progress)
             self._prepare_workdir()
-            try:
-                # Ports are picked by binding to :0 and releasing, so another process
-                # can grab one in between; retry that (rare) race instead of failing.
-                for attempt in range(3):
-                    self._port, self._controller_port = self._pick_ports()
-                    self._write_server_properties()
-                    self._format_storage(java, lib, deadline)
-                    self._launch(java, lib)
-                    try:
-                        self._wait_ready(deadline)
-                    except BrokerError:
-                        if attempt < 2 and self._bind_failed():
-                            self._kill_process(timeout=5.0)
-                            continue
-                        raise
-                    break
-            except BaseException:
-                self.stop()
-                raise
+
+            def configure() -> None:
+                self._port, self._controller_port = self._pick_ports()
+                self._write_server_properties()
+                self._format_storage(java, lib, deadline)
+
+            self._launch_until_bound(java, lib, deadline, configure, BrokerError)
             _emit(
                 self._progress,
                 f"Kafka {kafka_version()} ready at {self.bootstrap_servers} (workdir {self._workdir})",

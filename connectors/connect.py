@@ -268,24 +268,12 @@ class LocalConnect(_JvmService):
                 java = _require_java()
             lib = resolve_connect_jars(progress=self._progress)
             self._prepare_workdir()
-            try:
-                # The REST port is picked by binding to :0 and releasing, so another process
-                # can grab it in between; retry that (rare) race instead of failing.
-                for attempt in range(3):
-                    self._port = _free_port()
-                    self._write_worker_properties()
-                    self._launch(java, lib)
-                    try:
-                        self._wait_ready(deadline)
-                    except ConnectError:
-                        if attempt < 2 and self._bind_failed():
-                            self._kill_process(timeout=5.0)
-                            continue
-                        raise
-                    break
-            except BaseException:
-                self.stop()
-                raise
+
+            def configure() -> None:
+                self._port = _free_port()
+                self._write_worker_properties()
+
+            self._launch_until_bound(java, lib, deadline, configure, ConnectError)
             _emit(
                 self._progress,
                 f"Kafka Connect {connect_version()} (Debezium {debezium_version()}) ready at "

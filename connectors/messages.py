@@ -95,6 +95,19 @@ class ControlRecord(_Message):
         default_factory=list, description="Database and webhook actions taken (quarantine) or undone (release)."
     )
 
+    @classmethod
+    def quarantine(cls, alert: Alert, enforcement: list[EnforcementResult] | None = None) -> ControlRecord:
+        """The worker's record that ``alert`` quarantined its agent, with what enforcement did so far."""
+        return cls(
+            agent_id=alert.agent_id,
+            state="quarantined",
+            reason=alert.summary,
+            alert_id=alert.alert_id,
+            table=alert.table,
+            by="writeguard-worker",
+            enforcement=list(enforcement or ()),
+        )
+
 
 class DeadLetter(_Message):
     """An input record that could not be decoded, with everything needed to replay it."""

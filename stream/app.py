@@ -187,15 +187,7 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
             metrics.detection_lag.labels(f.table).observe(alert.lag_ms / 1000.0)
             log.warning("ALERT %s", alert.summary)
             if f.quarantine:
-                rec = ControlRecord(
-                    agent_id=f.agent_id,
-                    state="quarantined",
-                    reason=alert.summary,
-                    alert_id=f.alert_id,
-                    table=f.table,
-                    by="writeguard-worker",
-                )
-                await send_control(rec)
+                await send_control(ControlRecord.quarantine(alert))
                 metrics.quarantines.labels(f.table).inc()
                 metrics.quarantined_agents.set(len(engine.quarantined))
                 if enforcer is not None:

@@ -127,17 +127,7 @@ class Enforcer:
         if entry is None:
             return
         entry.results.append(result)
-        a = entry.alert
-        rec = ControlRecord(
-            agent_id=a.agent_id,
-            state="quarantined",
-            reason=a.summary,
-            alert_id=a.alert_id,
-            table=a.table,
-            by="writeguard-worker",
-            enforcement=list(entry.results),
-        )
-        task = asyncio.ensure_future(self._publish(rec))
+        task = asyncio.ensure_future(self._publish(ControlRecord.quarantine(entry.alert, entry.results)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

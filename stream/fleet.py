@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -21,6 +21,52 @@ ORDERS = "public.orders"
 
 def topic_of(table: str, prefix: str = TOPIC_PREFIX) -> str:
     return f"{prefix}.{table}"
+
+
+def debezium_value(
+    table: str,
+    op: str,
+    before: Mapping[str, object] | None,
+    after: Mapping[str, object] | None,
+    ts_us: int,
+    *,
+    prefix: str = TOPIC_PREFIX,
+    tx_id: int = 1,
+    lsn: int = 1,
+) -> bytes:
+    """A change event as Debezium 3.x's PostgreSQL connector writes it with payload-only JSON converters.
+
+    ``ts_us`` is the commit time (``source.ts_*``); the envelope's own ``ts_*`` is when Debezium handled it.
+    """
+    schema, name = table.split(".")
+    now_us = ts_us + 3_000
+    return orjson.dumps(
+        {
+            "before": before,
+            "after": after,
+            "source": {
+                "version": "3.6.1.Final",
+                "connector": "postgresql",
+                "name": prefix,
+                "ts_ms": ts_us // 1000,
+                "ts_us": ts_us,
+                "ts_ns": ts_us * 1000,
+                "snapshot": "false",
+                "db": "shop",
+                "sequence": f'[null,"{lsn}"]',
+                "schema": schema,
+                "table": name,
+                "txId": tx_id,
+                "lsn": lsn,
+                "xmin": None,
+            },
+            "transaction": None,
+            "op": op,
+            "ts_ms": now_us // 1000,
+            "ts_us": now_us,
+            "ts_ns": now_us * 1000,
+        }
+    )
 
 
 @dataclass
@@ -99,38 +145,9 @@ class Fleet:
         after: dict[str, object] | None,
         ts_us: int,
     ) -> bytes:
-        schema, name = table.split(".")
         self._lsn += self.rng.randint(200, 900)
         self._tx += 1
-        source = {
-            "version": "3.6.1.Final",
-            "connector": "postgresql",
-            "name": self.prefix,
-            "ts_ms": ts_us // 1000,
-            "ts_us": ts_us,
-            "ts_ns": ts_us * 1000,
-            "snapshot": "false",
-            "db": "shop",
-            "sequence": f'[null,"{self._lsn}"]',
-            "schema": schema,
-            "table": name,
-            "txId": self._tx,
-            "lsn": self._lsn,
-            "xmin": None,
-        }
-        now_us = ts_us + 3_000
-        return orjson.dumps(
-            {
-                "before": before,
-                "after": after,
-                "source": source,
-                "transaction": None,
-                "op": op,
-                "ts_ms": now_us // 1000,
-                "ts_us": now_us,
-                "ts_ns": now_us * 1000,
-            }
-        )
+        return debezium_value(table, op, before, after, ts_us, prefix=self.prefix, tx_id=self._tx, lsn=self._lsn)
 
     def write(self, a: Agent, ts_us: int) -> Record:
         """One write by agent ``a`` committed at ``ts_us``."""

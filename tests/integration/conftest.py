@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 from connectors.broker import LocalKafka
 from stream.config import Config, load_config
 from stream.fleet import ORDERS, REFUNDS
-from stream.process import WorkerProcess, spawn_worker
+from stream.process import ROOT, WorkerProcess, spawn_worker
 from stream.stack import example_config
 
 
@@ -68,6 +69,28 @@ class Worker:
 
     def topic(self, table: str) -> str:
         return f"{self.prefix}.{table}"
+
+
+def process_group_exists(pgid: int) -> bool:
+    """Whether any process of the group is alive: a stopped JVM must leave none behind."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release(config_path: Path, agent: str, reason: str) -> subprocess.CompletedProcess[str]:
+    """``writeguard release`` as an operator runs it, in its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "stream.cli", "release", agent, "--reason", reason, "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
 
 
 def make_config(tmp: Path, bootstrap: str, prefix: str, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:

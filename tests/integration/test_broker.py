@@ -7,7 +7,6 @@ confluent-kafka, and stop() leaves no JVM and no temp directory behind.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import uuid
@@ -16,18 +15,9 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from connectors.broker import BrokerError, LocalKafka
+from tests.integration.conftest import process_group_exists
 
 pytestmark = pytest.mark.integration
-
-
-def _process_group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,7 +41,7 @@ def test_produce_consume_and_clean_stop() -> None:
         pid = kafka.pid
         workdir = kafka.workdir
         assert pid is not None and workdir is not None
-        assert _process_group_exists(pid)
+        assert process_group_exists(pid)
         assert kafka.bootstrap_servers.startswith("127.0.0.1:")
 
         kafka.create_topics({topic: 2}, config={topic: {"retention.ms": "3600000"}})
@@ -94,6 +84,6 @@ def test_produce_consume_and_clean_stop() -> None:
         print(f"broker stopped in {time.monotonic() - stop_started:.1f}s")
 
     assert not kafka.running
-    assert not _process_group_exists(pid), f"java process group {pid} still alive after stop()"
+    assert not process_group_exists(pid), f"java process group {pid} still alive after stop()"
     assert not workdir.exists(), "temp workdir not removed"
     kafka.stop()  # idempotent

@@ -10,7 +10,6 @@ commit takes to reach Kafka.  Run with ``-s`` to see the figures and the raw m a
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import statistics
@@ -27,6 +26,7 @@ from confluent_kafka import Consumer, Message
 from connectors.broker import LocalKafka
 from connectors.connect import ConnectError, LocalConnect, debezium_postgres_config, resolve_connect_jars
 from connectors.debezium import ChangeEvent, decode
+from tests.integration.conftest import process_group_exists
 
 psycopg = pytest.importorskip("psycopg", reason='needs psycopg 3: pip install "psycopg[binary]"')
 
@@ -42,16 +42,6 @@ TX_MESSAGE = '{"agent_id":"a1","run_id":"r1"}'
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _process_group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -363,7 +353,7 @@ def test_stop_leaves_nothing_behind(cdc: Cdc) -> None:
     worker.stop()
     _say(f"Connect stopped in {time.monotonic() - started:.2f}s (connector running at the time)")
     assert not worker.running
-    assert not _process_group_exists(pid), f"java process group {pid} still alive after stop()"
+    assert not process_group_exists(pid), f"java process group {pid} still alive after stop()"
     assert not workdir.exists(), "temp workdir not removed"
     worker.stop()  # idempotent
     with pytest.raises(ConnectError):

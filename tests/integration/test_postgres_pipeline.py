@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +18,8 @@ import pytest
 from psycopg import errors, sql
 
 from connectors.broker import LocalKafka
-from stream.process import ROOT
 from stream.stack import Stack, start_stack
-from tests.integration.conftest import read_topic
+from tests.integration.conftest import read_topic, release
 
 pytestmark = pytest.mark.integration
 
@@ -134,23 +132,7 @@ def test_rogue_agent_is_quarantined_in_postgres_and_its_next_write_fails(pipelin
 
 def test_release_grants_back_exactly_what_was_revoked(pipeline: Stack) -> None:
     rogue = REFUND_AGENTS[1]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stream.cli",
-            "release",
-            rogue,
-            "--reason",
-            "prompt fixed",
-            "--config",
-            str(pipeline.config_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    out = release(pipeline.config_path, rogue, "prompt fixed")
     assert out.returncode == 0, out.stderr
     assert "granted back" in out.stdout
     with pipeline.agent(rogue) as c:

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import time
 
 import pytest
 from confluent_kafka import Producer
 
 from stream.fleet import REFUNDS, Fleet
-from stream.process import ROOT
-from tests.integration.conftest import Worker, read_topic
+from tests.integration.conftest import Worker, read_topic, release
 
 pytestmark = pytest.mark.integration
 
@@ -97,23 +94,7 @@ def test_rogue_agent_is_alerted_within_50_anomalous_events_and_quarantined(worke
 
 def test_release_writes_a_control_record_and_the_worker_follows_it(worker: Worker, fleet: Fleet) -> None:
     rogue = next(a for a in fleet.agents if a.table == REFUNDS)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stream.cli",
-            "release",
-            rogue.agent_id,
-            "--reason",
-            "refund bug fixed",
-            "--config",
-            str(worker.config_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    out = release(worker.config_path, rogue.agent_id, "refund bug fixed")
     assert out.returncode == 0, out.stderr
     control = [json.loads(v) for _, v, _, _ in read_topic(worker.bootstrap, worker.config.topics.control, expect=2)]
     assert [c["state"] for c in control if c["agent_id"] == rogue.agent_id] == ["quarantined", "released"]
