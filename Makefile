@@ -2,8 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Debian's own interpreter, the one most users' hosts have: unit tests and a worker smoke test run on it too,
+# because a Python's build decides which optional stdlib modules (dbm.gnu, dbm.ndbm, ...) exist.
+SYSTEM_PYTHON ?= /usr/bin/python3
+SYSVENV ?= .venv-system
 
-.PHONY: system-deps install demo demo-postgres test lint unit integration bench schemas clean quality bench-postgres
+.PHONY: system-deps install demo demo-postgres test lint unit integration bench schemas clean quality bench-postgres \
+	test-system-python
 
 system-deps:
 	bash scripts/system-deps
@@ -16,6 +21,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+$(SYSVENV)/.installed: pyproject.toml
+	bash scripts/system-deps --no-postgres
+	$(SYSTEM_PYTHON) -m venv $(SYSVENV)
+	$(SYSVENV)/bin/python -m pip install -q --upgrade pip
+	$(SYSVENV)/bin/python -m pip install -q -e . 'pytest>=8'
+	touch $@
 
 demo: install
 	$(PY) -m stream.cli demo
@@ -34,9 +46,13 @@ unit: install
 integration: system-deps install
 	$(PY) -m pytest -q -m integration
 
-test: system-deps lint
+test: system-deps lint test-system-python
 	bash scripts/deploy-tools
 	$(PY) -m pytest -q
+
+test-system-python: system-deps $(SYSVENV)/.installed
+	$(SYSVENV)/bin/python -c 'import sys; print("tests on", sys.version.split()[0], "(" + sys.base_prefix + ")")'
+	$(SYSVENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/integration/test_worker_smoke.py
 
 .PHONY: deploy-check
 deploy-check: install
@@ -53,7 +69,7 @@ schemas: install
 	$(PY) -m stream.cli schemas --write
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(SYSVENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
 quality: install
 	$(PY) benchmarks/scenarios.py run

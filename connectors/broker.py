@@ -581,9 +581,18 @@ class LocalKafka(_JvmService):
         *,
         heap: str = "512m",
         progress: Progress | None = None,
+        sasl_users: Mapping[str, str] | None = None,
     ) -> None:
+        """``sasl_users`` (user -> password) adds a SASL_PLAINTEXT listener with the PLAIN mechanism.
+
+        That listener accepts exactly those users (see :attr:`sasl_bootstrap_servers`). The PLAINTEXT
+        listener of :attr:`bootstrap_servers` stays as it is, for admin and test clients, and carries the
+        broker's own (inter-broker) traffic; the controller listener stays PLAINTEXT too.
+        """
         super().__init__(workdir, heap=heap, progress=progress)
         self._controller_port: int | None = None
+        self._sasl_users = _check_sasl_users(sasl_users) if sasl_users is not None else None
+        self._sasl_port: int | None = None
 
     # -- introspection -------------------------------------------------------
 
@@ -593,6 +602,15 @@ class LocalKafka(_JvmService):
         if self._port is None or self._proc is None:
             raise BrokerError("LocalKafka is not started; call start() first")
         return f"127.0.0.1:{self._port}"
+
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        """``127.0.0.1:<port>`` of the SASL_PLAINTEXT (PLAIN) listener; only with ``sasl_users``."""
+        if self._sasl_users is None:
+            raise BrokerError("LocalKafka has no SASL listener; pass sasl_users={user: password}")
+        if self._sasl_port is None or self._proc is None:
+            raise BrokerError("LocalKafka is not started; call start() first")
+        return f"127.0.0.1:{self._sasl_port}"
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -613,6 +631,10 @@ class LocalKafka(_JvmService):
 
             def configure() -> None:
                 self._port, self._controller_port = self._pick_ports()
+                if self._sasl_users is not None:
+                    self._sasl_port = _free_port()
+                    while self._sasl_port in (self._port, self._controller_port):
+                        self._sasl_port = _free_port()
                 self._write_server_properties()
                 self._format_storage(java, lib, deadline)
 
@@ -632,6 +654,7 @@ class LocalKafka(_JvmService):
         with self._lock:
             super().stop(timeout)
             self._controller_port = None
+            self._sasl_port = None
 
     def __repr__(self) -> str:
         where = f"127.0.0.1:{self._port}" if self._port is not None else "not started"
@@ -757,8 +780,27 @@ class LocalKafka(_JvmService):
             # Small segments keep the temp dir small in long benchmarks.
             "log.segment.bytes": str(64 * 1024 * 1024),
         }
+        if self._sasl_users is not None:
+            props.update(self._sasl_properties())
         text = "".join(f"{key}={value}\n" for key, value in props.items())
         (self._workdir / "server.properties").write_text(text, encoding="utf-8")
+
+    def _sasl_properties(self) -> dict[str, str]:
+        """A SASL_PLAINTEXT listener named SASL_PLAINTEXT, PLAIN only, whose JAAS config lists the users."""
+        assert self._sasl_users is not None and self._sasl_port is not None
+        users = " ".join(f'user_{name}="{password}"' for name, password in self._sasl_users.items())
+        where = f"127.0.0.1:{self._sasl_port}"
+        return {
+            "listeners": f"PLAINTEXT://127.0.0.1:{self._port},SASL_PLAINTEXT://{where},"
+            f"CONTROLLER://127.0.0.1:{self._controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self._port},SASL_PLAINTEXT://{where}",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+            ),
+        }
 
     def _format_storage(self, java: str, lib: Path, deadline: float) -> None:
         assert self._workdir is not None
@@ -830,6 +872,24 @@ class LocalKafka(_JvmService):
                 return
             last_error = "metadata lists no brokers yet"
             time.sleep(0.1)
+
+
+_SASL_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def _check_sasl_users(users: Mapping[str, str]) -> dict[str, str]:
+    """The users as the JAAS config will hold them; refuse what its quoting could not carry unchanged."""
+    if not users:
+        raise ValueError("sasl_users needs at least one user")
+    out: dict[str, str] = {}
+    for name, password in users.items():
+        if not _SASL_NAME.fullmatch(name):
+            raise ValueError(f"SASL user name {name!r} must match {_SASL_NAME.pattern}")
+        # server.properties is read as ISO-8859-1 and the JAAS value is a quoted string: printable ASCII only.
+        if not password or not (password.isascii() and password.isprintable()) or any(c in password for c in '"\\;'):
+            raise ValueError(f"SASL password of {name!r} must be printable ASCII, without quotes, \\ or ;")
+        out[name] = password
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

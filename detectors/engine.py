@@ -272,6 +272,7 @@ class Engine:
         # Least recently active last-touched order: evicting the head frees the agents idle the longest.
         self.states: OrderedDict[tuple[str, str], _AgentState] = OrderedDict()
         self.quarantined: dict[str, Quarantine] = {}
+        self._released: dict[str, str] = {}  # agent id -> the alert id of its last lifted quarantine
         self.suppressions = tuple(suppressions)
         self.suppressed = 0  # findings not published because a suppression window covered them
         self.max_states = max_states
@@ -285,8 +286,11 @@ class Engine:
             if self.max_states is not None:
                 self.states.move_to_end(key)
             return st
-        blob = self.store.pop(_store_key(key), None) if self.max_states is not None else None
+        # Only get and del: a dbm object (whichever module the Python build has) lacks pop and most of the rest.
+        skey = _store_key(key)
+        blob = self.store.get(skey) if self.max_states is not None else None
         if blob is not None:
+            del self.store[skey]
             st = pickle.loads(blob)  # noqa: S301 - our own checkpoint, written by _evict below
             _relink(st, tab)
             self.restored += 1
@@ -296,6 +300,12 @@ class Engine:
         if self.max_states is not None and len(self.states) > self.max_states:
             self._evict()
         return st
+
+    def _held(self, tab: _Table, key: tuple[str, str]) -> _AgentState | None:
+        """The agent's state in memory or in the store of evicted ones; None if it never wrote to the table."""
+        if key in self.states or (self.max_states is not None and self.store.get(_store_key(key)) is not None):
+            return self._state(tab, key)
+        return None
 
     def _evict(self) -> None:
         assert self.max_states is not None
@@ -359,10 +369,12 @@ class Engine:
                 del recent[0]
             if st.open & bit or mask.bit_count() < p.k:
                 continue
-            st.open |= bit
             if self.suppressions and self.suppressed_by(ch, p.name) is not None:
-                self.suppressed += 1  # planned work: scored and counted, never alerted on
+                # Planned work: scored and counted, never alerted on. The incident stays closed, so an anomaly
+                # that goes on after the window is alerted then.
+                self.suppressed += 1
                 continue
+            st.open |= bit
             findings.append(self._finding(tab, p, ch, det, scope, score, list(recent), st.n, quarantine))
         if quarantine is not None:
             quarantine.events_after += 1
@@ -431,13 +443,17 @@ class Engine:
         so that the same behaviour is normal from now on.
         """
         if state == "quarantined":
-            if agent_id not in self.quarantined:
+            # An enforcement outcome that lands after the release repeats the released alert: it stays released.
+            if agent_id not in self.quarantined and (alert_id is None or self._released.get(agent_id) != alert_id):
                 self.quarantined[agent_id] = Quarantine(alert_id, reason, at_us)
         elif state == "released":
-            self.quarantined.pop(agent_id, None)
+            q = self.quarantined.pop(agent_id, None)
+            lifted = alert_id or (q.alert_id if q is not None else None)
+            if lifted is not None:
+                self._released[agent_id] = lifted
             # A released agent starts with a clean slate: if it misbehaves again, it is alerted again.
             for name, tab in self.tables.items():
-                st = self.states.get((name, agent_id))
+                st = self._held(tab, (name, agent_id))
                 if st is None:
                     continue
                 if false_positive and st.recent is not None:

@@ -98,14 +98,16 @@ class Extractor:
                 continue
             if per is not None:
                 num, den = as_number(lookup(row, keys)), as_number(lookup(row, per))
-                if num is not None and den:
-                    out[f.name] = num / den
+                # Two finite numbers can still divide or subtract to inf (1e308 / 1e-308): such a value has no
+                # meaning for a model, and inf would not survive the JSON of the changes topic either.
+                if num is not None and den and math.isfinite(q := num / den):
+                    out[f.name] = q
                 continue
             if f.delta:
                 a = as_number(lookup(after, keys))
                 b = as_number(lookup(before, keys))
-                if a is not None and b is not None:
-                    out[f.name] = a - b
+                if a is not None and b is not None and math.isfinite(d := a - b):
+                    out[f.name] = d
                 continue
             v = as_number(lookup(row, keys))
             if v is not None:

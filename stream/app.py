@@ -12,7 +12,6 @@ and rebalances without co-partitioning.
 from __future__ import annotations
 
 import asyncio
-import dbm
 import logging
 import os
 import ssl
@@ -31,6 +30,7 @@ from detectors.engine import Change, Engine, Finding
 from stream.config import Config, client_settings, make_engine
 from stream.enforce import Enforcer
 from stream.metrics import Metrics
+from stream.modelstore import ModelStore
 from stream.pipeline import SKIP_UNATTRIBUTED, Router, build_alert, coords_of
 
 log = logging.getLogger("writeguard.worker")
@@ -68,13 +68,16 @@ def _credentials(client: dict[str, str]) -> Any:
         return None
     ctx = ssl.create_default_context(cafile=client.get("ssl.ca.location"))
     if client.get("ssl.certificate.location"):
-        ctx.load_cert_chain(client["ssl.certificate.location"], client.get("ssl.key.location"))
+        ctx.load_cert_chain(
+            client["ssl.certificate.location"], client.get("ssl.key.location"), client.get("ssl.key.password")
+        )
     if proto == "SSL":
         return faust.SSLCredentials(ctx)
     return faust.SASLCredentials(
         username=client.get("sasl.username"),
         password=client.get("sasl.password"),
-        mechanism=client.get("sasl.mechanism", "PLAIN"),
+        # librdkafka spells it sasl.mechanisms too; both must reach Faust, or it falls back to PLAIN.
+        mechanism=client.get("sasl.mechanism") or client.get("sasl.mechanisms") or "PLAIN",
         ssl_context=ctx if proto == "SASL_SSL" else None,
     )
 
@@ -176,7 +179,11 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
         await control.send(key=rec.agent_id.encode(), value=rec.to_bytes())
 
     enforcing = any(a in ("postgres", "webhook") for t in cfg.tables for acts in t.actions.values() for a in acts)
-    enforcer = Enforcer(cfg, send_control, metrics) if enforcing else None
+    def current(agent_id: str, alert_id: str) -> bool:
+        q = engine.quarantined.get(agent_id)
+        return q is not None and q.alert_id == alert_id
+
+    enforcer = Enforcer(cfg, send_control, metrics, current) if enforcing else None
 
     async def publish(findings: list[Finding]) -> None:
         now_us = time.time_ns() // 1000
@@ -248,10 +255,18 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
     if cfg.worker.repartition:
 
         @app.agent(changes)
-        async def detect(stream: faust.StreamT[bytes]) -> None:
-            async for values in stream.take(BATCH, within=BATCH_WITHIN_S):
-                for value in values:
-                    findings = score(_decode_change(value))
+        async def detect(stream: Any) -> None:
+            async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+                for event in events:
+                    try:
+                        ch = _decode_change(event.value)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                        # Only another producer on our internal topic can write this: keep it, do not stop.
+                        dead = _dead_letter("invalid_change", str(e)[:2000], event.message, event.key, event.value)
+                        metrics.dead_letters.labels("invalid_change").inc()
+                        await dlq.send(key=event.key, value=dead)
+                        continue
+                    findings = score(ch)
                     if findings:
                         await publish(findings)
 
@@ -315,7 +330,7 @@ def run_worker(
     datadir = datadir or f"{cfg.kafka.group_id}-data"
     os.makedirs(datadir, exist_ok=True)
     # Agents evicted from memory are checkpointed here and restored on their next write.
-    store: Any = dbm.open(os.path.join(datadir, "agent-models"), "n")
+    store = ModelStore(os.path.join(datadir, "agent-models.sqlite"))
     engine = make_engine(cfg, store)
     metrics = Metrics()
     port = metrics.serve(cfg.worker.metrics.host, cfg.worker.metrics.port if metrics_port is None else metrics_port)

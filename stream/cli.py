@@ -51,15 +51,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _undo_enforcement(cfg: Config, agent: str) -> list[Any]:
-    """Grant back what the agent's quarantine took away in the database, as recorded on the control topic."""
+def _undo_enforcement(cfg: Config, last: dict[str, Any] | None) -> list[Any]:
+    """Grant back what the agent's quarantine took away in the database, as ``last`` (its control record) says."""
     if cfg.enforcement.postgres is None:
         return []
     from connectors.messages import EnforcementResult
     from connectors.pg_enforce import EnforcementError
-    from stream.enforce import postgres_enforcer, read_control_state, revocation_from
+    from stream.enforce import postgres_enforcer, revocation_from
 
-    rev = revocation_from(read_control_state(cfg).get(agent))
+    rev = revocation_from(last)
     if rev is None:
         return []
     pg = postgres_enforcer(cfg)
@@ -85,10 +85,15 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     by = args.by or f"{getpass.getuser()}@{socket.gethostname()}"
-    undone = _undo_enforcement(cfg, args.agent)
+    from stream.enforce import read_control_state
+
+    last = read_control_state(cfg).get(args.agent)
+    undone = _undo_enforcement(cfg, last)
     rec = ControlRecord(
         agent_id=args.agent,
         state="released",
+        # The quarantine it lifts: a late `quarantined` record of that alert must not put it back.
+        alert_id=last.get("alert_id") if last and last.get("state") == "quarantined" else None,
         reason=args.reason,
         by=by,
         enforcement=undone,

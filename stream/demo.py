@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from confluent_kafka import Consumer, Producer
 
 from stream.config import load_config
-from stream.fleet import ORDERS, REFUNDS, Agent, Fleet, topic_of
+from stream.fleet import ORDERS, REFUNDS, TOPIC_PREFIX, Agent, Fleet, topic_of
 from stream.process import WorkerProcess, spawn_worker
 
 EXAMPLE_CONFIG = Path(__file__).parent / "examples" / "writeguard.yaml"
@@ -88,18 +89,26 @@ def run_demo(
             bootstrap_servers = broker.bootstrap_servers
             clock.say(f"Kafka ready: bootstrap.servers={bootstrap_servers}")
             broker.create_topics({topic_of(REFUNDS): 3, topic_of(ORDERS): 3})
+            config_path, prefix = EXAMPLE_CONFIG, TOPIC_PREFIX
         else:
             from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+            from stream.stack import example_config
+
+            # An existing Kafka may hold an earlier run's topics: a quarantine read back from them would end
+            # this run before its rogue wrote anything. Each run gets topics and a group of its own.
+            prefix = f"demo{os.urandom(3).hex()}"
+            config_path = workdir / "writeguard.yaml"
+            config_path.write_text(yaml.safe_dump(example_config(bootstrap_servers, prefix)))
             admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-            for f in admin.create_topics([NewTopic(topic_of(t), 3, 1) for t in (REFUNDS, ORDERS)]).values():
+            for f in admin.create_topics([NewTopic(topic_of(t, prefix), 3, 1) for t in (REFUNDS, ORDERS)]).values():
                 try:
                     f.result()
                 except Exception as e:
                     if "TOPIC_ALREADY_EXISTS" not in str(e):
                         raise
-        cfg = load_config(EXAMPLE_CONFIG).with_bootstrap(bootstrap_servers)
-        worker = spawn_worker(EXAMPLE_CONFIG, workdir, bootstrap=bootstrap_servers)
+        cfg = load_config(config_path).with_bootstrap(bootstrap_servers)
+        worker = spawn_worker(config_path, workdir, bootstrap=bootstrap_servers)
         clock.say(
             f"worker running (pid {worker.proc.pid}); Prometheus metrics at "
             f"http://127.0.0.1:{worker.metrics_port}/metrics"
@@ -113,6 +122,7 @@ def run_demo(
             agents,
             rogue_timeout_s,
             seed,
+            prefix,
         )
         return _summary(clock, result)
     finally:
@@ -134,8 +144,9 @@ def _run_fleet(
     n_agents: int,
     rogue_timeout_s: float,
     seed: int,
+    prefix: str,
 ) -> DemoResult:
-    fleet = Fleet(n_agents=n_agents, seed=seed)
+    fleet = Fleet(n_agents=n_agents, seed=seed, prefix=prefix)
     rng = random.Random(seed)
     rogue = next(a for a in fleet.agents if a.table == REFUNDS and a is not fleet.agents[0])
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2, "acks": "all"})

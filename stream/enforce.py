@@ -23,6 +23,7 @@ from stream.metrics import Metrics
 
 log = logging.getLogger("writeguard.enforce")
 Publish = Callable[[ControlRecord], Awaitable[None]]
+Current = Callable[[str, str], bool]  # (agent id, alert id) -> is that alert's quarantine still in force?
 
 
 def postgres_enforcer(cfg: Config) -> PostgresEnforcer | None:
@@ -43,8 +44,10 @@ class _Open:
 class Enforcer:
     """Takes a quarantining alert, runs its enforcement actions, publishes what each did."""
 
-    def __init__(self, cfg: Config, publish: Publish, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, publish: Publish, metrics: Metrics, current: Current | None = None) -> None:
         self._publish = publish
+        # Whether an alert's quarantine is still the agent's: a human may release it while an action is under way.
+        self._current = current or (lambda agent_id, alert_id: True)
         self._metrics = metrics
         self._pg = postgres_enforcer(cfg)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeguard-pg")
@@ -90,11 +93,9 @@ class Enforcer:
                 "summary": alert.summary,
                 "commit_ts": alert.commit_ts.isoformat(),
             }
-            if not self._webhook.submit(f"{alert.alert_id}:webhook", payload):
-                self._record(
-                    alert.alert_id,
-                    EnforcementResult(action="webhook", ok=False, detail="not queued: delivery queue full"),
-                )
+            # A delivery that is not queued (queue full, sender stopped, payload not JSON) is reported by the
+            # sender through _on_delivery, within submit(): recording it here too would count it twice.
+            self._webhook.submit(f"{alert.alert_id}:webhook", payload)
 
     async def _revoke(self, alert: Alert) -> None:
         assert self._pg is not None and self._loop is not None
@@ -112,11 +113,23 @@ class Enforcer:
             if inherited:
                 detail += f"; still writable through {', '.join(inherited)}"
             result = EnforcementResult(action="postgres", ok=not inherited, detail=detail, revocation=rev.to_dict())
+            if not self._current(alert.agent_id, alert.alert_id):
+                # Released while the REVOKE waited: the release found nothing to grant back, so do it now.
+                try:
+                    await self._loop.run_in_executor(self._pool, pg.release, rev)
+                    log.warning("role %s: released while its quarantine was enforced; granted back", rev.role)
+                except Exception:
+                    log.exception("role %s: released while enforced, and granting back failed", rev.role)
         self._record(alert.alert_id, result)
 
     def _on_delivery(self, d: Delivery) -> None:
         alert_id = d.key.rsplit(":", 1)[0]
-        detail = f"HTTP {d.status} after {d.attempts} attempt(s)" if d.status else f"{d.error} ({d.attempts} attempts)"
+        if d.error == "queue_full":
+            detail = "not queued: delivery queue full"
+        elif d.status:
+            detail = f"HTTP {d.status} after {d.attempts} attempt(s)"
+        else:
+            detail = f"{d.error} ({d.attempts} attempts)"
         self._record(alert_id, EnforcementResult(action="webhook", ok=d.delivered, detail=detail))
 
     def _record(self, alert_id: str, result: EnforcementResult) -> None:
@@ -125,6 +138,10 @@ class Enforcer:
             log.warning("enforcement %s failed for alert %s: %s", result.action, alert_id, result.detail)
         entry = self._open.get(alert_id)
         if entry is None:
+            return
+        if not self._current(entry.alert.agent_id, alert_id):
+            # A late outcome must not publish a `quarantined` record over the human's `released` one.
+            del self._open[alert_id]
             return
         entry.results.append(result)
         task = asyncio.ensure_future(self._publish(ControlRecord.quarantine(entry.alert, entry.results)))

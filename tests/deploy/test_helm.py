@@ -258,5 +258,42 @@ def test_service_monitor_scrapes_the_metrics_port(rendered: dict[str, Rendered])
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
-def test_ci_values_file_is_used() -> None:
-    assert CI_VALUES.is_file()
+def test_ci_values_file_is_used(helm: str, rendered: dict[str, Rendered], tmp_path: Path) -> None:
+    """The CI values file is what the lint and render tests above run with, and its settings reach the manifests."""
+    # Every values file under ci/ is one of the value sets the lint and render tests are parametrized over.
+    ci_files = sorted((CHART / "ci").glob("*-values.yaml"))
+    assert ci_files == [CI_VALUES], ci_files
+    assert [name for name, files in VALUE_SETS.items() if CI_VALUES in files] == ["sasl-tls"]
+
+    ci = yaml.safe_load(CI_VALUES.read_text())
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    image = f"{ci['image']['repository']}:{ci['image']['tag']}"
+    group_id = ci["config"]["kafka"]["group.id"]
+    # Values only the CI file sets: none of them is the chart's default.
+    assert ci["replicaCount"] != defaults["replicaCount"]
+    assert ci["image"]["repository"] != defaults["image"]["repository"]
+    assert group_id != defaults["config"]["kafka"]["group.id"]
+    assert ci["topologySpreadConstraints"] and not defaults.get("topologySpreadConstraints")
+
+    for name, expect_ci in (("sasl-tls", True), ("default", False)):
+        r = rendered[name]
+        deployment = r.one("Deployment")
+        pod = deployment["spec"]["template"]["spec"]
+        got = (
+            deployment["spec"]["replicas"],
+            r.worker()["image"],
+            r.config()["kafka"]["group.id"],
+            pod.get("topologySpreadConstraints"),
+        )
+        ci_values = (ci["replicaCount"], image, group_id, ci["topologySpreadConstraints"])
+        if expect_ci:
+            assert got == ci_values, f"{name}: the CI values did not reach the manifests"
+        else:
+            assert all(g != c for g, c in zip(got, ci_values, strict=True)), f"{name}: {got}"
+
+    # The lint reads the values file it is given: the same file with one bad value fails it.
+    broken = tmp_path / CI_VALUES.name
+    broken.write_text(CI_VALUES.read_text().replace(f"replicaCount: {ci['replicaCount']}\n", "replicaCount: -1\n"))
+    assert broken.read_text() != CI_VALUES.read_text()
+    proc = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(broken), check=False)
+    assert proc.returncode != 0 and "replicaCount" in proc.stdout + proc.stderr, proc.stdout + proc.stderr

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.deploy.conftest import DASHBOARD, RULES, ExportedMetrics, Rendered
+from stream.metrics import Metrics
+from tests.deploy.conftest import DASHBOARD, ROOT, RULES, ExportedMetrics, Rendered
 
 METRIC = re.compile(r"\bwriteguard_[a-z_]+")
 # Labels every scraped series has, or that PromQL makes (le of a histogram's buckets).
 TARGET_LABELS = {"job", "instance", "le"}
+README = ROOT / "README.md"
+# | `writeguard_x_total` | table, op | meaning |   or   | `writeguard_y_seconds` (histogram) | | meaning |
+README_ROW = re.compile(r"\|\s*`(writeguard_[a-z_]+)`(\s*\(histogram\))?\s*\|([^|]*)\|[^|]*\|")
 
 
 def dashboard_queries() -> list[tuple[str, str, str]]:
@@ -48,20 +53,74 @@ def all_queries(rendered: dict[str, Rendered] | None = None) -> list[tuple[str, 
     return queries
 
 
+@dataclass(frozen=True)
+class ReadmeMetric:
+    name: str  # as queried: counters with _total, histograms by their base name
+    histogram: bool
+    labels: frozenset[str]
+
+
+def readme_metrics() -> list[ReadmeMetric]:
+    """Every row of the README's metrics table ("### Metrics ..." up to the next heading)."""
+    text = README.read_text()
+    start = text.index("\n### Metrics")
+    end = text.find("\n#", start + 1)
+    section = text[start : end if end != -1 else len(text)]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    out = []
+    for line in rows:
+        match = README_ROW.fullmatch(line.strip())
+        assert match, f"README metrics table: cannot read row {line!r}"
+        name, histogram, labels = match.groups()
+        out.append(ReadmeMetric(name, bool(histogram), frozenset(x.strip() for x in labels.split(",") if x.strip())))
+    return out
+
+
+def registry_families() -> dict[str, str]:
+    """name as queried -> type, for every metric family a real Metrics() registers (what /metrics serves)."""
+    out = {}
+    for family in Metrics().registry.collect():
+        out[family.name + ("_total" if family.type == "counter" else "")] = family.type
+    return out
+
+
+def test_the_readme_metrics_table_is_read_whole() -> None:
+    listed = readme_metrics()
+    names = [m.name for m in listed]
+    assert len(names) >= 12 and len(names) == len(set(names)), names
+    assert all(METRIC.fullmatch(n) for n in names)
+
+
 def test_the_worker_exports_what_the_readme_lists(exported_metrics: ExportedMetrics) -> None:
+    families = registry_families()
+    problems = []
+    for metric in readme_metrics():
+        if metric.name not in families:
+            problems.append(f"{metric.name}: listed in the README, not registered by the worker")
+            continue
+        kind = "histogram" if metric.histogram else "counter" if metric.name.endswith("_total") else "gauge"
+        if families[metric.name] != kind:
+            problems.append(f"{metric.name}: the README says {kind}, the worker has a {families[metric.name]}")
+            continue
+        samples = [f"{metric.name}_{x}" for x in ("bucket", "count", "sum")] if metric.histogram else [metric.name]
+        for sample in samples:
+            if sample not in exported_metrics.samples:
+                problems.append(f"{sample}: not in the worker's exposition")
+            elif exported_metrics.samples[sample] - {"le"} != metric.labels:
+                problems.append(
+                    f"{sample}: the README gives labels {sorted(metric.labels)}, "
+                    f"the series carry {sorted(exported_metrics.samples[sample] - {'le'})}"
+                )
+    assert problems == []
     names = set(exported_metrics.samples)
-    for name in (
-        "writeguard_events_total",
-        "writeguard_alerts_total",
-        "writeguard_detection_lag_seconds_bucket",
-        "writeguard_quarantined_agents",
-        "writeguard_dead_letters_total",
-        "writeguard_consumer_lag_messages",
-        "writeguard_enforcement_actions_total",
-    ):
-        assert name in names
     assert "writeguard_alerts" not in names  # a counter is queried as *_total
     assert "writeguard_detection_lag_seconds" not in names  # a histogram only as _bucket/_count/_sum
+
+
+def test_every_metric_the_worker_exports_is_in_the_readme() -> None:
+    documented = {m.name for m in readme_metrics()}
+    undocumented = sorted(set(registry_families()) - documented)
+    assert not undocumented, f"exported by the worker but not in the README's metrics table: {undocumented}"
 
 
 def _check(queries: list[tuple[str, str, str]], exported: ExportedMetrics) -> list[str]:

@@ -7,18 +7,18 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from connectors.broker import LocalKafka
 from stream.config import Config, load_config
-from stream.fleet import ORDERS, REFUNDS
+from stream.fleet import ORDERS, REFUNDS, Record
 from stream.process import ROOT, WorkerProcess, spawn_worker
 from stream.stack import example_config
 
@@ -159,4 +159,38 @@ def read_topic(
         c.close()
 
 
-__all__ = ["ORDERS", "REFUNDS", "Worker", "read_topic", "start_worker"]
+Out = tuple[str, int | None, bytes | None, bytes | None]  # topic, partition (None: by key), key, value
+
+
+def produce(
+    bootstrap: str, records: Iterable[Record | Out], settings: dict[str, Any] | None = None
+) -> list[tuple[int, int]]:
+    """Produce in order and wait for every delivery; returns (partition, offset) of each record.
+
+    ``records`` are fleet records or raw (topic, partition, key, value) tuples; ``settings`` add client
+    settings (SASL, ...).
+    """
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True, **(settings or {})})
+    recs = [(r.topic, None, r.key, r.value) if isinstance(r, Record) else r for r in records]
+    where: list[tuple[int, int]] = [(-1, -1)] * len(recs)
+    errors: list[str] = []
+
+    def done(i: int) -> Callable[[Any, Any], None]:
+        def cb(err: Any, msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+            else:
+                where[i] = (msg.partition(), msg.offset())
+
+        return cb
+
+    for i, (topic, partition, key, value) in enumerate(recs):
+        extra = {} if partition is None else {"partition": partition}
+        p.produce(topic, key=key, value=value, on_delivery=done(i), **extra)
+        if i % 1000 == 0:
+            p.poll(0)
+    assert p.flush(30) == 0 and not errors, errors
+    return where
+
+
+__all__ = ["ORDERS", "REFUNDS", "Out", "Worker", "produce", "read_topic", "start_worker"]

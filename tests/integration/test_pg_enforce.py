@@ -31,11 +31,9 @@ WRITES = {(t, p) for t in ("refunds", "orders") for p in ("INSERT", "UPDATE", "D
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[LocalPostgres]:
-    server = LocalPostgres(progress=lambda m: print(m, file=sys.stderr))
-    try:
-        server.start()
-    except Exception as e:  # no PostgreSQL binaries: say so rather than fail every test
-        pytest.skip(f"PostgreSQL not available: {e}")
+    # PostgreSQL is required, not optional (scripts/system-deps installs it, CI has it): if it cannot start,
+    # every test here must fail with LocalPostgres's own error (PostgresError says what to install), not skip.
+    server = LocalPostgres(progress=lambda m: print(m, file=sys.stderr)).start()
     try:
         yield server
     finally:

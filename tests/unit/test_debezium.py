@@ -228,7 +228,29 @@ def reason_of(value: bytes | None) -> str:
 
 # --- change events --------------------------------------------------------------------------------
 
-EXPECTED = {
+
+def _row(fixture: bytes, image: str) -> dict[str, Any] | None:
+    """A row image of a fixture as written there: decode passes rows through untouched."""
+    row = json.loads(fixture).get(image)
+    assert row is None or isinstance(row, dict)
+    return row
+
+
+def _event(fixture: bytes, **fields: Any) -> ChangeEvent:
+    base: dict[str, Any] = {
+        "before": _row(fixture, "before"),
+        "after": _row(fixture, "after"),
+        "schema": "public",
+        "table": "orders",
+        "message_prefix": None,
+        "message_content": None,
+        "snapshot": False,
+    }
+    return ChangeEvent(**{**base, **fields})
+
+
+# Every fixture with the event it must decode to; the op, times, transaction ids, LSNs and table are spelled out.
+EXPECTED: dict[str, tuple[bytes, ChangeEvent]] = {
     "create": (
         CREATE,
         ChangeEvent(
@@ -254,21 +276,45 @@ EXPECTED = {
             snapshot=False,
         ),
     ),
-    "update": (UPDATE, None),
-    "update_full": (UPDATE_FULL, None),
-    "delete": (DELETE, None),
-    "read": (READ, None),
-    "truncate": (TRUNCATE, None),
-    "message": (MESSAGE, None),
+    "update": (UPDATE, _event(UPDATE, op="u", commit_ts_us=1741944414002311, tx_id="572", lsn=24023360)),
+    "update_full": (
+        UPDATE_FULL,
+        _event(UPDATE_FULL, op="u", commit_ts_us=1741944415300007, tx_id="573", lsn=24023592),
+    ),
+    "delete": (DELETE, _event(DELETE, op="d", commit_ts_us=1741944416010442, tx_id="574", lsn=24023824)),
+    "read": (READ, _event(READ, op="r", commit_ts_us=1741944400120000, tx_id="570", lsn=24022960, snapshot=True)),
+    "truncate": (TRUNCATE, _event(TRUNCATE, op="t", commit_ts_us=1741944417500120, tx_id="575", lsn=24024056)),
+    "message": (
+        MESSAGE,
+        _event(
+            MESSAGE,
+            op="m",
+            schema=None,
+            table=None,
+            commit_ts_us=1741944418001950,
+            tx_id="576",
+            lsn=24024288,
+            message_prefix="writeguard",
+            message_content=MESSAGE_CONTENT,
+        ),
+    ),
 }
+
+
+def test_the_fixtures_cover_every_op() -> None:
+    assert {ev.op for _, ev in EXPECTED.values()} == OPS
+    for raw, ev in EXPECTED.values():
+        assert json.loads(raw)["op"] == ev.op  # each expectation is about its own fixture
 
 
 @pytest.mark.parametrize("shape", ["payload-only", "schema+payload"])
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_every_op_in_both_shapes(name: str, shape: str) -> None:
-    raw, _ = EXPECTED[name]
+    raw, expected = EXPECTED[name]
     ev = decode(raw if shape == "payload-only" else wrap(raw))
     assert isinstance(ev, ChangeEvent)
+    assert ev.op == expected.op
+    assert ev == expected  # every field: rows, table, commit time, tx id, LSN, message, snapshot flag
     src = json.loads(raw)["source"]
     assert ev.commit_ts_us == src["ts_ns"] // 1000
     assert ev.lsn == src["lsn"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pydantic
 import pytest
@@ -22,8 +23,8 @@ COMMIT_US = 1_700_000_000_123_456
 DETECTED_US = COMMIT_US + 250_500  # 250.5 ms later
 
 
-def finding(**kw) -> Finding:
-    base = dict(
+def finding(**kw: Any) -> Finding:
+    base: dict[str, Any] = dict(
         alert_id="6a1f2b4c-0000-5000-8000-000000000001",
         table="public.refunds",
         agent_id="refund-agent-00",
@@ -51,7 +52,7 @@ def finding(**kw) -> Finding:
 # --- round trips --------------------------------------------------------------------------------
 
 
-def test_alert_json_round_trip():
+def test_alert_json_round_trip() -> None:
     alert = build_alert(finding(), DETECTED_US)
     raw = alert.to_bytes()
     assert Alert.model_validate_json(raw) == alert
@@ -61,23 +62,36 @@ def test_alert_json_round_trip():
     assert doc["actions"] == ["alert", "quarantine"]
 
 
-def test_control_record_json_round_trip():
-    rec = ControlRecord(agent_id="a1", state="released", reason="false positive", by="alice@laptop",
-                        alert_id="x", table="public.refunds")
+def test_control_record_json_round_trip() -> None:
+    rec = ControlRecord(
+        agent_id="a1",
+        state="released",
+        reason="false positive",
+        by="alice@laptop",
+        alert_id="x",
+        table="public.refunds",
+    )
     assert ControlRecord.model_validate_json(rec.to_bytes()) == rec
     assert rec.at.tzinfo is not None
     again = ControlRecord.model_validate_json(rec.to_bytes())
     assert (again.state, again.by, again.at) == ("released", "alice@laptop", rec.at)
 
 
-def test_dead_letter_json_round_trip():
-    dl = DeadLetter(reason="invalid_json", detail="expected ',' at byte 12", topic="shop.public.orders",
-                    partition=3, offset=1234567, timestamp_ms=1_700_000_000_000, key_b64="eyJpZCI6MX0=",
-                    value_b64="e25vdCBqc29u")
+def test_dead_letter_json_round_trip() -> None:
+    dl = DeadLetter(
+        reason="invalid_json",
+        detail="expected ',' at byte 12",
+        topic="shop.public.orders",
+        partition=3,
+        offset=1234567,
+        timestamp_ms=1_700_000_000_000,
+        key_b64="eyJpZCI6MX0=",
+        value_b64="e25vdCBqc29u",
+    )
     assert DeadLetter.model_validate_json(dl.to_bytes()) == dl
 
 
-def test_messages_refuse_unknown_fields_and_other_versions():
+def test_messages_refuse_unknown_fields_and_other_versions() -> None:
     raw = json.loads(ControlRecord(agent_id="a", state="quarantined", reason="r", by="w").to_bytes())
     with pytest.raises(pydantic.ValidationError):
         ControlRecord.model_validate({**raw, "surprise": 1})
@@ -90,27 +104,33 @@ def test_messages_refuse_unknown_fields_and_other_versions():
 # --- schema files -------------------------------------------------------------------------------
 
 
-def _schema_files() -> dict[str, Path]:
-    if not SCHEMAS.is_dir() or not any(SCHEMAS.glob("*.schema.json")):
-        pytest.skip(f"{SCHEMAS} has no *.schema.json yet: generate it with `python3 -m stream.cli schemas --write`")
-    return {p.name.removesuffix(".schema.json"): p for p in sorted(SCHEMAS.glob("*.schema.json"))}
-
-
-def test_schema_files_match_the_models():
-    files = _schema_files()
+def test_schema_files_match_the_models() -> None:
+    """schemas/ ships with the repository: one file per published model (and the config), as the code generates it."""
+    assert SCHEMAS.is_dir(), f"{SCHEMAS} is missing; run `writeguard schemas --write`"
+    files = {p.name.removesuffix(".schema.json"): p for p in sorted(SCHEMAS.glob("*.schema.json"))}
+    assert files, f"{SCHEMAS} has no *.schema.json; run `writeguard schemas --write`"
     generated = cli.all_schemas()
     assert set(generated) == {"config", *PUBLISHED}
-    assert sorted(files) == sorted(generated), "schemas/ has missing or extra files; run `writeguard schemas --write`"
+    assert PUBLISHED == {"alert": Alert, "control-record": ControlRecord, "dead-letter": DeadLetter}
+    missing = sorted(set(generated) - set(files))
+    extra = sorted(set(files) - set(generated))
+    assert not missing and not extra, f"schemas/: missing {missing}, extra {extra}; run `writeguard schemas --write`"
+    for name, model in PUBLISHED.items():
+        assert generated[name] == model.model_json_schema()
     for name, schema in generated.items():
-        on_disk = json.loads(files[name].read_text())
-        assert on_disk == schema, f"{files[name]} is stale; run `writeguard schemas --write`"
+        # Byte for byte what `writeguard schemas --write` writes, so `--check` in CI agrees with this test.
+        text = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+        assert files[name].read_text() == text, f"{files[name]} is stale; run `writeguard schemas --write`"
 
 
-def test_schemas_write_then_check(tmp_path, capsys):
+def test_schemas_write_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "schemas"
     assert cli.main(["schemas", "--dir", str(folder)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == [
-        "alert.schema.json", "config.schema.json", "control-record.schema.json", "dead-letter.schema.json",
+        "alert.schema.json",
+        "config.schema.json",
+        "control-record.schema.json",
+        "dead-letter.schema.json",
     ]
     assert cli.main(["schemas", "--check", "--dir", str(folder)]) == 0
     alert = folder / "alert.schema.json"
@@ -123,10 +143,15 @@ def test_schemas_write_then_check(tmp_path, capsys):
 # --- build_alert --------------------------------------------------------------------------------
 
 
-def test_build_alert_copies_the_finding():
+def test_build_alert_copies_the_finding() -> None:
     alert = build_alert(finding(), DETECTED_US)
     assert (alert.agent_id, alert.run_id, alert.table, alert.detector, alert.detector_kind) == (
-        "refund-agent-00", "run-1234abcd", "public.refunds", "zscore", "zscore")
+        "refund-agent-00",
+        "run-1234abcd",
+        "public.refunds",
+        "zscore",
+        "zscore",
+    )
     assert (alert.scope, alert.severity, alert.score, alert.threshold) == ("agent", "critical", 0.74, 0.6)
     assert alert.commit_ts == datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)
     assert alert.detected_at == datetime(2023, 11, 14, 22, 13, 20, 373956, tzinfo=UTC)
@@ -136,12 +161,12 @@ def test_build_alert_copies_the_finding():
     assert (e.feature, e.value, e.expected_low, e.expected_high, e.z) == ("amount", 1410.65, 16.43, 147.33, 9.3)
 
 
-def test_build_alert_lag_is_detected_minus_commit():
+def test_build_alert_lag_is_detected_minus_commit() -> None:
     assert build_alert(finding(), DETECTED_US).lag_ms == pytest.approx(250.5)
     assert build_alert(finding(), COMMIT_US + 3_000_000).lag_ms == pytest.approx(3000.0)
 
 
-def test_build_alert_parses_kafka_coords():
+def test_build_alert_parses_kafka_coords() -> None:
     first, second = build_alert(finding(), DETECTED_US).triggering_events
     assert (first.topic, first.partition, first.offset, first.source) == ("shop.public.refunds", 1, 42, None)
     assert (second.topic, second.partition, second.offset) == ("shop.public.refunds", 1, 57)
@@ -150,33 +175,39 @@ def test_build_alert_parses_kafka_coords():
 
 
 @pytest.mark.parametrize("coords", ["file.jsonl:7", "/data/2024/10/events.jsonl:7", "/data/1/42:7", "x/y:3"])
-def test_build_alert_replay_coords_go_to_source(coords):
+def test_build_alert_replay_coords_go_to_source(coords: str) -> None:
     [t] = build_alert(finding(triggers=[Trigger(coords, COMMIT_US, 0.9)]), DETECTED_US).triggering_events
     assert (t.topic, t.partition, t.offset, t.source) == (None, None, None, coords)
 
 
-def test_summary_names_feature_value_and_expected_range():
+def test_summary_names_feature_value_and_expected_range() -> None:
     summary = build_alert(finding(), DETECTED_US).summary
-    assert summary == (
-        "public.refunds: agent refund-agent-00: amount = 1,410.65 (expected 16.43 to 147.33, z=+9.3)"
+    assert summary == ("public.refunds: agent refund-agent-00: amount = 1,410.65 (expected 16.43 to 147.33, z=+9.3)")
+
+
+def test_summary_of_a_population_finding() -> None:
+    f = finding(
+        scope="population",
+        detector="zscore.population",
+        contributions=[Contribution("amount", 2_500_000.0, 10.0, 120.0, 14.2)],
     )
-
-
-def test_summary_of_a_population_finding():
-    f = finding(scope="population", detector="zscore.population",
-                contributions=[Contribution("amount", 2_500_000.0, 10.0, 120.0, 14.2)])
     summary = build_alert(f, DETECTED_US).summary
     assert "agent refund-agent-00 (judged against the table's population)" in summary
     assert "amount = 2.5e+06 (expected 10.00 to 120.00, z=+14.2)" in summary
 
 
-def test_summary_of_a_guard_shows_the_ceiling():
-    f = finding(detector="rate", kind="rate", score=1.0, threshold=1.0,
-                contributions=[Contribution("events_per_60s", 1201.0, 0.0, 1200.0)])
+def test_summary_of_a_guard_shows_the_ceiling() -> None:
+    f = finding(
+        detector="rate",
+        kind="rate",
+        score=1.0,
+        threshold=1.0,
+        contributions=[Contribution("events_per_60s", 1201.0, 0.0, 1200.0)],
+    )
     assert build_alert(f, DETECTED_US).summary.endswith("events_per_60s = 1,201.00 (ceiling 1,200.00)")
 
 
-def test_summary_without_contributions_shows_the_score():
+def test_summary_without_contributions_shows_the_score() -> None:
     f = finding(contributions=[])
     alert = build_alert(f, DETECTED_US)
     assert alert.summary == "public.refunds: agent refund-agent-00: score 0.740"

@@ -6,11 +6,14 @@ touches the database.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
+from collections.abc import Iterator
 
 import pytest
+from psycopg import sql
 from pydantic import ValidationError
 
 from connectors.pg_enforce import (
@@ -23,43 +26,64 @@ from connectors.pg_enforce import (
 
 DEFAULT_PATTERN = RoleMapping().pattern
 
-HOSTILE_IDS = [
-    'a"; DROP TABLE x; --',
-    "a'; DROP TABLE x; --",
-    "x; DROP ROLE postgres",
-    "semi;colon",
-    "agént-①",
-    "refund\x00_02",
-    "a" * 10_240,
-    "",
-    " ",
-    "refund 02",
-    "REFUND_02",
-    "Refund_02",
-    "refund_02\n",
-    "refund_02\r\nDROP",
-    "{agent_id}",
-    "{0.__class__}",
-    "%(role)s",
-    "\ud800",  # a lone surrogate: not encodable as UTF-8
-    "\uff41\uff47\uff45\uff4e\uff54",  # fullwidth "agent"
-    "refund_02\u200b",  # zero-width space
-    "../../etc/passwd",
-    "$1",
-    "\\",
-    "é" * 40,  # 80 bytes although 40 characters
+# Why each hostile id is refused, as the EnforcementError says it (a regular expression for pytest.raises).
+NO_PATTERN_MATCH = "does not match pattern"
+EMPTY = "empty agent id"
+NUL = "NUL byte"
+NOT_UTF8 = "not valid UTF-8"
+TOO_LONG = r"bytes; PostgreSQL would truncate it to 63"
+
+# Hostile ids and why the default pattern ([a-z_][a-z0-9_]{0,62}) refuses each, whatever the template adds.
+HOSTILE_IDS: dict[str, str] = {
+    'a"; DROP TABLE x; --': NO_PATTERN_MATCH,
+    "a'; DROP TABLE x; --": NO_PATTERN_MATCH,
+    "x; DROP ROLE postgres": NO_PATTERN_MATCH,
+    "semi;colon": NO_PATTERN_MATCH,
+    "agént-①": NO_PATTERN_MATCH,
+    "refund\x00_02": NUL,
+    "a" * 10_240: TOO_LONG,
+    "": EMPTY,
+    " ": NO_PATTERN_MATCH,
+    "refund 02": NO_PATTERN_MATCH,
+    "REFUND_02": NO_PATTERN_MATCH,
+    "Refund_02": NO_PATTERN_MATCH,
+    "refund_02\n": NO_PATTERN_MATCH,
+    "refund_02\r\nDROP": NO_PATTERN_MATCH,
+    "{agent_id}": NO_PATTERN_MATCH,
+    "{0.__class__}": NO_PATTERN_MATCH,
+    "%(role)s": NO_PATTERN_MATCH,
+    "\ud800": NOT_UTF8,  # a lone surrogate: not encodable as UTF-8
+    "\uff41\uff47\uff45\uff4e\uff54": NO_PATTERN_MATCH,  # fullwidth "agent"
+    "refund_02\u200b": NO_PATTERN_MATCH,  # zero-width space
+    "../../etc/passwd": NO_PATTERN_MATCH,
+    "$1": NO_PATTERN_MATCH,
+    "\\": NO_PATTERN_MATCH,
+    "é" * 40: TOO_LONG,  # 80 bytes although 40 characters
+}
+
+# Under a pattern that allows anything, only what no pattern can allow is refused: an empty id, NUL bytes,
+# text that is not UTF-8, and names over 63 bytes. Every other hostile id becomes exactly "agent_" + the id.
+ALWAYS_REFUSED = {agent_id: why for agent_id, why in HOSTILE_IDS.items() if why != NO_PATTERN_MATCH}
+PERMITTED_BY_ANY_PATTERN = [agent_id for agent_id, why in HOSTILE_IDS.items() if why == NO_PATTERN_MATCH]
+PERMISSIVE = r"(?s).*"
+
+# Ids the default pattern accepts, and the exact role each becomes, per template.
+ACCEPTED = [
+    ("agent_{agent_id}", "refund_02", "agent_refund_02"),
+    ("agent_{agent_id}", "_", "agent__"),
+    ("agent_{agent_id}", "0", "agent_0"),
+    ("agent_{agent_id}", "x" * 57, "agent_" + "x" * 57),  # exactly 63 bytes
+    ("agent_{agent_id}", "a_b_c_1_2_3", "agent_a_b_c_1_2_3"),
+    ("{agent_id}", "refund_02", "refund_02"),
+    ("{agent_id}", "_x", "_x"),
+    ("{agent_id}", "x" * 63, "x" * 63),
+    ("{agent_id}_bot", "refund", "refund_bot"),
+    ("{agent_id}_{agent_id}", "ab", "ab_ab"),
 ]
 
 
-def assert_safe(mapping: RoleMapping, agent_id: str) -> None:
-    """Either a role that fits the pattern and PostgreSQL's 63 bytes, or EnforcementError; nothing else."""
-    try:
-        role = mapping.role_for(agent_id)
-    except EnforcementError:
-        return
-    assert re.fullmatch(mapping.pattern, role), (agent_id, role)
-    assert len(role.encode()) <= 63, (agent_id, role)
-    assert "\x00" not in role
+def _ids(value: object) -> str:
+    return repr(value)[:30]
 
 
 def test_map_wins_over_template() -> None:
@@ -82,11 +106,17 @@ def test_no_map_no_template() -> None:
 def test_template_replaces_every_placeholder_and_nothing_else() -> None:
     m = RoleMapping(template="agent_{agent_id}")
     assert m.role_for("refund_02") == "agent_refund_02"
+    assert RoleMapping(template="{agent_id}_as_{agent_id}").role_for("x") == "x_as_x"
     # The agent id is inserted as text: braces in it are not a format spec and are not substituted again.
-    with pytest.raises(EnforcementError):
+    with pytest.raises(EnforcementError, match=NO_PATTERN_MATCH):
         m.role_for("{agent_id}")
-    with pytest.raises(EnforcementError):
+    with pytest.raises(EnforcementError, match=NO_PATTERN_MATCH):
         m.role_for("{0.__class__}")
+    # Where a pattern lets braces through, the result shows the id was inserted verbatim, once.
+    anything = RoleMapping(template="agent_{agent_id}", pattern=PERMISSIVE)
+    assert anything.role_for("{agent_id}") == "agent_{agent_id}"
+    assert anything.role_for("{0.__class__}") == "agent_{0.__class__}"
+    assert anything.role_for("%(role)s") == "agent_%(role)s"
 
 
 def test_nothing_is_lowercased_silently() -> None:
@@ -127,45 +157,72 @@ def test_explicit_map_is_checked_when_the_config_loads() -> None:
 def test_pattern_is_a_fullmatch() -> None:
     # Without anchors a search would accept "agent_x; DROP": fullmatch does not.
     m = RoleMapping(template="agent_{agent_id}", pattern="[a-z_]+")
-    with pytest.raises(EnforcementError):
+    assert m.role_for("x") == "agent_x"
+    with pytest.raises(EnforcementError, match=NO_PATTERN_MATCH):
         m.role_for("x; DROP")
-    with pytest.raises(EnforcementError):
+    with pytest.raises(EnforcementError, match=NO_PATTERN_MATCH):
         m.role_for("x\n")
 
 
-@pytest.mark.parametrize("agent_id", HOSTILE_IDS, ids=lambda s: repr(s)[:30])
-def test_hostile_ids_through_the_template(agent_id: str) -> None:
-    assert_safe(RoleMapping(template="agent_{agent_id}"), agent_id)
-    assert_safe(RoleMapping(template="{agent_id}"), agent_id)
+@pytest.mark.parametrize(("template", "agent_id", "role"), ACCEPTED, ids=_ids)
+def test_plain_ids_resolve_to_exactly_their_role(template: str, agent_id: str, role: str) -> None:
+    m = RoleMapping(template=template)
+    assert m.role_for(agent_id) == role
+    assert re.fullmatch(DEFAULT_PATTERN, role) and len(role.encode()) <= 63
 
 
-@pytest.mark.parametrize("agent_id", HOSTILE_IDS, ids=lambda s: repr(s)[:30])
+@pytest.mark.parametrize("template", ["agent_{agent_id}", "{agent_id}"])
+@pytest.mark.parametrize(("agent_id", "why"), HOSTILE_IDS.items(), ids=_ids)
+def test_hostile_ids_through_the_template_are_refused(template: str, agent_id: str, why: str) -> None:
+    with pytest.raises(EnforcementError, match=why) as refused:
+        RoleMapping(template=template).role_for(agent_id)
+    # The refusal names the agent (cut to a readable length), so the operator sees which row caused it.
+    if agent_id:
+        assert repr(agent_id[:200]) in str(refused.value)
+
+
+@pytest.mark.parametrize("agent_id", list(HOSTILE_IDS), ids=_ids)
 def test_hostile_ids_that_are_explicitly_mapped(agent_id: str) -> None:
     # The id is only a dictionary key; the role is the configured one.
     m = RoleMapping(map={agent_id: "agent_special"})
     if agent_id:
         assert m.role_for(agent_id) == "agent_special"
     else:
-        with pytest.raises(EnforcementError):
+        with pytest.raises(EnforcementError, match=EMPTY):
             m.role_for(agent_id)
 
 
-@pytest.mark.parametrize("agent_id", HOSTILE_IDS, ids=lambda s: repr(s)[:30])
-def test_hostile_ids_under_a_permissive_pattern(agent_id: str) -> None:
+@pytest.mark.parametrize("agent_id", PERMITTED_BY_ANY_PATTERN, ids=_ids)
+def test_hostile_ids_under_a_permissive_pattern_become_exactly_prefix_plus_id(agent_id: str) -> None:
+    # The pattern is the operator's choice; when it allows anything, the id is taken verbatim: no cleanup.
+    role = RoleMapping(template="agent_{agent_id}", pattern=PERMISSIVE).role_for(agent_id)
+    assert role == "agent_" + agent_id
+    assert "\x00" not in role and len(role.encode()) <= 63
+
+
+@pytest.mark.parametrize(("agent_id", "why"), ALWAYS_REFUSED.items(), ids=_ids)
+def test_what_no_pattern_can_allow_is_refused(agent_id: str, why: str) -> None:
     # Even when the pattern allows anything, NUL bytes, non-UTF-8 text and names over 63 bytes are refused.
-    m = RoleMapping(template="agent_{agent_id}", pattern=r"(?s).*")
-    try:
-        role = m.role_for(agent_id)
-    except EnforcementError:
-        return
-    assert "\x00" not in role
-    assert len(role.encode()) <= 63
+    mappings = [
+        RoleMapping(template="agent_{agent_id}", pattern=PERMISSIVE),
+        RoleMapping(map={"x": "agent_x"}, template="{agent_id}", pattern=PERMISSIVE),
+    ]
+    for m in mappings:
+        with pytest.raises(EnforcementError, match=why):
+            m.role_for(agent_id)
 
 
 def test_the_specific_hostile_ids() -> None:
     m = RoleMapping(template="agent_{agent_id}")
-    for agent_id in ['a"; DROP TABLE x; --', "semi;colon", "agént-①", "a\x00b", "a" * 10_240, ""]:
-        with pytest.raises(EnforcementError):
+    for agent_id, why in [
+        ('a"; DROP TABLE x; --', NO_PATTERN_MATCH),
+        ("semi;colon", NO_PATTERN_MATCH),
+        ("agént-①", NO_PATTERN_MATCH),
+        ("a\x00b", NUL),
+        ("a" * 10_240, TOO_LONG),
+        ("", EMPTY),
+    ]:
+        with pytest.raises(EnforcementError, match=why):
             m.role_for(agent_id)
 
 
@@ -190,12 +247,24 @@ def test_reserved_role_names_are_refused() -> None:
 
 
 def test_random_ids_never_escape_the_pattern() -> None:
+    """Accepted exactly when "agent_" + id fits [a-z0-9_] and 63 bytes (an oracle independent of the code)."""
     rng = random.Random(20240601)
+    allowed = set("abcxyz_019")
     alphabet = "abcxyz_019;'\"\\ -{}()%$\x00\n\té①Ä\uff21\u200b"
     m = RoleMapping(template="agent_{agent_id}")
+    accepted = refused = 0
     for _ in range(5_000):
-        agent_id = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
-        assert_safe(m, agent_id)
+        # Mostly short ids, so that both outcomes are common.
+        agent_id = "".join(rng.choice(alphabet) for _ in range(rng.choice([rng.randint(0, 4), rng.randint(0, 80)])))
+        should_accept = 0 < len(agent_id) <= 57 and set(agent_id) <= allowed
+        if should_accept:
+            assert m.role_for(agent_id) == "agent_" + agent_id
+            accepted += 1
+        else:
+            with pytest.raises(EnforcementError):
+                m.role_for(agent_id)
+            refused += 1
+    assert accepted >= 200 and refused >= 2_000, (accepted, refused)  # 256 and 4,744 with this seed
 
 
 def test_non_string_agent_id() -> None:
@@ -320,6 +389,94 @@ def test_quarantine_refuses_a_hostile_id_before_connecting() -> None:
     with pytest.raises(EnforcementError) as e:
         enforcer().quarantine('a"; DROP TABLE x; --')
     assert "connect" not in str(e.value)
+
+
+class _Rows:
+    def __init__(self, rows: list[tuple[object, ...]]) -> None:
+        self._rows = rows
+
+    def fetchone(self) -> tuple[object, ...] | None:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[tuple[object, ...]]:
+        return self._rows
+
+
+class RecordingConnection:
+    """Stands in for psycopg.Connection: keeps each statement as the server would get it, with its parameters.
+
+    The answers are those of a database where the role exists, may log in, holds INSERT on public.refunds and
+    UPDATE on its status column, and has no session open.
+    """
+
+    closed = False
+    broken = False
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, object]] = []
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        yield
+
+    def close(self) -> None:
+        pass
+
+    def execute(self, query: str | sql.Composable, params: object = None) -> _Rows:
+        text = query if isinstance(query, str) else query.as_string(None)
+        self.statements.append((text, params))
+        if "FROM pg_roles WHERE rolname" in text:
+            return _Rows([(16384, True, False, False)] if "oid::bigint" in text else [(1,)])
+        if "aclexplode" in text and "'' AS col" in text:  # the role's direct grants
+            return _Rows([("public", "refunds", "", "INSERT", False), ("public", "refunds", "status", "UPDATE", False)])
+        if "SELECT nsp, rel FROM t" in text:
+            return _Rows([("public", "refunds"), ("public", "orders")])
+        return _Rows([])  # locks, what is still writable, its sources, sessions to end
+
+
+def quoted(name: str) -> str:
+    """An SQL identifier as PostgreSQL reads it: in double quotes, with each double quote doubled."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+@pytest.mark.parametrize(
+    "agent_id",
+    ['a"; DROP TABLE x; --', "a'; DROP TABLE x; --", "%(role)s", "{agent_id}", "$1", "\\", "refund_02\r\nDROP"],
+    ids=_ids,
+)
+def test_an_accepted_hostile_id_reaches_sql_only_quoted_or_bound(agent_id: str) -> None:
+    """Under a pattern that lets anything through, the role still never becomes SQL text of its own."""
+    role = "agent_" + agent_id
+    conn = RecordingConnection()
+    e = PostgresEnforcer(NOWHERE, RoleMapping(template="agent_{agent_id}", pattern=PERMISSIVE), ["public.refunds"])
+    e._conn = conn  # type: ignore[assignment]
+    rev = e.quarantine(agent_id)
+    assert rev.role == role
+    assert rev.privileges == (("public", "refunds", "INSERT"),)
+    assert rev.column_privileges == (("public", "refunds", "status", "UPDATE"),)
+
+    revokes = [text for text, _ in conn.statements if text.startswith("REVOKE")]
+    assert revokes == [
+        f'REVOKE INSERT ON TABLE "public"."refunds" FROM {quoted(role)}',
+        f'REVOKE UPDATE ("status") ON TABLE "public"."refunds" FROM {quoted(role)}',
+    ]
+    for text, params in conn.statements:
+        if text.startswith("REVOKE"):
+            assert params is None
+            continue
+        # Every other statement is fixed text: the role comes as a bind parameter, never inside the text.
+        assert role not in text and quoted(role) not in text, text
+    bound = [params for text, params in conn.statements if "rolname = %s" in text or "usename = %(role)s" in text]
+    assert bound == [[role], {"role": role, "wait_ms": 5000}]
+
+    conn.statements.clear()
+    e.release(rev)
+    grants = [text for text, _ in conn.statements if text.startswith(("GRANT", "ALTER"))]
+    assert grants == [
+        f'GRANT INSERT ON TABLE "public"."refunds" TO {quoted(role)}',
+        f'GRANT UPDATE ("status") ON TABLE "public"."refunds" TO {quoted(role)}',
+    ]
+    assert all(role not in text for text, _ in conn.statements if not text.startswith("GRANT"))
 
 
 def test_unreachable_database_is_an_enforcement_error() -> None:
