@@ -31,6 +31,8 @@ COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
+# The product only: the testbed (local Kafka, Connect, PostgreSQL, demos), tests and benchmarks are not even in
+# the build context (.dockerignore; tests/deploy/test_dockerfile.py checks both).
 COPY README.md ./
 COPY stream ./stream
 COPY detectors ./detectors

@@ -29,11 +29,12 @@ $(SYSVENV)/.installed: pyproject.toml
 	$(SYSVENV)/bin/python -m pip install -q -e . 'pytest>=8'
 	touch $@
 
+# The demos are the testbed's (testbed/: local Kafka, Kafka Connect, PostgreSQL), not the product's CLI.
 demo: install
-	$(PY) -m stream.cli demo
+	$(PY) -m testbed demo
 
 demo-postgres: system-deps install
-	$(PY) -m stream.cli demo --postgres
+	$(PY) -m testbed demo --postgres
 
 lint: install
 	$(PY) -m ruff check .

@@ -2,7 +2,7 @@
 
 Usage: ``python3 benchmarks/bench_pipeline.py [--events N] [--bootstrap-servers HOST:PORT]`` (``--help``
 for all options). Without ``--bootstrap-servers`` a throw-away single-node Kafka is started from the
-Maven Central jars (:class:`connectors.broker.LocalKafka`; needs Java 17 and Maven).
+Maven Central jars (:class:`testbed.broker.LocalKafka`; needs Java 17 and Maven).
 
 What it measures, all with the example config's detectors (``stream/examples/writeguard.yaml``):
 
@@ -35,53 +35,46 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 import types
-import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # re-export not declared
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
-from detectors.engine import Change, Engine  # noqa: E402
-from stream.config import Config, load_config  # noqa: E402
-from stream.fleet import REFUNDS, Agent, Fleet, Record  # noqa: E402
-from stream.pipeline import Router, build_alert, coords_of  # noqa: E402
-from stream.process import spawn_worker, stop_process  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    hist_buckets,
+    histogram_quantile,
+    iso_us,
+    log,
+    machine_lines,
+    metric_total,
+    percentile,
+    remove_work_folder,
+)
+from detectors.engine import Change, Engine, FileCoords, KafkaCoords  # noqa: E402
+from stream.config import EXAMPLE_CONFIG, Config, load_config  # noqa: E402
+from stream.pipeline import Router, build_alert  # noqa: E402
 from stream.replay import replay  # noqa: E402
+from testbed.fleet import REFUNDS, Agent, Fleet, Record  # noqa: E402
+from testbed.process import WorkerProcess, interrupt_on_sigterm, spawn_worker, stop_process  # noqa: E402
 
 if TYPE_CHECKING:
-    from connectors.broker import LocalKafka
+    from testbed.broker import LocalKafka
 
-EXAMPLE_CONFIG = ROOT / "stream" / "examples" / "writeguard.yaml"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-Sample = tuple[str, dict[str, str], float]
-
-
-class Log:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def __call__(self, msg: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-log = Log()
 
 
 # -- small helpers -------------------------------------------------------------------------------------
@@ -108,42 +101,8 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_values:
-        return float("nan")
-    pos = (len(sorted_values) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def histogram_quantile(buckets: dict[float, float], q: float) -> float:
-    """Prometheus' histogram_quantile over cumulative bucket counts (upper bound -> count)."""
-    bounds = sorted(buckets)
-    total = buckets.get(float("inf"), 0.0)
-    if total <= 0:
-        return float("nan")
-    rank = q * total
-    prev_bound, prev_count = 0.0, 0.0
-    for b in bounds:
-        count = buckets[b]
-        if count >= rank:
-            if b == float("inf"):
-                return prev_bound  # beyond the last finite bucket: report its bound, as Prometheus does
-            if count == prev_count:
-                return b
-            return prev_bound + (b - prev_bound) * (rank - prev_count) / (count - prev_count)
-        prev_bound, prev_count = b, count
-    return prev_bound
-
-
 def fmt_rate(v: float | None) -> str:
     return "n/a" if v is None else f"{v:,.0f} events/s"
-
-
-def parse_ts_us(text: str) -> int:
-    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1_000_000)
 
 
 # -- Kafka ---------------------------------------------------------------------------------------------
@@ -220,19 +179,10 @@ def write_config(path: Path, bootstrap: str, cdc_prefix: str, run: str, *, repar
 
 
 @dataclass
-class Worker:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-    cfg: Config
-    rss_start_kib: int | None = None
+class Worker(WorkerProcess):
+    """A worker under measurement, with its RSS when it came up."""
 
-    def scrape(self) -> list[Sample]:
-        url = f"http://127.0.0.1:{self.port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            text = r.read().decode()
-        return [(s.name, dict(s.labels), float(s.value))
-                for fam in text_string_to_metric_families(text) for s in fam.samples]
+    rss_start_kib: int | None = None
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
@@ -240,23 +190,10 @@ class Worker:
             raise RuntimeError(f"worker exited with {self.proc.returncode}; log tail:\n{tail}")
 
 
-def total(samples: list[Sample], name: str) -> float:
-    return sum(v for n, _, v in samples if n == name)
-
-
-def buckets(samples: list[Sample], name: str) -> dict[float, float]:
-    out: dict[float, float] = {}
-    for n, labels, v in samples:
-        if n == f"{name}_bucket":
-            le = float(labels["le"])
-            out[le] = out.get(le, 0.0) + v
-    return out
-
-
 def start_worker(cfg_path: Path, cfg: Config, workdir: Path, children: list[subprocess.Popen[bytes]]) -> Worker:
     wp = spawn_worker(cfg_path, workdir, bootstrap=cfg.kafka.bootstrap_servers)
     children.append(wp.proc)
-    w = Worker(wp.proc, wp.metrics_port, wp.log, cfg)
+    w = Worker(wp.proc, wp.metrics_port, wp.log)
     w.rss_start_kib = rss_kib(wp.proc.pid)
     log(f"worker pid {wp.proc.pid} up (metrics :{wp.metrics_port}, RSS {(w.rss_start_kib or 0) / 1024:.0f} MiB)")
     return w
@@ -327,7 +264,7 @@ def bench_replay(cfg: Config, records: list[Record], workdir: Path) -> ReplayRes
     router = Router(cfg.tables)
     changes: list[Change] = []
     for i, rec in enumerate(records):
-        out = router.route(rec.topic, rec.value, f"m:{i}")
+        out = router.route(rec.topic, rec.value, FileCoords("m", i))
         if not isinstance(out, str):
             changes.append(out)
     del engine
@@ -395,8 +332,7 @@ def bench_worker(bootstrap: str, cdc_prefix: str, expected: int, workdir: Path,
         while True:
             w.check_alive()
             now = time.perf_counter()
-            samples = w.scrape()
-            c = total(samples, "writeguard_events_total")
+            c = metric_total(w.metrics(), "writeguard_events_total")
             if c != count:
                 last_change = now
             count = c
@@ -423,7 +359,7 @@ def bench_worker(bootstrap: str, cdc_prefix: str, expected: int, workdir: Path,
             time.sleep(0.5)  # each scrape costs the worker ~10 ms of CPU: its metrics server shares the GIL
         cpu_w1, cpu_b1 = cpu_seconds(w.proc.pid), cpu_seconds(broker_pid)
         rss_after = rss_kib(w.proc.pid)
-        alerts = int(total(w.scrape(), "writeguard_alerts_total"))
+        alerts = int(metric_total(w.metrics(), "writeguard_alerts_total"))
         secs = t_last - t_first if t_first is not None else 0.0
         eps = (count - c_first) / secs if secs > 0 else None
 
@@ -549,7 +485,7 @@ def bench_bare(bootstrap: str, cfg: Config, expected: int, stall_s: float) -> Ba
                     continue
                 topic, part, off = m.topic(), m.partition(), m.offset()
                 assert topic is not None and part is not None and off is not None
-                out = router.route(topic, m.value(), coords_of(topic, part, off))
+                out = router.route(topic, m.value(), KafkaCoords(topic, part, off))
                 if isinstance(out, str):
                     continue
                 n += 1
@@ -622,7 +558,7 @@ def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Pa
         deadline = time.monotonic() + 300
         while True:
             w.check_alive()
-            c = total(w.scrape(), "writeguard_events_total")
+            c = metric_total(w.metrics(), "writeguard_events_total")
             if c >= n_warm:
                 break
             if time.monotonic() > deadline:
@@ -631,9 +567,9 @@ def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Pa
         log(f"lag: worker has scored the warm-up; now {rate:,.0f} events/s in real time for "
             f"{args.lag_seconds:.0f} s, a refunds agent turning rogue every {args.rogue_every} s")
         res = LagResult(target_rate=rate, achieved_rate=0.0, produced=0, rogues=0)
-        base = w.scrape()
-        hist0 = buckets(base, "writeguard_processing_lag_seconds")
-        events0 = total(base, "writeguard_events_total")
+        base = w.metrics()
+        hist0 = hist_buckets(base, "writeguard_processing_lag_seconds")
+        events0 = metric_total(base, "writeguard_events_total")
         cpu0, wall0 = cpu_seconds(w.proc.pid), time.monotonic()
         rogue_ids = realtime_phase(bootstrap, fleet, args, watch, res)
         # Let the worker catch up and publish the last alerts.
@@ -641,12 +577,12 @@ def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Pa
         settle_end = time.monotonic() + args.settle_seconds
         while time.monotonic() < settle_end:
             drain_alerts(watch, res, rogue_ids)
-            if total(w.scrape(), "writeguard_events_total") >= expected:
+            if metric_total(w.metrics(), "writeguard_events_total") >= expected:
                 settle_end = min(settle_end, time.monotonic() + 1.0)
             time.sleep(0.2)
         drain_alerts(watch, res, rogue_ids)
         cpu1, wall1 = cpu_seconds(w.proc.pid), time.monotonic()
-        hist1 = buckets(w.scrape(), "writeguard_processing_lag_seconds")
+        hist1 = hist_buckets(w.metrics(), "writeguard_processing_lag_seconds")
         delta = {b: hist1.get(b, 0.0) - hist0.get(b, 0.0) for b in hist1}
         res.hist_samples = int(delta.get(float("inf"), 0.0))
         res.hist_p50_s = histogram_quantile(delta, 0.50)
@@ -723,7 +659,7 @@ def drain_alerts(watch: Consumer, res: LagResult, rogue_ids: set[str]) -> None:
         if m.error() is not None or value is None:
             continue
         body = json.loads(value)
-        commit_us = parse_ts_us(str(body["commit_ts"]))
+        commit_us = iso_us(str(body["commit_ts"]))
         if commit_us < res.phase_start_us:
             res.warmup_alerts += 1  # raised on the warm-up history: its commit times are in the past
             continue
@@ -778,13 +714,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sigterm(signum: int, frame: types.FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
+    interrupt_on_sigterm()
     wall0 = time.monotonic()
     load0 = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="writeguard-bench-"))
@@ -802,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
             bootstrap = args.bootstrap_servers
             where = f"Kafka at {bootstrap}"
         else:
-            from connectors.broker import LocalKafka, kafka_version
+            from testbed.broker import LocalKafka, kafka_version
 
             log("starting a local Kafka broker ...")
             broker = LocalKafka(workdir / "kafka", progress=log).start()
@@ -899,10 +831,7 @@ def main(argv: list[str] | None = None) -> int:
             if e2e:
                 lines.append(f"  commit -> alert read by a consumer: p50 {percentile(e2e, 0.5):,.0f} ms, "
                              f"max {e2e[-1]:,.0f} ms (includes the alert's produce and fetch)")
-        load1 = os.getloadavg()
-        lines.append(f"  load average at start {load0[0]:.2f}, at end {load1[0]:.2f} "
-                     "(other processes on this machine compete for the same cores)")
-        lines.append(f"  total wall time {time.monotonic() - wall0:.0f} s")
+        lines += machine_lines(load0, wall0)
         if faust.profile is not None and faust.profile.exists():
             lines.append("")
             lines += summarize_profile(faust.profile)
@@ -917,10 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         if broker is not None:
             log("stopping Kafka ...")
             broker.stop()
-        if args.keep:
-            log(f"work folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        remove_work_folder(workdir, keep=args.keep)
 
 
 if __name__ == "__main__":

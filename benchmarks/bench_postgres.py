@@ -1,7 +1,7 @@
 """Latency of writeguard over the real path: PostgreSQL -> Debezium -> Kafka -> worker -> REVOKE -> write refused.
 
 Usage: ``python3 benchmarks/bench_postgres.py [--agents 40] [--rate 100] [--rogues 30] [--rogue-every 2.5]``
-(``--help`` for all options). Everything runs on this machine through :func:`stream.stack.start_stack`: a
+(``--help`` for all options). Everything runs on this machine through :func:`testbed.stack.start_stack`: a
 local Kafka (KRaft), PostgreSQL 15 with the ``shop`` database, Kafka Connect with the Debezium PostgreSQL
 connector, and one ``writeguard worker`` whose config quarantines with REVOKE. Needs Java 17, Maven (jars
 from Maven Central, cached) and the PostgreSQL server binaries. Nothing is simulated past the SQL.
@@ -48,8 +48,6 @@ import json
 import math
 import os
 import random
-import re
-import shutil
 import signal
 import sys
 import tempfile
@@ -58,10 +56,10 @@ import time
 import types
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from psycopg import errors
@@ -69,68 +67,30 @@ from psycopg import errors
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
-from stream.stack import Stack, start_stack  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    hist_buckets,
+    histogram_quantile,
+    iso_us,
+    log,
+    machine_lines,
+    percentile,
+    remove_work_folder,
+)
+from detectors.engine import Change, KafkaCoords  # noqa: E402
+from testbed.fleet import ORDERS, REFUNDS  # noqa: E402
+from testbed.stack import Stack, start_stack  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-US = timedelta(microseconds=1)
-REFUNDS = "public.refunds"
-ORDERS = "public.orders"
 INSERT_SQL = {
     REFUNDS: "INSERT INTO public.refunds (order_id, amount, agent_id, run_id) VALUES (%s, %s, %s, %s) RETURNING id",
     ORDERS: "INSERT INTO public.orders (total, items, agent_id, run_id) VALUES (%s, %s, %s, %s) RETURNING id",
 }
 RECONNECT = (errors.AdminShutdown, psycopg.OperationalError)  # the quarantine terminates the role's sessions
-
-
-class Log:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def __call__(self, msg: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-log = Log()
+_decode_change = msgspec.json.Decoder(Change).decode  # the worker's changes topic
 
 
 def now_us() -> int:
     return time.time_ns() // 1000
-
-
-def iso_us(text: str) -> int:
-    """An ISO-8601 timestamp (as pydantic writes it, 'Z' or offset) -> microseconds since the epoch."""
-    return (datetime.fromisoformat(text) - EPOCH) // US
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); NaN when empty."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    pos = (len(s) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def histogram_quantile(buckets: dict[float, float], q: float) -> float:
-    """Prometheus' histogram_quantile over cumulative bucket counts (upper bound -> count)."""
-    total = buckets.get(math.inf, 0.0)
-    if total <= 0:
-        return float("nan")
-    rank = q * total
-    prev_bound, prev_count = 0.0, 0.0
-    for b in sorted(buckets):
-        count = buckets[b]
-        if count >= rank:
-            if b == math.inf:
-                return prev_bound
-            if count == prev_count:
-                return b
-            return prev_bound + (b - prev_bound) * (rank - prev_count) / (count - prev_count)
-        prev_bound, prev_count = b, count
-    return prev_bound
 
 
 def bucket_of(buckets: dict[float, float], q: float) -> tuple[float, float]:
@@ -142,21 +102,6 @@ def bucket_of(buckets: dict[float, float], q: float) -> tuple[float, float]:
             return prev, b
         prev = b
     return prev, math.inf
-
-
-_LE = re.compile(r'le="([^"]+)"')
-
-
-def hist_buckets(metrics: dict[str, float], name: str) -> dict[float, float]:
-    """Cumulative buckets of a histogram, summed over its other labels, from WorkerProcess.metrics()."""
-    out: dict[float, float] = {}
-    for key, v in metrics.items():
-        if key.startswith(f"{name}_bucket{{"):
-            m = _LE.search(key)
-            if m:
-                le = float(m.group(1))
-                out[le] = out.get(le, 0.0) + v
-    return out
 
 
 def hist_delta(after: dict[float, float], before: dict[float, float]) -> dict[float, float]:
@@ -410,7 +355,7 @@ class CdcRecord:
     source_us: int  # source.ts_us: the PostgreSQL commit time
     debezium_us: int  # envelope ts_us: when Debezium built the change event
     kafka_ms: int  # Kafka record timestamp (CreateTime: Kafka Connect's producer)
-    coords: str  # topic/partition/offset, as the worker names it
+    coords: KafkaCoords
 
 
 @dataclass
@@ -446,10 +391,10 @@ class SideConsumer(threading.Thread):
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
         self.cdc: dict[tuple[str, int], CdcRecord] = {}
-        self.coords: dict[tuple[str, int, int], tuple[str, int]] = {}
+        self.coords: dict[KafkaCoords, tuple[str, int]] = {}
         self.alerts: list[Seen] = []
         self.control: list[Seen] = []
-        self.rekeyed_ms: dict[str, int] = {}  # CDC coords -> Kafka timestamp of the worker's changes record
+        self.rekeyed_ms: dict[KafkaCoords, int] = {}  # CDC coords -> Kafka timestamp of the worker's changes record
         self.error: str | None = None
 
     def run(self) -> None:
@@ -478,10 +423,10 @@ class SideConsumer(threading.Thread):
                 return
             rec = CdcRecord(self.tables[topic], int(after["id"]), after.get("agent_id"), int(src["ts_us"]),
                             int(body.get("ts_us") or body["ts_ms"] * 1000), kafka_ms,
-                            f"{topic}/{m.partition()}/{m.offset()}")
+                            KafkaCoords(topic, int(m.partition()), int(m.offset())))
             with self.lock:
                 self.cdc[(rec.table, rec.row_id)] = rec
-                self.coords[(topic, int(m.partition()), int(m.offset()))] = (rec.table, rec.row_id)
+                self.coords[rec.coords] = (rec.table, rec.row_id)
         elif topic == self.alerts_topic:
             with self.lock:
                 self.alerts.append(Seen(body, kafka_ms))
@@ -489,10 +434,13 @@ class SideConsumer(threading.Thread):
             with self.lock:
                 self.control.append(Seen(body, kafka_ms))
         elif topic == self.changes_topic:
-            # detectors.engine.Change, msgspec array_like: [table, op, agent_id, run_id, x, commit_ts_us, coords, ...]
-            if isinstance(body, list) and len(body) > 6 and isinstance(body[6], str):
+            try:
+                ch = _decode_change(value)
+            except msgspec.ValidationError:
+                return
+            if isinstance(ch.coords, KafkaCoords):
                 with self.lock:
-                    self.rekeyed_ms[body[6]] = kafka_ms
+                    self.rekeyed_ms[ch.coords] = kafka_ms
 
     def alert_for(self, role: str) -> Seen | None:
         with self.lock:
@@ -558,7 +506,7 @@ def analyse_rogue(r: Rogue, side: SideConsumer) -> RogueResult:
         for te in alert.get("triggering_events") or []:
             if te.get("topic") is None or iso_us(str(te["commit_ts"])) != commit:
                 continue
-            key = side.coords.get((str(te["topic"]), int(te["partition"]), int(te["offset"])))
+            key = side.coords.get(KafkaCoords(str(te["topic"]), int(te["partition"]), int(te["offset"])))
             if key is not None:
                 trig = side.cdc.get(key)
         if trig is None:  # fall back on the commit time
@@ -752,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_alerts = len(side.alerts)
         hist0 = st.worker.metrics()
         pids = {"worker": st.worker.proc.pid, "Kafka": st.kafka.pid, "Connect": st.connect.pid,
-                "PostgreSQL": st.pg._proc.pid if st.pg._proc is not None else None}
+                "PostgreSQL": st.pg.pid}
         cpu0 = {k: group_cpu_s(v) for k, v in pids.items()}
         cpu0["this benchmark"] = time.process_time()
 
@@ -812,9 +760,9 @@ def main(argv: list[str] | None = None) -> int:
         other_alerts = [a for a in side.alerts if a.record.get("agent_id") not in rogue_roles]
         rogue_alerts = {a.record["agent_id"] for a in side.alerts if a.record.get("agent_id") in rogue_roles}
         lines: list[str] = []
-        from connectors.broker import kafka_version
-        from connectors.connect import connect_version, debezium_version
-        from connectors.postgres import find_pg_bin
+        from testbed.broker import kafka_version
+        from testbed.connect import connect_version, debezium_version
+        from testbed.postgres import find_pg_bin
 
         lines.append(f"writeguard PostgreSQL path benchmark: PostgreSQL {find_pg_bin().parent.name} -> Debezium "
                      f"{debezium_version()} (Kafka Connect {connect_version()}) -> Kafka {kafka_version()} -> "
@@ -942,10 +890,7 @@ def main(argv: list[str] | None = None) -> int:
             if a0 is not None and a1 is not None:
                 cpu.append(f"{k} {100 * (a1 - a0) / steady_s:.0f}%")
         lines.append(f"  CPU over the steady phase, % of one core: {', '.join(cpu)}")
-        load1 = os.getloadavg()
-        lines.append(f"  load average at start {load0[0]:.2f}, at end {load1[0]:.2f} (other processes on this "
-                     "machine compete for the same cores)")
-        lines.append(f"  total wall time {time.monotonic() - wall0:.0f} s")
+        lines += machine_lines(load0, wall0)
         lines.append("")
         lines.append("per rogue (ms; segments of the triggering row as above, in order):")
         lines.append(f"  {'role':<15} {'landed':>6} {'trig#':>5} {'alert':>6} {'enf.trig':>8} {'enf.1st':>8}   "
@@ -976,10 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         if stack is not None:
             log("stopping the worker, Kafka Connect, PostgreSQL and Kafka ...")
             stack.stop()
-        if args.keep:
-            log(f"work folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        remove_work_folder(workdir, keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Usage::
     python3 benchmarks/scenarios.py run [--data DIR | --out DIR] [--seed N] ...      # what `make quality` runs
 
 ``generate`` writes ``DIR/events.jsonl`` (one Debezium message value per line, payload-only JSON as
-:mod:`stream.fleet` emits it, in commit order), ``DIR/labels.jsonl`` (one line per input line: ``line``,
+:mod:`testbed.fleet` emits it, in commit order), ``DIR/labels.jsonl`` (one line per input line: ``line``,
 ``scenario`` (a scenario name or ``normal``), ``incident`` (its id or null), ``anomalous``, and the line's
 ``agent_id``, ``table``, ``op`` and commit time ``ts_us``), ``DIR/incidents.json`` (what was injected
 where) and ``DIR/writeguard.yaml`` (the config the run uses; ``benchmarks/scenarios.yaml`` by default).
@@ -102,10 +102,11 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
+from benchmarks.common import log  # noqa: E402
 from detectors.engine import Engine  # noqa: E402
 from stream.config import Config, load_config  # noqa: E402
-from stream.fleet import TOPIC_PREFIX, debezium_value  # noqa: E402
 from stream.replay import replay  # noqa: E402
+from testbed.fleet import Envelopes  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "benchmarks" / "scenarios.yaml"
 REFUNDS, ORDERS, TICKETS = "public.refunds", "public.orders", "public.tickets"
@@ -129,17 +130,6 @@ CATEGORIES = ("billing", "shipping", "product", "account", "other")
 NEW_VALUES = ((REFUNDS, "reason", "goodwill"), (TICKETS, "category", "vip_override"), (REFUNDS, "currency", "USDT"))
 TABLE_MEDIAN = {REFUNDS: 45.0, ORDERS: 30.0, TICKETS: 12.0}  # refund amount, order unit price, ticket credit
 KIND_NAME = {REFUNDS: "refund", ORDERS: "order", TICKETS: "ticket"}
-
-
-class Log:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def __call__(self, msg: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-log = Log()
 
 
 # -- labels ----------------------------------------------------------------------------------------------
@@ -281,8 +271,7 @@ class Generator:
         self._scale = 0.0  # writes per second per unit of an agent's weight
         self._ids = {REFUNDS: 1_000_000, ORDERS: 5_000_000, TICKETS: 8_000_000}
         self._legacy_id = 90_000_000  # rows written before the run, for a mass delete that needs more rows
-        self._lsn = 40_000_000
-        self._tx = 9_000
+        self._wal = Envelopes(self.rng, lsn=40_000_000, tx_id=9_000)
         self._heap: list[tuple[float, int, int]] = []  # (t, seq, agent index or -1 for a scripted write)
         self._seq = 0
         self._scripted: dict[int, tuple[str, _Incident, dict[str, Any] | None]] = {}
@@ -535,13 +524,6 @@ class Generator:
                 "category": self.rng.choices(CATEGORIES, a.mix)[0], "priority": 2, "credit": self._amount(a),
                 "status": "resolved", **self._prov(a)}
 
-    def _envelope(self, table: str, op: str, before: dict[str, Any] | None, after: dict[str, Any] | None,
-                  ts_us: int) -> bytes:
-        """Debezium's PostgreSQL connector value, payload-only JSON (``schemas.enable=false``), as stream.fleet."""
-        self._lsn += self.rng.randint(200, 900)
-        self._tx += 1
-        return debezium_value(table, op, before, after, ts_us, prefix=TOPIC_PREFIX, tx_id=self._tx, lsn=self._lsn)
-
     # -- what each write is --
 
     def _benign(self, a: _Agent, t: float) -> tuple[str, str | None]:
@@ -620,7 +602,7 @@ class Generator:
                 scenario, iid, anomalous = what[1].kind, what[1].id, True
             line += 1
             ts_us = us + int(t * 1e6)
-            value = self._envelope(a.table, op, before, after, ts_us)
+            value = self._wal.value(a.table, op, before, after, ts_us)
             yield value, Label(line, scenario, iid, anomalous, a.agent_id, a.table, op, ts_us)
 
 

@@ -36,10 +36,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, TypeGuard, get_args
 
 import msgspec
 from msgspec import UNSET, UnsetType
+
+from detectors.write import OPS, Op
 
 __all__ = [
     "OPS",
@@ -53,8 +55,6 @@ __all__ = [
     "commit_ts_us_from_source",
     "decode",
 ]
-
-OPS: Final = frozenset({"c", "u", "d", "r", "t", "m"})
 
 Reason = Literal[
     "invalid_json",
@@ -112,7 +112,7 @@ class EnvelopeError(ValueError):
 class ChangeEvent:
     """One row change (or truncate, or logical decoding message) as detection sees it."""
 
-    op: str
+    op: Op
     before: dict[str, Any] | None
     after: dict[str, Any] | None
     schema: str | None
@@ -264,6 +264,10 @@ def commit_ts_us_from_source(source: Mapping[str, object]) -> int | None:
     return _commit_ts_us(_int("ts_ns"), _int("ts_us"), _int("ts_ms"))
 
 
+def _is_op(op: str) -> TypeGuard[Op]:
+    return op in OPS
+
+
 def decode(value: bytes | None) -> Decoded:
     """Decode one record value. Raises :class:`EnvelopeError` for anything that is not a Debezium event."""
     if not value:
@@ -290,7 +294,7 @@ def decode(value: bytes | None) -> Decoded:
     op = env.op
     if op is None:
         return _decode_non_change(env)
-    if op not in OPS:
+    if not _is_op(op):
         raise EnvelopeError("unknown_op", f"op {_short(op)} is not one of c, u, d, r, t, m")
 
     src = env.source

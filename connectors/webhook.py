@@ -10,16 +10,24 @@ Every POST carries::
 
     Content-Type: application/json
     X-Writeguard-Timestamp: <unix seconds, of this attempt>
-    X-Writeguard-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>." + body)>
+    X-Writeguard-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<idempotency key>." + body)>
     Idempotency-Key: <alert id>:<action>        (the same on every retry)
     User-Agent: writeguard/<version>
+
+The signed message is the timestamp (ASCII decimal digits), a ``.``, the idempotency key, a ``.``, then the
+raw body bytes. The key is 1 to 255 visible ASCII characters other than ``.`` (writeguard's are
+``<uuid>:<action>``), so the message splits one way only: no byte can move between key and body without
+breaking the signature.
 
 What the receiver must do, in this order:
 
 1. Keep the raw body bytes: the signature covers those bytes, not a re-serialisation of the parsed JSON.
-2. ``verify(secret, timestamp_header, raw_body, signature_header)``: the HMAC must match (compared in
-   constant time) and the timestamp must be within ``tolerance_s`` (5 minutes) of its own clock. Because
-   the timestamp is signed, an attacker who captured a request cannot replay it later with a fresh one.
+2. ``verify_headers(secret, request_headers, raw_body)`` (or ``verify(secret, timestamp, idempotency_key,
+   raw_body, signature)`` with the three header values): the HMAC must match (compared in constant time)
+   and the timestamp must be within ``tolerance_s`` (5 minutes) of its own clock. Both return False, never
+   raise, on anything malformed or missing. Because the timestamp is signed, an attacker who captured a
+   request cannot replay it later with a fresh one; because the key is signed, they cannot send it again
+   under a new key to get past the receiver's dedupe.
 3. Remember each ``Idempotency-Key`` for at least the tolerance window and act on it once: within that
    window a captured request could still be replayed, and writeguard itself retries when it did not see
    a 2xx (each retry is signed anew, with a new timestamp, so a long backoff never makes it stale).
@@ -40,13 +48,14 @@ import json
 import logging
 import math
 import random
+import re
 import time
 import tomllib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeGuard
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -135,12 +144,31 @@ class WebhookSettings(BaseModel):
         return self
 
 
-def sign(secret: bytes, timestamp: str, body: bytes) -> str:
-    """``sha256=`` + hex HMAC-SHA256 of ``"<timestamp>." + body``.
+SIGNATURE_PREFIX = "sha256="
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")  # ASCII digits only: int() also takes " 1_7", "+17", other scripts' digits
+_KEY = re.compile(r"[\x21-\x2d\x2f-\x7e]{1,255}")  # visible ASCII without "."
+_SIGNATURE = re.compile(SIGNATURE_PREFIX + r"[0-9a-fA-F]{64}")
 
-    The timestamp is part of the signed message so that a receiver can refuse old requests: a captured
-    request replayed later carries a stale timestamp, and changing it breaks the signature. The receiver
+
+def valid_idempotency_key(key: object) -> TypeGuard[str]:
+    """True if ``key`` can be signed: 1 to 255 visible ASCII characters, none of them ``.``."""
+    return isinstance(key, str) and _KEY.fullmatch(key) is not None
+
+
+def signed_message(timestamp: str, idempotency_key: str, body: bytes) -> bytes:
+    """The bytes the HMAC covers: ``"<timestamp>.<idempotency key>." + body``."""
+    return f"{timestamp}.{idempotency_key}.".encode("ascii") + body
+
+
+def sign(secret: bytes, timestamp: str, idempotency_key: str, body: bytes) -> str:
+    """``sha256=`` + hex HMAC-SHA256 of ``"<timestamp>.<idempotency key>." + body``.
+
+    The timestamp is signed so that a receiver can refuse old requests: a captured request replayed later
+    carries a stale timestamp, and changing it breaks the signature. The idempotency key is signed so that
+    a captured request cannot be re-sent under another key to get past the receiver's dedupe. The receiver
     recomputes the signature over the raw body and checks the timestamp window with :func:`verify`.
+    Raises ValueError on an empty secret, a timestamp that is not 1 to 12 ASCII digits, or a key that
+    :func:`valid_idempotency_key` refuses.
 
     Examples
     --------
@@ -148,41 +176,111 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
     >>> import time
     >>> body = b'{"action":"pause","agent_id":"agent-7"}'
     >>> ts = str(int(time.time()))  # sent as X-Writeguard-Timestamp
-    >>> sig = sign(b"s3cret", ts, body)  # sent as X-Writeguard-Signature
-    >>> verify(b"s3cret", ts, body, sig)  # the receiver's check
+    >>> key = "4f9c1e7a-alert:webhook"  # sent as Idempotency-Key
+    >>> sig = sign(b"s3cret", ts, key, body)  # sent as X-Writeguard-Signature
+    >>> verify(b"s3cret", ts, key, body, sig)  # the receiver's check
     True
-    >>> verify(b"s3cret", ts, body.replace(b"agent-7", b"agent-8"), sig)
+    >>> verify(b"s3cret", ts, key, body.replace(b"agent-7", b"agent-8"), sig)
+    False
+    >>> verify(b"s3cret", ts, "another-alert:webhook", body, sig)  # the key is signed too
+    False
+    >>> verify(b"s3cret", None, key, body, sig)  # a missing header: False, not an exception
     False
 
     """
-    mac = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
+    if not secret:
+        raise ValueError("the webhook secret is empty")
+    if _TIMESTAMP.fullmatch(timestamp) is None:
+        raise ValueError(f"timestamp must be 1 to 12 ASCII digits, got {timestamp!r}")
+    if not valid_idempotency_key(idempotency_key):
+        raise ValueError(
+            f"idempotency key must be 1 to 255 visible ASCII characters without '.', got {idempotency_key!r}"
+        )
+    mac = hmac.new(secret, signed_message(timestamp, idempotency_key, body), hashlib.sha256)
+    return SIGNATURE_PREFIX + mac.hexdigest()
 
 
 def verify(
-    secret: bytes,
-    timestamp: str,
-    body: bytes,
-    signature: str,
+    secret: bytes | bytearray,
+    timestamp: str | None,
+    idempotency_key: str | None,
+    body: bytes | bytearray,
+    signature: str | None,
     *,
     now: float | None = None,
     tolerance_s: float = 300,
 ) -> bool:
     """The receiver's check: the signature matches and the timestamp is within ``tolerance_s`` of ``now``.
 
+    ``timestamp``, ``idempotency_key`` and ``signature`` are the header values as received (None when a
+    header is missing); ``body`` is the raw body. Returns False, and never raises, on anything malformed: a
+    missing value, a value of the wrong type, a timestamp that is not 1 to 12 ASCII digits, a key
+    :func:`valid_idempotency_key` refuses, a signature that is not ``sha256=`` and 64 hex digits, an empty
+    secret, or a non-finite ``now`` or ``tolerance_s``.
+
     The window is symmetric, so a sender clock that runs ahead is tolerated as much as one that lags. The
     comparison is constant-time so the response time does not reveal how much of a forged signature was
     right. Within the window a replay is still possible: dedupe on ``Idempotency-Key`` for that long.
     """
+    if not isinstance(secret, bytes | bytearray) or not secret:
+        return False
+    if not isinstance(timestamp, str) or _TIMESTAMP.fullmatch(timestamp) is None:
+        return False
+    if not valid_idempotency_key(idempotency_key):
+        return False
+    if not isinstance(body, bytes | bytearray):
+        return False
+    if not isinstance(signature, str) or _SIGNATURE.fullmatch(signature) is None:
+        return False
     try:
-        ts = int(timestamp)
-    except ValueError:
+        current = float(time.time() if now is None else now)
+        tolerance = float(tolerance_s)
+    except (TypeError, ValueError, OverflowError):
         return False
-    current = time.time() if now is None else now
-    if not math.isfinite(current) or abs(current - ts) > tolerance_s:
+    if not (math.isfinite(current) and math.isfinite(tolerance)) or abs(current - int(timestamp)) > tolerance:
         return False
-    expected = sign(secret, timestamp, body).encode()
-    return hmac.compare_digest(expected, signature.encode("utf-8", "replace"))
+    expected = hmac.new(bytes(secret), signed_message(timestamp, idempotency_key, bytes(body)), hashlib.sha256)
+    return hmac.compare_digest(expected.digest(), bytes.fromhex(signature[len(SIGNATURE_PREFIX) :]))
+
+
+class _Headers(Protocol):
+    def items(self) -> Iterable[tuple[Any, Any]]: ...
+
+
+def verify_headers(
+    secret: bytes,
+    headers: _Headers,
+    body: bytes,
+    *,
+    now: float | None = None,
+    tolerance_s: float = 300,
+) -> bool:
+    """:func:`verify` on a request's headers, looked up case-insensitively.
+
+    ``headers`` is anything with ``items()``: a dict, aiohttp's ``request.headers``, ``http.server``'s
+    ``self.headers``, Flask's or Starlette's. A header that is missing, or that appears more than once, makes it
+    False; like :func:`verify` it never raises on what the request carries.
+    """
+    wanted = {TIMESTAMP_HEADER.lower(), IDEMPOTENCY_HEADER.lower(), SIGNATURE_HEADER.lower()}
+    found: dict[str, Any] = {}
+    try:
+        for name, value in headers.items():
+            low = name.lower() if isinstance(name, str) else ""
+            if low in wanted:
+                if low in found:
+                    return False  # two values: which one was signed is ambiguous
+                found[low] = value
+    except Exception:  # a headers object that cannot be iterated is malformed input, not a crash
+        return False
+    return verify(
+        secret,
+        found.get(TIMESTAMP_HEADER.lower()),
+        found.get(IDEMPOTENCY_HEADER.lower()),
+        body,
+        found.get(SIGNATURE_HEADER.lower()),
+        now=now,
+        tolerance_s=tolerance_s,
+    )
 
 
 def idempotency_key(alert_id: str, action: str) -> str:
@@ -222,7 +320,8 @@ class Delivery:
 
     ``error`` is ``None`` on success, else a short code first: ``"timeout"``, ``"http <status>"``,
     ``"connection: <detail>"``, ``"queue_full"`` (dropped at submit), ``"stopped"`` (the sender stopped
-    before the delivery finished), ``"invalid_payload: <detail>"`` or ``"internal: <detail>"``.
+    before the delivery finished), ``"invalid_payload: <detail>"``, ``"invalid_key: <detail>"`` (a key that
+    cannot be signed, refused at submit) or ``"internal: <detail>"``.
     ``elapsed_s`` runs from :meth:`WebhookSender.submit` to the outcome, so queueing counts.
     """
 
@@ -303,11 +402,17 @@ class WebhookSender:
     def submit(self, key: str, payload: Mapping[str, Any]) -> bool:
         """Queue one delivery without waiting; False if the queue is full or ``key`` was already submitted.
 
-        Never raises and never blocks, because it is called from the stream. The key is remembered (the
+        Never raises and never blocks, because it is called from the stream. ``key`` is the
+        ``Idempotency-Key``, which is signed: one that :func:`valid_idempotency_key` refuses is reported with
+        error ``invalid_key`` and not queued. The key is remembered (the
         last ``seen_keys_max`` of them) only when the delivery is queued, so a dropped one can be tried
         again. The body is the payload as JSON with sorted keys, so equal payloads give equal bytes.
         """
         now = time.monotonic()
+        if not valid_idempotency_key(key):  # it could not be signed
+            log.error("webhook delivery key %r is not a valid idempotency key", key)
+            self._report(_Job(str(key), b"", now, error="invalid_key: 1 to 255 visible ASCII characters, no '.'"))
+            return False
         if key in self._seen:
             self._seen.move_to_end(key)
             self.duplicates += 1
@@ -396,7 +501,7 @@ class WebhookSender:
                 "Content-Type": "application/json",
                 "User-Agent": USER_AGENT,
                 TIMESTAMP_HEADER: ts,
-                SIGNATURE_HEADER: sign(self._secret, ts, job.body),
+                SIGNATURE_HEADER: sign(self._secret, ts, job.key, job.body),
                 IDEMPOTENCY_HEADER: job.key,
             }
             try:

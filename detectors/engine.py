@@ -11,69 +11,81 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgspec
 
 from detectors.features import Extractor
-from detectors.models import (
-    CategoricalNovelty,
-    Contribution,
-    Detector,
-    DuplicateKey,
-    LevelDrift,
-    OpBurstCeiling,
-    OpMix,
-    RateCeiling,
-    RiverModel,
-    Rule,
-    TableValues,
-    Volume,
-    ZScore,
-)
-from detectors.spec import (
-    QUARANTINING,
-    SEVERITY_RANK,
-    AnyDetector,
-    DriftSpec,
-    DuplicateSpec,
-    NoveltySpec,
-    OpBurstSpec,
-    OpMixSpec,
-    RateSpec,
-    RiverModelSpec,
-    RuleSpec,
-    Suppression,
-    TableSpec,
-    VolumeSpec,
-    ZScoreSpec,
-    detector_name,
-)
+from detectors.models import CategoricalNovelty, Contribution, Detector, TableValues
+from detectors.spec import QUARANTINING, SEVERITY_RANK, AnyDetector, Suppression, TableSpec, detector_name
+from detectors.write import Op, Write
 
 # Alert ids are uuid5 in this namespace, so the same triggering event always yields the same alert id.
 ALERT_NAMESPACE = uuid.UUID("6f1c3d2e-52a8-4c1b-9d0e-77a1c0ffee42")
 UNATTRIBUTED = "unattributed"
 
 
+# Event coordinates: where a change event was read, so that an alert points at it and its id repeats when the
+# same event is processed again. Short tags keep them compact on the changes topic (msgspec needs a tag to
+# tell two array-like structs apart).
+
+
+class KafkaCoords(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="k"):
+    """A Kafka record: its topic, partition and offset.
+
+    >>> str(KafkaCoords("shop.public.refunds", 0, 42))
+    'shop.public.refunds/0/42'
+    """
+
+    topic: str
+    partition: int
+    offset: int
+
+    def __str__(self) -> str:
+        # The canonical text, hashed into alert ids: do not change it.
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+class FileCoords(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="f"):
+    """A line of a file of Debezium message values (``writeguard replay``).
+
+    >>> str(FileCoords("/data/events.jsonl", 7))
+    '/data/events.jsonl:7'
+    """
+
+    path: str
+    line: int
+
+    def __str__(self) -> str:
+        # The canonical text, hashed into alert ids: do not change it.
+        return f"{self.path}:{self.line}"
+
+
+Coords = KafkaCoords | FileCoords
+
+
 class Change(msgspec.Struct, array_like=True, gc=False):
-    """What detection needs from one change event; also the repartition topic's wire format."""
+    """What detection needs from one change event; also the wire format of the internal changes topic."""
 
     table: str
-    op: str
+    op: Op
     agent_id: str
     run_id: str | None
     x: dict[str, float]
     commit_ts_us: int
-    coords: str  # "topic/partition/offset" on Kafka, "path:line" in replay
+    coords: Coords
     snapshot: bool = False
-    c: dict[str, str] | None = None  # categorical columns and the idempotency key ("_key"), when configured
+    categories: dict[str, str] | None = None  # when the table has categorical columns
+    idempotency_key: str | None = None  # when the table has an idempotency key column
+    tx_id: str | None = None  # only for tables whose detectors judge whole transactions (compact otherwise)
 
 
 @dataclass(frozen=True, slots=True)
 class Trigger:
-    coords: str
+    coords: Coords
     commit_ts_us: int
     score: float
-    x: Mapping[str, float] | None = None  # what a false-positive mark teaches the agent's model
+    write: Write | None = None  # a value model's input: what a false-positive mark teaches the agent's model
 
 
 @dataclass(slots=True)
@@ -107,20 +119,22 @@ class Quarantine:
     anomalous_after: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class _Plan:
+    """One detector of a table, compiled from its spec's :class:`~detectors.spec.Scoring`."""
+
     name: str
     kind: str
     severity: str
     threshold: float
+    population_threshold: float
     warmup: int
-    k: int
-    nmask: int
-    value: bool  # a learned value model (skips anomalous events when learning)
+    k: int  # debounce: alert when k of the agent's last n scores were anomalous ...
+    nmask: int  # ... n as a bit mask
+    learned: bool
     make: Callable[[], Detector]
-    population: Detector | None
-    shared: Detector | None = None
-    population_threshold: float = 1.0  # one instance for the whole table (duplicate keys), instead of per agent
+    population: Detector | None  # the table's model, for agents still in warm-up
+    shared: Detector | None  # the table's one instance, when the detector is per table
     population_n: list[int] = field(default_factory=lambda: [0])
 
 
@@ -144,76 +158,28 @@ class _AgentState:
         self.n = 0
 
 
-def _factory(spec: TableSpec, d: AnyDetector, known: TableValues) -> Callable[[], Detector]:
-    log = frozenset(f.name for f in spec.features if f.transform == "log")
-    if isinstance(d, NoveltySpec):
-        cols, nw, scope, mv, mine = d.columns, d.warmup, d.table_scope, d.max_values, d.agent_scope
-        return lambda: CategoricalNovelty(cols, nw, known, scope, mv, mine)
-    if isinstance(d, DuplicateSpec):
-        hz, mk, dops = d.horizon_seconds, d.max_keys, d.ops
-        return lambda: DuplicateKey(hz, mk, dops)
-    if isinstance(d, DriftSpec):
-        feat, delta, dw, dlog = d.feature, d.delta, d.warmup, d.feature in log
-        return lambda: LevelDrift(feat, delta, dw, dlog)
-    if isinstance(d, VolumeSpec):
-        vw, vwu, vhz, va, vmx = d.window_seconds, d.warmup, d.half_z, d.alpha, d.max_events
-        return lambda: Volume(vw, vwu, vhz, va, vmx)
-    if isinstance(d, OpMixSpec):
-        mops, mw, mwu, mmin, mhz, mtx = d.ops, d.window_seconds, d.warmup, d.min_events, d.half_z, d.max_rows_per_tx
-        return lambda: OpMix(mops, mw, mwu, mmin, mhz, mtx)
-    if isinstance(d, RuleSpec):
-        conds = [(c.field, c.op, c.value) for c in d.when]
-        rops, cnt, rw = d.ops, d.count, d.window_seconds
-        return lambda: Rule(conds, rops, cnt, rw)
-    if isinstance(d, ZScoreSpec):
-        feats, half_z, min_std, warmup = d.features, d.half_z, d.min_std, d.warmup
-        return lambda: ZScore(feats, log, half_z, min_std, warmup)
-    if isinstance(d, RiverModelSpec):
-        model, params, scaler, rfeats = d.model, d.params, d.scaler, d.features
-        return lambda: RiverModel(model, params, scaler, rfeats, log)
-    if isinstance(d, OpBurstSpec):
-        ops, mx, w = d.ops, d.max_events, d.window_seconds
-        return lambda: OpBurstCeiling(mx, w, ops)
-    assert isinstance(d, RateSpec)
-    mx2, w2 = d.max_events, d.window_seconds
-    return lambda: RateCeiling(mx2, w2)
+def _plan(table: TableSpec, d: AnyDetector, known: TableValues) -> _Plan:
+    s = d.scoring()
+    make = partial(d.build, table, known)
+    return _Plan(
+        name=detector_name(d),
+        kind=d.kind,
+        severity=d.severity,
+        threshold=s.threshold,
+        population_threshold=s.population_threshold or s.threshold,
+        warmup=s.warmup,
+        k=s.debounce.k,
+        nmask=(1 << s.debounce.n) - 1,
+        learned=s.learned,
+        make=make,
+        population=make() if s.population else None,
+        shared=make() if s.per_table else None,
+    )
 
 
 def compile_table(spec: TableSpec) -> _Table:
-    plans: list[_Plan] = []
     known = TableValues()  # the table's categorical values, shared by its agents' novelty detectors
-    for d in spec.detectors:
-        make = _factory(spec, d, known)
-        value = isinstance(d, ZScoreSpec | RiverModelSpec)
-        if isinstance(d, ZScoreSpec | RiverModelSpec):
-            threshold, warmup, k, n = d.threshold, d.warmup, d.debounce.k, d.debounce.n
-        elif isinstance(d, NoveltySpec | DuplicateSpec):
-            threshold, warmup, k, n = 1.0, 0, d.debounce.k, d.debounce.n
-        elif isinstance(d, VolumeSpec | OpMixSpec):
-            threshold, warmup, k, n = d.threshold, 0, d.debounce.k, d.debounce.n
-        else:
-            # A guard's incident stays open until 16 writes in a row are back under the ceiling.
-            threshold, warmup, k, n = 1.0, 0, 1, 16
-        pop = make() if isinstance(d, ZScoreSpec) and d.population else None
-        shared = make() if isinstance(d, DuplicateSpec) else None
-        pop_threshold = d.population_threshold if isinstance(d, ZScoreSpec) and d.population_threshold else threshold
-        plans.append(
-            _Plan(
-                detector_name(d),
-                d.kind,
-                d.severity,
-                threshold,
-                warmup,
-                k,
-                (1 << n) - 1,
-                value,
-                make,
-                pop,
-                shared,
-                pop_threshold,
-            )
-        )
-    return _Table(spec, Extractor(spec), plans, known)
+    return _Table(spec, Extractor(spec), [_plan(spec, d, known) for d in spec.detectors], known)
 
 
 def _store_key(key: tuple[str, str]) -> str:
@@ -227,7 +193,7 @@ def _detached(st: _AgentState, tab: _Table) -> _AgentState:
         if p.shared is not None:
             st.dets[i] = None  # type: ignore[call-overload]
         elif isinstance(det, CategoricalNovelty):
-            det._known = None  # type: ignore[assignment]
+            det.known = None  # type: ignore[assignment]
     return st
 
 
@@ -237,10 +203,10 @@ def _relink(st: _AgentState, tab: _Table) -> None:
         if p.shared is not None:
             st.dets[i] = p.shared
         elif isinstance(det, CategoricalNovelty):
-            det._known = tab.known
+            det.known = tab.known
 
 
-def alert_id(table: str, agent_id: str, detector: str, coords: str) -> str:
+def alert_id(table: str, agent_id: str, detector: str, coords: Coords) -> str:
     return str(uuid.uuid5(ALERT_NAMESPACE, f"{table}\x1f{agent_id}\x1f{detector}\x1f{coords}"))
 
 
@@ -252,12 +218,14 @@ class Engine:
     ...                  features=(FeatureSpec(name="amount", column="amount", transform="log"),),
     ...                  detectors=(ZScoreSpec(warmup=20),))
     >>> eng = Engine([spec])
+    >>> def change(i: int, amount: float) -> Change:
+    ...     return Change("public.refunds", "c", "a1", None, {"amount": amount}, i, KafkaCoords("t", 0, i))
     >>> for i in range(40):
-    ...     _ = eng.process(Change("public.refunds", "c", "a1", None, {"amount": 30.0 + i % 9}, i, f"t/0/{i}"))
-    >>> eng.process(Change("public.refunds", "c", "a1", None, {"amount": 900.0}, 41, "t/0/41"))
+    ...     _ = eng.process(change(i, 30.0 + i % 9))
+    >>> eng.process(change(41, 900.0))
     []
-    >>> [f.quarantine for f in eng.process(Change("public.refunds", "c", "a1", None, {"amount": 990.0}, 42, "t/0/42"))]
-    [True]
+    >>> [(f.quarantine, str(f.triggers[-1].coords)) for f in eng.process(change(42, 990.0))]
+    [(True, 't/0/42')]
     """
 
     def __init__(
@@ -323,8 +291,8 @@ class Engine:
         key = (ch.table, ch.agent_id)
         st = self._state(tab, key)
         st.n += 1
-        t = ch.commit_ts_us / 1e6
         x = ch.x
+        w = Write(x, ch.op, ch.commit_ts_us / 1e6, ch.categories, ch.idempotency_key, ch.tx_id)
         quarantine = self.quarantined.get(ch.agent_id)
         findings: list[Finding] = []
         value_anomaly = False
@@ -332,18 +300,14 @@ class Engine:
         for i, p in enumerate(tab.plans):
             det = st.dets[i]
             scope = "agent"
-            if p.value:
+            if p.learned:
                 if not x:
                     continue
-                if det.n >= p.warmup:
-                    score = det.score_one(x)
-                elif p.population is not None and p.population_n[0] >= p.warmup:
+                if det.n < p.warmup:
+                    if p.population is None or p.population_n[0] < p.warmup:
+                        continue
                     det, scope = p.population, "population"
-                    score = det.score_one(x)
-                else:
-                    continue
-            else:
-                score = det.score_one(x, ch.op, t, ch.c)
+            score = det.score_one(w)
             if scores is not None:
                 scores.append((p.name, score))
             limit = p.threshold if scope == "agent" else p.population_threshold
@@ -360,11 +324,11 @@ class Engine:
                         st.recent[i].clear()  # a lone outlier long ago is not part of a later incident
                 continue
             any_anomaly = True
-            value_anomaly = value_anomaly or p.value
+            value_anomaly = value_anomaly or p.learned
             if st.recent is None:
                 st.recent = [[] for _ in tab.plans]
             recent = st.recent[i]
-            recent.append(Trigger(ch.coords, ch.commit_ts_us, score, x if p.value else None))
+            recent.append(Trigger(ch.coords, ch.commit_ts_us, score, w if p.learned else None))
             if len(recent) > 64:
                 del recent[0]
             if st.open & bit or mask.bit_count() < p.k:
@@ -375,18 +339,18 @@ class Engine:
                 self.suppressed += 1
                 continue
             st.open |= bit
-            findings.append(self._finding(tab, p, ch, det, scope, score, list(recent), st.n, quarantine))
+            findings.append(self._finding(tab, p, ch, w, det, scope, score, list(recent), st.n, quarantine))
         if quarantine is not None:
             quarantine.events_after += 1
             quarantine.anomalous_after += any_anomaly
         for i, p in enumerate(tab.plans):
-            if not p.value:
+            if not p.learned:
                 if not ch.snapshot:  # a snapshot replays history: those rows were not written just now
-                    st.dets[i].learn_one(x, ch.op, t, ch.c)
+                    st.dets[i].learn_one(w)
             elif x and not value_anomaly and quarantine is None:
-                st.dets[i].learn_one(x)
+                st.dets[i].learn_one(w)
                 if p.population is not None:
-                    p.population.learn_one(x)
+                    p.population.learn_one(w)
                     p.population_n[0] += 1
         return findings
 
@@ -395,6 +359,7 @@ class Engine:
         tab: _Table,
         p: _Plan,
         ch: Change,
+        w: Write,
         det: Detector,
         scope: str,
         score: float,
@@ -420,7 +385,7 @@ class Engine:
             severity=p.severity,
             score=score,
             threshold=p.threshold if scope == "agent" else p.population_threshold,
-            contributions=det.explain(ch.x, ch.op, ch.commit_ts_us / 1e6, ch.c)[:5],
+            contributions=det.explain(w)[:5],
             triggers=triggers,
             actions=tuple(actions),
             quarantine=quarantines,
@@ -458,13 +423,13 @@ class Engine:
                     continue
                 if false_positive and st.recent is not None:
                     for i, p in enumerate(tab.plans):
-                        if not p.value:
+                        if not p.learned:
                             continue
                         for trig in st.recent[i]:
-                            if trig.x:
-                                st.dets[i].learn_one(trig.x)
+                            if trig.write is not None and trig.write.x:
+                                st.dets[i].learn_one(trig.write)
                                 if p.population is not None:
-                                    p.population.learn_one(trig.x)
+                                    p.population.learn_one(trig.write)
                 st.open = 0
                 st.masks = [0] * len(st.masks)
                 st.recent = None

@@ -71,6 +71,8 @@ class Extractor:
     ('a1', 'r9')
     >>> ex.features("u", {"amount": 10}, {"amount": 25})
     {'amount': 25.0, 'amount_change': 15.0}
+    >>> ex.categories("u", None, {"reason": "late"}) is None  # the spec names no categorical column
+    True
     """
 
     __slots__ = ("_agent", "_cats", "_features", "_key", "_run")
@@ -115,8 +117,8 @@ class Extractor:
         return out
 
     def categories(self, op: str, before: Row | None, after: Row | None) -> dict[str, str] | None:
-        """Categorical columns as text, and the idempotency key under ``_key``; None when none is configured."""
-        if not self._cats and self._key is None:
+        """Categorical columns as text; None when the table has none."""
+        if not self._cats:
             return None
         row = before if op == "d" else after
         out: dict[str, str] = {}
@@ -124,8 +126,10 @@ class Extractor:
             v = identity(lookup(row, keys), 128)
             if v is not None:
                 out[col] = v
-        if self._key is not None:
-            k = identity(lookup(row, self._key), 256)
-            if k is not None:
-                out["_key"] = k
         return out
+
+    def idempotency_key(self, op: str, before: Row | None, after: Row | None) -> str | None:
+        """The idempotency key column as text; None when the table has none or the row lacks it."""
+        if self._key is None:
+            return None
+        return identity(lookup(before if op == "d" else after, self._key), 256)

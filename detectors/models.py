@@ -1,9 +1,9 @@
 """Online detectors, one small class per idea, with River's verbs.
 
-Every detector has ``score_one(x, op, t) -> float`` (a score in [0, 1], higher is stranger),
-``learn_one(x, op, t)`` and ``explain(x, op, t)``. ``x`` is a dict of numeric features of one change
-event, ``op`` its Debezium op code and ``t`` its commit time in seconds. Value models ignore ``op`` and
-``t``; the deterministic guards ignore ``x``.
+Every detector has ``learn_one(w)``, ``score_one(w) -> float`` (a score in [0, 1], higher is stranger) and
+``explain(w) -> list[Contribution]``, over one :class:`~detectors.write.Write`: the numeric features ``w.x``,
+the Debezium op code ``w.op``, the commit time ``w.t`` in seconds, the categorical columns, the idempotency
+key and the transaction id. Each detector reads the fields its idea needs.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any, Protocol
 
 from river import drift, stats
 
+from detectors.write import Write
+
 Features = Mapping[str, float]
-Cats = Mapping[str, str]  # categorical columns of the row, and the idempotency key, as text
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +33,19 @@ class Contribution:
 
 
 class Detector(Protocol):
+    """What the engine calls on every detector, as River does: score a write first, then learn from it.
+
+    >>> g = RateCeiling(max_events=1)
+    >>> w = Write(op="c", t=0.0)
+    >>> g.score_one(w), g.learn_one(w), g.score_one(w), g.explain(w)[0].value
+    (0.0, None, 1.0, 2.0)
+    """
+
     n: int  # events learned
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float: ...
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None: ...
-    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]: ...
+    def learn_one(self, w: Write) -> None: ...
+    def score_one(self, w: Write) -> float: ...
+    def explain(self, w: Write) -> list[Contribution]: ...
 
 
 def signed_log1p(v: float) -> float:
@@ -57,12 +66,12 @@ class ZScore:
 
     >>> m = ZScore(log_features={"amount"})
     >>> for i in range(50):
-    ...     m.learn_one({"amount": 20.0 + i % 5})
-    >>> m.score_one({"amount": 22.0}) < 0.5
+    ...     m.learn_one(Write({"amount": 20.0 + i % 5}))
+    >>> m.score_one(Write({"amount": 22.0})) < 0.5
     True
-    >>> m.score_one({"amount": 450.0}) > 0.7
+    >>> m.score_one(Write({"amount": 450.0})) > 0.7
     True
-    >>> m.explain({"amount": 450.0})[0].feature
+    >>> m.explain(Write({"amount": 450.0}))[0].feature
     'amount'
     """
 
@@ -95,9 +104,9 @@ class ZScore:
         std = max(math.sqrt(max(s.get(), 0.0)), self._min_std)
         return (self._value(name, v) - s.mean.get()) / std
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+    def learn_one(self, w: Write) -> None:
         only = self._only
-        for name, v in x.items():
+        for name, v in w.x.items():
             if only is not None and name not in only:
                 continue
             s = self._stats.get(name)
@@ -106,10 +115,10 @@ class ZScore:
             s.update(self._value(name, v))
         self.n += 1
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
+    def score_one(self, w: Write) -> float:
         worst = 0.0
         only = self._only
-        for name, v in x.items():
+        for name, v in w.x.items():
             if only is not None and name not in only:
                 continue
             z = self._z(name, v)
@@ -117,10 +126,10 @@ class ZScore:
                 worst = abs(z)
         return worst / (worst + self.half_z)
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+    def explain(self, w: Write) -> list[Contribution]:
         """Features by decreasing |z|, each with the mean +/- 3 std range in the data's own units."""
         out: list[Contribution] = []
-        for name, v in x.items():
+        for name, v in w.x.items():
             z = self._z(name, v)
             s = self._stats.get(name)
             if z is None or s is None:
@@ -144,8 +153,8 @@ class RiverModel:
 
     >>> m = RiverModel("anomaly.HalfSpaceTrees", {"n_trees": 5, "height": 6, "window_size": 50, "seed": 1})
     >>> for i in range(200):
-    ...     m.learn_one({"amount": 20.0 + i % 7, "items": 1.0 + i % 3})
-    >>> 0.0 <= m.score_one({"amount": 22.0, "items": 2.0}) <= 1.0
+    ...     m.learn_one(Write({"amount": 20.0 + i % 7, "items": 1.0 + i % 3}))
+    >>> 0.0 <= m.score_one(Write({"amount": 22.0, "items": 2.0})) <= 1.0
     True
     """
 
@@ -180,16 +189,16 @@ class RiverModel:
         only, log = self._only, self._log
         return {k: (signed_log1p(v) if k in log else v) for k, v in x.items() if only is None or k in only}
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
-        self._model.learn_one(self._select(x))
+    def learn_one(self, w: Write) -> None:
+        self._model.learn_one(self._select(w.x))
         self.n += 1
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
-        return float(self._model.score_one(self._select(x)))
+    def score_one(self, w: Write) -> float:
+        return float(self._model.score_one(self._select(w.x)))
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+    def explain(self, w: Write) -> list[Contribution]:
         only = self._only
-        return [Contribution(k, float(v), None, None) for k, v in x.items() if only is None or k in only]
+        return [Contribution(k, float(v), None, None) for k, v in w.x.items() if only is None or k in only]
 
 
 class WindowCounter:
@@ -243,8 +252,9 @@ class RateCeiling:
     >>> g = RateCeiling(max_events=3, window=60.0)
     >>> scores = []
     >>> for t in range(5):
-    ...     scores.append(g.score_one({}, "c", float(t)))
-    ...     g.learn_one({}, "c", float(t))
+    ...     w = Write(op="c", t=float(t))
+    ...     scores.append(g.score_one(w))
+    ...     g.learn_one(w)
     >>> scores
     [0.0, 0.0, 0.0, 1.0, 1.0]
     """
@@ -260,21 +270,24 @@ class RateCeiling:
     def _weight(self, op: str) -> int:
         return 1
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
-        w = self._weight(op)
-        if w == 0:
+    def score_one(self, w: Write) -> float:
+        weight = self._weight(w.op)
+        if weight == 0:
             return 0.0
-        return 1.0 if self._counter.count(t) + w > self.max_events else 0.0
+        return 1.0 if self._counter.count(w.t) + weight > self.max_events else 0.0
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
-        w = self._weight(op)
+    def learn_one(self, w: Write) -> None:
+        weight = self._weight(w.op)
         self.n += 1
-        if w:
-            self._counter.add(t, w)
+        if weight:
+            self._counter.add(w.t, weight)
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
-        label = f"events_per_{self.window:g}s"
-        return [Contribution(label, float(self._counter.count(t) + self._weight(op)), 0.0, float(self.max_events))]
+    def _label(self) -> str:
+        return f"events_per_{self.window:g}s"
+
+    def explain(self, w: Write) -> list[Contribution]:
+        count = float(self._counter.count(w.t) + self._weight(w.op))
+        return [Contribution(self._label(), count, 0.0, float(self.max_events))]
 
 
 class OpBurstCeiling(RateCeiling):
@@ -283,7 +296,7 @@ class OpBurstCeiling(RateCeiling):
     A truncate counts as a whole burst by itself: it removes every row at once.
 
     >>> g = OpBurstCeiling(max_events=2, ops=("d", "t"))
-    >>> [g.score_one({}, op, 0.0) for op in ("c", "t")]
+    >>> [g.score_one(Write(op=op)) for op in ("c", "t")]
     [0.0, 1.0]
     """
 
@@ -298,9 +311,8 @@ class OpBurstCeiling(RateCeiling):
             return 0
         return self.max_events + 1 if op == "t" else 1
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
-        label = f"{'/'.join(sorted(self.ops))}_per_{self.window:g}s"
-        return [Contribution(label, float(self._counter.count(t) + self._weight(op)), 0.0, float(self.max_events))]
+    def _label(self) -> str:
+        return f"{'/'.join(sorted(self.ops))}_per_{self.window:g}s"
 
 
 class TableValues:
@@ -323,12 +335,12 @@ class CategoricalNovelty:
     >>> table = TableValues()
     >>> a = CategoricalNovelty(["reason"], warmup=3, known=table)
     >>> for r in ["late", "damaged", "late"]:
-    ...     a.learn_one({}, c={"reason": r})
-    >>> a.score_one({}, c={"reason": "late"}), a.score_one({}, c={"reason": "goodwill"})
+    ...     a.learn_one(Write(categories={"reason": r}))
+    >>> a.score_one(Write(categories={"reason": "late"})), a.score_one(Write(categories={"reason": "goodwill"}))
     (0.0, 1.0)
     """
 
-    __slots__ = ("_agent_scope", "_columns", "_known", "_max", "_seen", "_table_scope", "n", "warmup")
+    __slots__ = ("_agent_scope", "_columns", "_max", "_seen", "_table_scope", "known", "n", "warmup")
 
     def __init__(
         self,
@@ -342,13 +354,13 @@ class CategoricalNovelty:
         self._columns = tuple(columns)
         self._agent_scope = agent_scope
         self._seen: dict[str, set[str]] = {}
-        self._known = known if known is not None else TableValues()
+        self.known = known if known is not None else TableValues()
         self._table_scope = table_scope
         self._max = max_values
         self.warmup = warmup
         self.n = 0
 
-    def _new(self, c: Cats | None) -> list[tuple[str, str]]:
+    def _new(self, c: Mapping[str, str] | None) -> list[tuple[str, str]]:
         if not c:
             return []
         out = []
@@ -356,19 +368,20 @@ class CategoricalNovelty:
             v = c.get(col)
             if v is None:
                 continue
-            known = self._known
+            known = self.known
             table_new = self._table_scope and known.n >= self.warmup and v not in known.values.get(col, ())
             mine_new = self._agent_scope and self.n >= self.warmup and v not in self._seen.get(col, ())
             if table_new or mine_new:
                 out.append((col, v))
         return out
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
-        return 1.0 if self._new(c) else 0.0
+    def score_one(self, w: Write) -> float:
+        return 1.0 if self._new(w.categories) else 0.0
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+    def learn_one(self, w: Write) -> None:
         self.n += 1
-        self._known.n += 1
+        self.known.n += 1
+        c = w.categories
         if not c:
             return
         for col in self._columns:
@@ -378,14 +391,14 @@ class CategoricalNovelty:
             mine = self._seen.setdefault(col, set())
             if len(mine) < self._max:
                 mine.add(v)
-            table = self._known.values.setdefault(col, set())
+            table = self.known.values.setdefault(col, set())
             if len(table) < self._max * 16:
                 table.add(v)
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+    def explain(self, w: Write) -> list[Contribution]:
         return [
             Contribution(f"{col}={v!r} (new)", float(len(self._seen.get(col, ()))), None, None)
-            for col, v in self._new(c)
+            for col, v in self._new(w.categories)
         ]
 
 
@@ -401,14 +414,13 @@ class DuplicateKey:
     keys (oldest forgotten first), each kept as a 64-bit hash.
 
     >>> d = DuplicateKey(horizon=600.0)
-    >>> d.score_one({}, "c", 0.0, {"_key": "k1"})
+    >>> d.score_one(Write(t=0.0, idempotency_key="k1"))
     0.0
-    >>> d.learn_one({}, "c", 0.0, {"_key": "k1"})
-    >>> d.score_one({}, "c", 30.0, {"_key": "k1"}), d.score_one({}, "c", 900.0, {"_key": "k1"})
+    >>> d.learn_one(Write(t=0.0, idempotency_key="k1"))
+    >>> d.score_one(Write(t=30.0, idempotency_key="k1")), d.score_one(Write(t=900.0, idempotency_key="k1"))
     (1.0, 0.0)
     """
 
-    KEY = "_key"
     __slots__ = ("_keys", "_max", "horizon", "n", "ops")
 
     def __init__(self, horizon: float = 3600.0, max_keys: int = 200_000, ops: Iterable[str] = ("c",)) -> None:
@@ -420,19 +432,20 @@ class DuplicateKey:
         self.ops = frozenset(ops)
         self.n = 0
 
-    def _first_seen(self, op: str, c: Cats | None) -> float | None:
-        if op not in self.ops or not c or (key := c.get(self.KEY)) is None:
+    def _first_seen(self, w: Write) -> float | None:
+        if w.op not in self.ops or (key := w.idempotency_key) is None:
             return None
         return self._keys.get(_key_hash(key))
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
-        seen = self._first_seen(op, c)
-        return 1.0 if seen is not None and t - seen <= self.horizon else 0.0
+    def score_one(self, w: Write) -> float:
+        seen = self._first_seen(w)
+        return 1.0 if seen is not None and w.t - seen <= self.horizon else 0.0
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+    def learn_one(self, w: Write) -> None:
         self.n += 1
-        if op not in self.ops or not c or (key := c.get(self.KEY)) is None:
+        if w.op not in self.ops or (key := w.idempotency_key) is None:
             return
+        t = w.t
         h = _key_hash(key)
         if h not in self._keys:
             self._keys[h] = t
@@ -440,9 +453,9 @@ class DuplicateKey:
         while keys and (len(keys) > self._max or next(iter(keys.values())) < t - self.horizon):
             keys.popitem(last=False)
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
-        seen = self._first_seen(op, c)
-        age = t - seen if seen is not None else 0.0
+    def explain(self, w: Write) -> list[Contribution]:
+        seen = self._first_seen(w)
+        age = w.t - seen if seen is not None else 0.0
         return [Contribution("seconds_since_first_use_of_key", age, self.horizon, None)]
 
 
@@ -455,8 +468,9 @@ class LevelDrift:
     >>> fired = []
     >>> for i in range(2000):
     ...     v = 10.0 + (i % 5) if i < 1000 else 30.0 + (i % 5)
-    ...     fired.append(d.score_one({"amount": v}))
-    ...     d.learn_one({"amount": v})
+    ...     w = Write({"amount": v})
+    ...     fired.append(d.score_one(w))
+    ...     d.learn_one(w)
     >>> 1000 < fired.index(1.0) < 1100
     True
     """
@@ -472,11 +486,11 @@ class LevelDrift:
         self.warmup = warmup
         self.n = 0
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
+    def score_one(self, w: Write) -> float:
         return 1.0 if self._drifted else 0.0
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
-        v = x.get(self.feature)
+    def learn_one(self, w: Write) -> None:
+        v = w.x.get(self.feature)
         self._drifted = False
         if v is None:
             return
@@ -487,7 +501,7 @@ class LevelDrift:
             self._drifted = True
             self._before = before
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+    def explain(self, w: Write) -> list[Contribution]:
         now, was = float(self._adwin.estimation), self._before
         if self._log:
             now, was = signed_expm1(now), signed_expm1(was)
@@ -512,8 +526,9 @@ class Rule:
     >>> r = Rule([("amount", ">", 500.0)], ops=("c",), count=2, window=60.0)
     >>> out = []
     >>> for t, amount in enumerate([900.0, 10.0, 800.0]):
-    ...     out.append(r.score_one({"amount": amount}, "c", float(t)))
-    ...     r.learn_one({"amount": amount}, "c", float(t))
+    ...     w = Write({"amount": amount}, "c", float(t))
+    ...     out.append(r.score_one(w))
+    ...     r.learn_one(w)
     >>> out
     [0.0, 0.0, 1.0]
     """
@@ -533,9 +548,10 @@ class Rule:
         self._counter = WindowCounter(window)
         self.n = 0
 
-    def matches(self, x: Features, op: str, c: Cats | None) -> bool:
-        if self.ops is not None and op not in self.ops:
+    def matches(self, w: Write) -> bool:
+        if self.ops is not None and w.op not in self.ops:
             return False
+        x, c = w.x, w.categories
         for field, cmp, value, _ in self.conditions:
             got: Any = x.get(field)
             if got is None and c:
@@ -549,19 +565,19 @@ class Rule:
                 return False
         return True
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
-        if not self.matches(x, op, c):
+    def score_one(self, w: Write) -> float:
+        if not self.matches(w):
             return 0.0
-        return 1.0 if self._counter.count(t) + 1 >= self.count else 0.0
+        return 1.0 if self._counter.count(w.t) + 1 >= self.count else 0.0
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+    def learn_one(self, w: Write) -> None:
         self.n += 1
-        if self.matches(x, op, c):
-            self._counter.add(t)
+        if self.matches(w):
+            self._counter.add(w.t)
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+    def explain(self, w: Write) -> list[Contribution]:
         text = " and ".join(f"{f} {o} {v!r}" for f, _, v, o in self.conditions) or "any write"
-        return [Contribution(f"matches: {text}", float(self._counter.count(t) + 1), None, float(self.count))]
+        return [Contribution(f"matches: {text}", float(self._counter.count(w.t) + 1), None, float(self.count))]
 
 
 class _Windows:
@@ -595,6 +611,40 @@ class _Windows:
         return sum(self._counts.values())
 
 
+class EWMeanVar:
+    """An exponentially weighted mean and variance that start as a plain mean: the baseline of ``Volume``
+    and ``OpMix``, one update per closed window.
+
+    Each update weighs the new value by ``max(alpha, 1/n)``: the first ``1/alpha`` windows are averaged
+    equally, later ones fade at ``alpha``. River's ``stats.EWMean``/``EWVar`` do not fit, for two reasons
+    that would change every score: they weigh the second value by the fixed ``fading_factor`` already (a
+    baseline with alpha 0.05 would trust its very first window for dozens of windows), and ``EWVar`` is
+    E[x²] - E[x]², which cancels badly for large counts; the incremental form here (Finch, 2009, the
+    reference River cites) stays non-negative.
+
+    >>> s = EWMeanVar(alpha=0.05)
+    >>> for v in (4.0, 6.0):
+    ...     s.update(v)
+    >>> s.mean, s.var, s.n
+    (5.0, 1.0, 2)
+    """
+
+    __slots__ = ("alpha", "mean", "n", "var")
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.mean = 0.0
+        self.var = 0.0
+        self.n = 0
+
+    def update(self, v: float) -> None:
+        self.n += 1
+        a = max(self.alpha, 1.0 / self.n)
+        d = v - self.mean
+        self.mean += a * d
+        self.var = (1 - a) * (self.var + a * d * d)
+
+
 class Volume:
     """An agent's writes per window against its own learned baseline (a slowly moving mean and variance).
 
@@ -602,19 +652,18 @@ class Volume:
     ``z / (z + half_z)`` as for ``ZScore``. ``max_events`` adds an optional hard ceiling (score 1).
 
     >>> v = Volume(window=60.0, warmup=10)
-    >>> t = 0.0
     >>> for minute in range(30):          # 5 writes a minute
     ...     for i in range(5):
-    ...         v.learn_one({}, "c", minute * 60.0 + i)
-    >>> v.score_one({}, "c", 30 * 60.0) < 0.5
+    ...         v.learn_one(Write(t=minute * 60.0 + i))
+    >>> v.score_one(Write(t=30 * 60.0)) < 0.5
     True
     >>> for i in range(80):               # then 80 in one minute
-    ...     v.learn_one({}, "c", 31 * 60.0 + i * 0.5)
-    >>> v.score_one({}, "c", 31 * 60.0 + 41) > 0.7
+    ...     v.learn_one(Write(t=31 * 60.0 + i * 0.5))
+    >>> v.score_one(Write(t=31 * 60.0 + 41)) > 0.7
     True
     """
 
-    __slots__ = ("_mean", "_n_windows", "_var", "_win", "alpha", "half_z", "max_events", "n", "warmup")
+    __slots__ = ("_baseline", "_win", "half_z", "max_events", "n", "warmup")
 
     def __init__(
         self,
@@ -625,51 +674,42 @@ class Volume:
         max_events: int | None = None,
     ) -> None:
         self._win = _Windows(window)
-        self._mean = 0.0
-        self._var = 0.0
-        self._n_windows = 0
-        self.alpha = alpha  # weight of each closed window: the baseline follows daily seasonality slowly
+        # alpha: the weight of each closed window, so that the baseline follows daily seasonality slowly.
+        self._baseline = EWMeanVar(alpha)
         self.warmup = warmup
         self.half_z = half_z
         self.max_events = max_events
         self.n = 0
 
     def _close(self, counts: dict[str, int]) -> None:
-        c = float(sum(counts.values()))
-        self._n_windows += 1
-        if self._n_windows == 1:
-            self._mean = c
-            return
-        a = max(self.alpha, 1.0 / self._n_windows)  # a plain mean until the window count reaches 1/alpha
-        d = c - self._mean
-        self._mean += a * d
-        self._var = (1 - a) * (self._var + a * d * d)
+        self._baseline.update(float(sum(counts.values())))
+
+    def _std(self) -> float:
+        b = self._baseline
+        return max(math.sqrt(b.var), math.sqrt(max(b.mean, 0.0)), 1.0)
 
     def _z(self, count: int) -> float:
-        std = max(math.sqrt(self._var), math.sqrt(max(self._mean, 0.0)), 1.0)
-        return (count - self._mean) / std
+        return (count - self._baseline.mean) / self._std()
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
-        self._win.roll(t, self._close)
+    def score_one(self, w: Write) -> float:
+        self._win.roll(w.t, self._close)
         count = self._win.total() + 1
         if self.max_events is not None and count > self.max_events:
             return 1.0
-        if self._n_windows < self.warmup:
+        if self._baseline.n < self.warmup:
             return 0.0
         z = self._z(count)
         return z / (z + self.half_z) if z > 0 else 0.0
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+    def learn_one(self, w: Write) -> None:
         self.n += 1
-        self._win.roll(t, self._close)
+        self._win.roll(w.t, self._close)
         self._win.add("all")
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+    def explain(self, w: Write) -> list[Contribution]:
         count = self._win.total() + 1
-        std = max(math.sqrt(self._var), math.sqrt(max(self._mean, 0.0)), 1.0)
-        return [
-            Contribution(f"writes_per_{self._win.width:g}s", float(count), 0.0, self._mean + 3 * std, self._z(count))
-        ]
+        high = self._baseline.mean + 3 * self._std()
+        return [Contribution(f"writes_per_{self._win.width:g}s", float(count), 0.0, high, self._z(count))]
 
 
 class OpMix:
@@ -679,21 +719,23 @@ class OpMix:
     >>> m = OpMix(window=60.0, warmup=5, min_events=10, max_rows_per_tx=50)
     >>> for minute in range(20):                      # 1 update in 10
     ...     for i in range(10):
-    ...         m.learn_one({}, "u" if i == 0 else "c", minute * 60.0 + i)
-    >>> [m.score_one({}, "d", 20 * 60.0 + 11) for _ in range(1)]
-    [0.0]
+    ...         m.learn_one(Write(op="u" if i == 0 else "c", t=minute * 60.0 + i))
+    >>> m.score_one(Write(op="d", t=20 * 60.0 + 11))
+    0.0
     >>> for i in range(10):                           # then a minute of deletes only
-    ...     m.learn_one({}, "d", 21 * 60.0 + i)
-    >>> m.score_one({}, "d", 21 * 60.0 + 11) > 0.7
+    ...     m.learn_one(Write(op="d", t=21 * 60.0 + i))
+    >>> m.score_one(Write(op="d", t=21 * 60.0 + 11)) > 0.7
     True
+    >>> for i in range(50):                           # 50 rows deleted in one transaction, then one more
+    ...     m.learn_one(Write(op="d", t=22 * 60.0, tx_id="tx-9"))
+    >>> m.score_one(Write(op="d", t=22 * 60.0, tx_id="tx-9"))
+    1.0
     """
 
     __slots__ = (
-        "_mean",
-        "_n_windows",
+        "_baseline",
         "_tx",
         "_tx_rows",
-        "_var",
         "_win",
         "half_z",
         "max_rows_per_tx",
@@ -711,12 +753,11 @@ class OpMix:
         min_events: int = 10,
         half_z: float = 4.0,
         max_rows_per_tx: int | None = None,
+        alpha: float = 0.05,
     ) -> None:
         self.ops = frozenset(ops)
         self._win = _Windows(window)
-        self._mean = 0.0
-        self._var = 0.0
-        self._n_windows = 0
+        self._baseline = EWMeanVar(alpha)  # of the destructive share, over windows of at least min_events
         self.warmup = warmup
         self.min_events = min_events
         self.half_z = half_z
@@ -729,25 +770,21 @@ class OpMix:
         total = sum(counts.values())
         if total < self.min_events:
             return  # too few writes to say anything about a share
-        share = counts.get("destructive", 0) / total
-        self._n_windows += 1
-        a = max(0.05, 1.0 / self._n_windows)
-        d = share - self._mean
-        self._mean += a * d
-        self._var = (1 - a) * (self._var + a * d * d)
+        self._baseline.update(counts.get("destructive", 0) / total)
 
     def _share_z(self, op: str) -> float:
         total = self._win.total() + 1
-        if total < self.min_events or self._n_windows < self.warmup:
+        b = self._baseline
+        if total < self.min_events or b.n < self.warmup:
             return 0.0
         share = (self._win.get("destructive") + (op in self.ops)) / total
         # Binomial noise at this window's size, so small windows do not look extreme.
-        noise = math.sqrt(max(self._mean * (1 - self._mean), 0.01) / total)
-        return (share - self._mean) / max(math.sqrt(self._var), noise)
+        noise = math.sqrt(max(b.mean * (1 - b.mean), 0.01) / total)
+        return (share - b.mean) / max(math.sqrt(b.var), noise)
 
-    def score_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> float:
-        self._win.roll(t, self._close)
-        tx = c.get("_tx") if c else None
+    def score_one(self, w: Write) -> float:
+        self._win.roll(w.t, self._close)
+        op, tx = w.op, w.tx_id
         if (
             self.max_rows_per_tx is not None
             and op in self.ops
@@ -759,20 +796,21 @@ class OpMix:
         z = self._share_z(op)
         return z / (z + self.half_z) if z > 0 else 0.0
 
-    def learn_one(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> None:
+    def learn_one(self, w: Write) -> None:
         self.n += 1
-        self._win.roll(t, self._close)
+        self._win.roll(w.t, self._close)
+        op, tx = w.op, w.tx_id
         self._win.add("destructive" if op in self.ops else "other")
-        tx = c.get("_tx") if c else None
         if op in self.ops and tx is not None:
             if tx != self._tx:
                 self._tx, self._tx_rows = tx, 0
             self._tx_rows += 1
 
-    def explain(self, x: Features, op: str = "c", t: float = 0.0, c: Cats | None = None) -> list[Contribution]:
+    def explain(self, w: Write) -> list[Contribution]:
         total = self._win.total() + 1
-        share = (self._win.get("destructive") + (op in self.ops)) / total
-        out = [Contribution(f"{'/'.join(sorted(self.ops))}_share", share, 0.0, self._mean, self._share_z(op))]
+        share = (self._win.get("destructive") + (w.op in self.ops)) / total
+        label = f"{'/'.join(sorted(self.ops))}_share"
+        out = [Contribution(label, share, 0.0, self._baseline.mean, self._share_z(w.op))]
         if self._tx_rows and self.max_rows_per_tx is not None:
             out.append(
                 Contribution("rows_changed_in_transaction", float(self._tx_rows + 1), 0.0, float(self.max_rows_per_tx))

@@ -1,17 +1,36 @@
 """Per-table detection settings, as they appear under ``tables:`` in the YAML config.
 
-These models are pure data: ``stream.config`` reads the file and ``detectors.engine`` builds the
-per-agent models from them. Field names follow Debezium's vocabulary (``before``/``after``, op codes).
+``stream.config`` reads the file into these models. Each detector spec builds its own detector
+(:meth:`build`) and says how the engine turns that detector's scores into alerts (:meth:`scoring`), so
+``detectors.engine`` needs no list of kinds. Field names follow Debezium's vocabulary (``before``/``after``,
+op codes).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-Op = Literal["c", "u", "d", "r", "t"]
+from detectors.models import (
+    CategoricalNovelty,
+    Detector,
+    DuplicateKey,
+    LevelDrift,
+    OpBurstCeiling,
+    OpMix,
+    RateCeiling,
+    RiverModel,
+    Rule,
+    TableValues,
+    Volume,
+    ZScore,
+)
+from detectors.strict import Strict
+from detectors.write import RowOp
+
 Severity = Literal["info", "warning", "critical"]
 # "postgres" (revoke the agent's role's writes) and "webhook" (call the orchestrator's pause endpoint) are
 # enforcement on top of "quarantine" and imply it.
@@ -20,12 +39,7 @@ QUARANTINING: frozenset[str] = frozenset({"quarantine", "postgres", "webhook"})
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
 
 
-class _Strict(BaseModel):
-    # A typo in a YAML key must be refused, not silently ignored.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class FieldPath(_Strict):
+class FieldPath(Strict):
     """Where a value lives in a change event: ``after.agent_id``, ``before.meta.run``, or ``row.agent_id``.
 
     ``row`` means the row image that exists: ``after`` for c/u/r, ``before`` for d.
@@ -42,7 +56,7 @@ class FieldPath(_Strict):
         return cls(image=image, keys=tuple(rest.split(".")))
 
 
-class FeatureSpec(_Strict):
+class FeatureSpec(Strict):
     """One numeric feature taken from a column of the row image."""
 
     name: str = Field(description="Feature name, as it appears in alerts.")
@@ -54,10 +68,10 @@ class FeatureSpec(_Strict):
     divide_by: str | None = Field(
         None, description="Another column to divide by, e.g. total / items = a unit price (skipped when 0)."
     )
-    ops: tuple[Op, ...] = Field(("c", "u", "r", "d"), description="Ops whose row image gives this feature.")
+    ops: tuple[RowOp, ...] = Field(("c", "u", "r", "d"), description="Ops whose row image gives this feature.")
 
 
-class Debounce(_Strict):
+class Debounce(Strict):
     """Alert only when ``k`` of the agent's last ``n`` scored events were anomalous."""
 
     k: int = Field(2, ge=1)
@@ -70,9 +84,45 @@ class Debounce(_Strict):
         return self
 
 
-class _DetectorBase(_Strict):
+# A guard's incident stays open until 16 writes in a row are back under its limit.
+_GUARD_DEBOUNCE = Debounce(k=1, n=16)
+
+
+@dataclass(frozen=True, slots=True)
+class Scoring:
+    """How the engine turns one detector's scores into alerts. The defaults are a deterministic guard's."""
+
+    threshold: float = 1.0  # a score at or above it is anomalous
+    debounce: Debounce = _GUARD_DEBOUNCE
+    # A model of the agent's normal values: scored once it has learned ``warmup`` writes, and it learns only
+    # from writes that no value model found anomalous, while the agent is not quarantined.
+    learned: bool = False
+    warmup: int = 0
+    population: bool = False  # agents still in warm-up are scored against one model of the whole table
+    population_threshold: float | None = None  # defaults to threshold
+    per_table: bool = False  # one detector for the whole table, shared by its agents, instead of one per agent
+
+
+class _DetectorBase(Strict):
     name: str | None = Field(None, description="Defaults to the kind; must be unique per table.")
     severity: Severity = "critical"
+
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        """A new detector of this kind for one agent of ``table`` (``known``: the table's categorical values)."""
+        raise NotImplementedError
+
+    def scoring(self) -> Scoring:
+        return Scoring()
+
+    def conflict(self, table: TableSpec) -> str | None:
+        """Why this detector cannot judge ``table`` (a column or feature it names is not there), or None."""
+        return None
+
+
+def _unknown_features(name: str, wanted: tuple[str, ...] | None, table: TableSpec) -> str | None:
+    feats = {f.name for f in table.features}
+    missing = [f for f in wanted or () if f not in feats]
+    return f"detector {name!r} names unknown features {missing}" if missing else None
 
 
 class ZScoreSpec(_DetectorBase):
@@ -93,6 +143,29 @@ class ZScoreSpec(_DetectorBase):
         description="Threshold for the population model (default: threshold). Agents differ more from each other "
         "than from themselves, so a first-day rogue may need a lower one.",
     )
+
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        # The warm-up counts per feature too: one seen only on some ops (an update's delta) is scored later.
+        return ZScore(
+            self.features,
+            log_features=table.log_features(),
+            half_z=self.half_z,
+            min_std=self.min_std,
+            min_count=self.warmup,
+        )
+
+    def scoring(self) -> Scoring:
+        return Scoring(
+            threshold=self.threshold,
+            debounce=self.debounce,
+            learned=True,
+            warmup=self.warmup,
+            population=self.population,
+            population_threshold=self.population_threshold,
+        )
+
+    def conflict(self, table: TableSpec) -> str | None:
+        return _unknown_features(detector_name(self), self.features, table)
 
 
 class RiverModelSpec(_DetectorBase):
@@ -119,6 +192,15 @@ class RiverModelSpec(_DetectorBase):
             raise ValueError(f"model must be 'anomaly.<ClassName>' of a River anomaly model, got {v!r}")
         return v
 
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        return RiverModel(self.model, self.params, self.scaler, self.features, table.log_features())
+
+    def scoring(self) -> Scoring:
+        return Scoring(threshold=self.threshold, debounce=self.debounce, learned=True, warmup=self.warmup)
+
+    def conflict(self, table: TableSpec) -> str | None:
+        return _unknown_features(detector_name(self), self.features, table)
+
 
 class RateSpec(_DetectorBase):
     """Hard ceiling on an agent's writes per window of commit time; covers agents from their first write."""
@@ -127,14 +209,20 @@ class RateSpec(_DetectorBase):
     max_events: int = Field(ge=1)
     window_seconds: float = Field(60.0, gt=0)
 
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        return RateCeiling(self.max_events, self.window_seconds)
+
 
 class OpBurstSpec(_DetectorBase):
     """Hard ceiling on destructive ops (deletes, truncates) per window; a truncate alone fires it."""
 
     kind: Literal["op_burst"] = "op_burst"
-    ops: tuple[Op, ...] = ("d", "t")
+    ops: tuple[RowOp, ...] = ("d", "t")
     max_events: int = Field(ge=1)
     window_seconds: float = Field(60.0, gt=0)
+
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        return OpBurstCeiling(self.max_events, self.window_seconds, self.ops)
 
 
 class NoveltySpec(_DetectorBase):
@@ -151,6 +239,23 @@ class NoveltySpec(_DetectorBase):
     severity: Severity = "warning"
     debounce: Debounce = Debounce(k=1, n=16)
 
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        return CategoricalNovelty(
+            self.columns,
+            warmup=self.warmup,
+            known=known,
+            table_scope=self.table_scope,
+            max_values=self.max_values,
+            agent_scope=self.agent_scope,
+        )
+
+    def scoring(self) -> Scoring:
+        return Scoring(debounce=self.debounce)
+
+    def conflict(self, table: TableSpec) -> str | None:
+        bad = [c for c in self.columns if c not in table.categories]
+        return f"detector {detector_name(self)!r}: columns {bad} are not in the table's categories" if bad else None
+
 
 class DuplicateSpec(_DetectorBase):
     """The same idempotency key applied again within a horizon: a retried tool call whose effect landed twice."""
@@ -158,8 +263,20 @@ class DuplicateSpec(_DetectorBase):
     kind: Literal["duplicate"] = "duplicate"
     horizon_seconds: float = Field(3600.0, gt=0)
     max_keys: int = Field(200_000, ge=1, description="Keys remembered per table (memory bound, oldest first).")
-    ops: tuple[Op, ...] = Field(("c",), description="Ops whose key counts: a retry re-creates.")
+    ops: tuple[RowOp, ...] = Field(("c",), description="Ops whose key counts: a retry re-creates.")
     debounce: Debounce = Debounce(k=2, n=8)
+
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        return DuplicateKey(self.horizon_seconds, self.max_keys, self.ops)
+
+    def scoring(self) -> Scoring:
+        # Keys are unique per effect, whichever agent wrote them: a retry by another agent is a duplicate too.
+        return Scoring(debounce=self.debounce, per_table=True)
+
+    def conflict(self, table: TableSpec) -> str | None:
+        if table.idempotency_key is None:
+            return f"detector {detector_name(self)!r} needs the table's idempotency_key column"
+        return None
 
 
 class DriftSpec(_DetectorBase):
@@ -170,6 +287,14 @@ class DriftSpec(_DetectorBase):
     delta: float = Field(0.002, gt=0, lt=1, description="ADWIN's confidence: smaller is more conservative.")
     warmup: int = Field(100, ge=1)
     severity: Severity = "info"
+
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        return LevelDrift(self.feature, self.delta, self.warmup, log=self.feature in table.log_features())
+
+    def conflict(self, table: TableSpec) -> str | None:
+        if self.feature not in {f.name for f in table.features}:
+            return f"detector {detector_name(self)!r} names unknown feature {self.feature!r}"
+        return None
 
 
 class VolumeSpec(_DetectorBase):
@@ -185,12 +310,18 @@ class VolumeSpec(_DetectorBase):
     severity: Severity = "warning"
     debounce: Debounce = Debounce()
 
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        return Volume(self.window_seconds, self.warmup, self.half_z, self.alpha, self.max_events)
+
+    def scoring(self) -> Scoring:
+        return Scoring(threshold=self.threshold, debounce=self.debounce)
+
 
 class OpMixSpec(_DetectorBase):
     """Share of destructive ops per window against the agent's usual share; mass changes in one transaction."""
 
     kind: Literal["op_mix"] = "op_mix"
-    ops: tuple[Op, ...] = ("d", "u")
+    ops: tuple[RowOp, ...] = ("d", "u")
     window_seconds: float = Field(60.0, gt=0)
     warmup: int = Field(30, ge=1, description="Windows (of at least min_events writes) before it may alert.")
     min_events: int = Field(10, ge=1, description="Writes a window needs before its share is judged.")
@@ -202,8 +333,14 @@ class OpMixSpec(_DetectorBase):
     severity: Severity = "critical"
     debounce: Debounce = Debounce(k=1, n=16)
 
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        return OpMix(self.ops, self.window_seconds, self.warmup, self.min_events, self.half_z, self.max_rows_per_tx)
 
-class Condition(_Strict):
+    def scoring(self) -> Scoring:
+        return Scoring(threshold=self.threshold, debounce=self.debounce)
+
+
+class Condition(Strict):
     """``field <op> value``; ``field`` is a feature or a categorical column."""
 
     field: str
@@ -216,9 +353,17 @@ class RuleSpec(_DetectorBase):
 
     kind: Literal["rule"] = "rule"
     when: tuple[Condition, ...] = ()
-    ops: tuple[Op, ...] | None = Field(None, description="Only these ops match (all by default).")
+    ops: tuple[RowOp, ...] | None = Field(None, description="Only these ops match (all by default).")
     count: int = Field(1, ge=1, description="Fire when at least this many matching writes fall in the window.")
     window_seconds: float = Field(60.0, gt=0)
+
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        return Rule([(c.field, c.op, c.value) for c in self.when], self.ops, self.count, self.window_seconds)
+
+    def conflict(self, table: TableSpec) -> str | None:
+        known = {f.name for f in table.features} | set(table.categories)
+        bad = [c.field for c in self.when if c.field not in known]
+        return f"detector {detector_name(self)!r}: {bad} are neither features nor categories" if bad else None
 
 
 AnyDetector = (
@@ -234,13 +379,15 @@ AnyDetector = (
     | OpMixSpec
 )
 DetectorSpec = Annotated[AnyDetector, Field(discriminator="kind")]
+# Every detector kind, from the union above: the config's error messages need them.
+DETECTOR_KINDS: frozenset[str] = frozenset(spec.model_fields["kind"].default for spec in get_args(AnyDetector))
 
 
 def detector_name(spec: AnyDetector) -> str:
     return spec.name or spec.kind
 
 
-class Suppression(_Strict):
+class Suppression(Strict):
     """A window of planned work: matching anomalies are scored and counted, but not alerted on."""
 
     start: datetime = Field(alias="from")
@@ -249,8 +396,6 @@ class Suppression(_Strict):
     tables: tuple[str, ...] | None = Field(None, description="All tables when omitted.")
     agents: tuple[str, ...] | None = Field(None, description="All agents when omitted.")
     detectors: tuple[str, ...] | None = Field(None, description="All detectors when omitted.")
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="after")
     def _ordered(self) -> Suppression:
@@ -274,7 +419,7 @@ def _default_actions() -> dict[Severity, tuple[Action, ...]]:
     return {"info": ("alert",), "warning": ("alert",), "critical": ("alert", "quarantine")}
 
 
-class TableSpec(_Strict):
+class TableSpec(Strict):
     """How one watched table is read and judged."""
 
     name: str = Field(description="'<schema>.<table>' as in Debezium's source block, e.g. 'public.refunds'.")
@@ -309,22 +454,13 @@ class TableSpec(_Strict):
         names = [detector_name(d) for d in self.detectors]
         if len(set(names)) != len(names):
             raise ValueError(f"detector names must be unique per table, got {names}")
-        feats = {f.name for f in self.features}
-        if len(feats) != len(self.features):
+        if len({f.name for f in self.features}) != len(self.features):
             raise ValueError("feature names must be unique per table")
         for d in self.detectors:
-            if isinstance(d, NoveltySpec) and (bad := [c for c in d.columns if c not in self.categories]):
-                raise ValueError(f"detector {detector_name(d)!r}: columns {bad} are not in the table's categories")
-            if isinstance(d, DuplicateSpec) and self.idempotency_key is None:
-                raise ValueError(f"detector {detector_name(d)!r} needs the table's idempotency_key column")
-            if isinstance(d, RuleSpec) and (
-                bad := [c.field for c in d.when if c.field not in feats | set(self.categories)]
-            ):
-                raise ValueError(f"detector {detector_name(d)!r}: {bad} are neither features nor categories")
-            if isinstance(d, DriftSpec) and d.feature not in feats:
-                raise ValueError(f"detector {detector_name(d)!r} names unknown feature {d.feature!r}")
-            wanted = getattr(d, "features", None) or ()
-            missing = [f for f in wanted if f not in feats]
-            if missing:
-                raise ValueError(f"detector {detector_name(d)!r} names unknown features {missing}")
+            if (problem := d.conflict(self)) is not None:
+                raise ValueError(problem)
         return self
+
+    def log_features(self) -> frozenset[str]:
+        """Features that models compare as sign(x)*log1p(|x|)."""
+        return frozenset(f.name for f in self.features if f.transform == "log")

@@ -1,1 +1,1 @@
-"""The Faust worker, the replay runner, the CLI and the demo: where detection meets Kafka and files."""
+"""The Faust worker, the replay runner, the config and the CLI: where detection meets Kafka and files."""

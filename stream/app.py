@@ -26,12 +26,12 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from connectors.debezium import EnvelopeError
 from connectors.messages import ControlRecord, DeadLetter
-from detectors.engine import Change, Engine, Finding
+from detectors.engine import Change, Engine, Finding, KafkaCoords
 from stream.config import Config, client_settings, make_engine
 from stream.enforce import Enforcer
 from stream.metrics import Metrics
 from stream.modelstore import ModelStore
-from stream.pipeline import SKIP_UNATTRIBUTED, Router, build_alert, coords_of
+from stream.pipeline import SKIP_UNATTRIBUTED, Router, build_alert
 
 log = logging.getLogger("writeguard.worker")
 BATCH = 500
@@ -133,15 +133,16 @@ def set_fetch_max_wait(ms: int) -> None:
     from faust.transport.drivers import aiokafka as driver
 
     thread: Any = driver.AIOKafkaConsumerThread
-    original = getattr(thread, "_writeguard_create", None) or thread._create_worker_consumer
+    # Faust has no public hook for this: patching its private consumer factory is the only way in.
+    original = getattr(thread, "_writeguard_create", None) or thread._create_worker_consumer  # noqa: SLF001
 
     def create(self: Any, transport: Any) -> Any:
         consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = ms  # read by AIOKafkaConsumer.start() when it builds its Fetcher
+        consumer._fetch_max_wait_ms = ms  # noqa: SLF001 -- read by AIOKafkaConsumer.start() when it builds its Fetcher
         return consumer
 
-    thread._writeguard_create = original
-    thread._create_worker_consumer = create
+    thread._writeguard_create = original  # noqa: SLF001
+    thread._create_worker_consumer = create  # noqa: SLF001
 
 
 def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | None = None) -> faust.App:
@@ -211,14 +212,15 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
 
     async def ingest_one(event: Any) -> None:
         msg = event.message
+        coords = KafkaCoords(msg.topic, msg.partition, msg.offset)
         try:
-            out = router.route(msg.topic, event.value, coords_of(msg.topic, msg.partition, msg.offset))
+            out = router.route(msg.topic, event.value, coords)
         except EnvelopeError as e:
             metrics.dead_letters.labels(e.reason).inc()
             await dlq.send(key=event.key, value=_dead_letter(e.reason, e.detail, msg, event.key, event.value))
             return
         except Exception as e:  # never let one record stop the stream: it is kept, with its reason
-            log.exception("unexpected error on %s", coords_of(msg.topic, msg.partition, msg.offset))
+            log.exception("unexpected error on %s", coords)
             metrics.dead_letters.labels("internal_error").inc()
             await dlq.send(
                 key=event.key, value=_dead_letter("internal_error", repr(e)[:2000], msg, event.key, event.value)

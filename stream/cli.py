@@ -9,11 +9,8 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from stream.config import Config, ConfigError, client_settings, config_json_schema, load_config
-
-EXAMPLE_CONFIG = Path(__file__).parent / "examples" / "writeguard.yaml"
+from stream.config import EXAMPLE_CONFIG, Config, ConfigError, client_settings, config_json_schema, load_config
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -51,44 +48,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _undo_enforcement(cfg: Config, last: dict[str, Any] | None) -> list[Any]:
-    """Grant back what the agent's quarantine took away in the database, as ``last`` (its control record) says."""
-    if cfg.enforcement.postgres is None:
-        return []
-    from connectors.messages import EnforcementResult
-    from connectors.pg_enforce import EnforcementError
-    from stream.enforce import postgres_enforcer, revocation_from
-
-    rev = revocation_from(last)
-    if rev is None:
-        return []
-    pg = postgres_enforcer(cfg)
-    assert pg is not None
-    try:
-        pg.release(rev)
-    except (EnforcementError, OSError, RuntimeError) as e:
-        print(f"writeguard release: could not restore role {rev.role}: {e}", file=sys.stderr)
-        return [EnforcementResult(action="postgres", ok=False, detail=f"restore failed: {e}"[:2000])]
-    finally:
-        pg.close()
-    detail = f"role {rev.role}: {len(rev.privileges)} privileges granted back" + (
-        ", LOGIN restored" if rev.had_login else ""
-    )
-    print(f"restored {detail}")
-    return [EnforcementResult(action="postgres", ok=True, detail=detail, revocation=rev.to_dict())]
-
-
 def cmd_release(args: argparse.Namespace) -> int:
     from confluent_kafka import Producer
 
-    from connectors.messages import ControlRecord
+    from connectors.messages import ControlRecord, EnforcementResult
+    from stream.enforce import read_control_state, revocation_from, undo_enforcement
 
     cfg = _config(args)
     by = args.by or f"{getpass.getuser()}@{socket.gethostname()}"
-    from stream.enforce import read_control_state
-
     last = read_control_state(cfg).get(args.agent)
-    undone = _undo_enforcement(cfg, last)
+    undone: list[EnforcementResult] = []
+    rev = revocation_from(last)
+    if rev is not None and (result := undo_enforcement(cfg, rev)) is not None:
+        if result.ok:
+            print(f"restored {result.detail}")
+        else:
+            print(f"writeguard release: could not restore role {rev.role}: {result.detail}", file=sys.stderr)
+        undone.append(result)
     rec = ControlRecord(
         agent_id=args.agent,
         state="released",
@@ -155,59 +131,9 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
-def connector_config(cfg: Config) -> dict[str, Any]:
-    """The Kafka Connect request body (name + config) for the Debezium PostgreSQL connector of ``cfg``."""
-    from connectors.connect import debezium_postgres_config
-    from detectors.spec import FieldPath
-
-    d = cfg.debezium
-    if d is None:
-        raise ConfigError("the config has no 'debezium:' section (topic.prefix, database, ...)")
-    key_columns: dict[str, str] | None = None
-    if d.key_by_agent:
-        key_columns = {}
-        for i, t in enumerate(cfg.tables):
-            path = FieldPath.parse(t.agent_id)
-            if len(path.keys) != 1:
-                raise ConfigError(f"tables.{i}.agent_id: key_by_agent needs a plain column, not {t.agent_id!r}")
-            key_columns[t.name] = path.keys[0]
-    db = d.database
-    conf = debezium_postgres_config(
-        hostname=db.hostname,
-        port=db.port,
-        user=db.user,
-        password=db.password,
-        dbname=db.dbname,
-        topic_prefix=d.topic_prefix,
-        tables=[t.name for t in cfg.tables],
-        slot_name=d.slot_name,
-        publication_name=d.publication_name,
-        snapshot_mode=d.snapshot_mode,
-        key_columns=key_columns,
-        extra=d.extra,
-    )
-    return {"name": d.name, "config": conf}
-
-
 def cmd_connector_config(args: argparse.Namespace) -> int:
-    print(json.dumps(connector_config(load_config(args.config)), indent=2))
+    print(json.dumps(load_config(args.config).connector_config(), indent=2))
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    if args.postgres:
-        from stream.demo_postgres import run_postgres_demo
-
-        return run_postgres_demo(warmup_s=args.warmup, n_agents=args.agents)
-    from stream.demo import run_demo
-
-    return run_demo(bootstrap_servers=args.bootstrap_servers, warmup_s=args.warmup, agents=args.agents)
-
-
-def cmd_broker(args: argparse.Namespace) -> int:
-    from connectors.broker import main as broker_main
-
-    return broker_main(["--workdir", args.workdir] if args.workdir else [])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -293,28 +219,6 @@ def parser() -> argparse.ArgumentParser:
     )
     with_config(cc, kafka=False)
     cc.set_defaults(func=cmd_connector_config)
-
-    d = sub.add_parser(
-        "demo",
-        help="local Kafka + worker + a simulated agent fleet with one rogue agent",
-        description="Starts a local Kafka broker (Maven Central jars; needs Java 17 and Maven) "
-        "unless --bootstrap-servers is given, a writeguard worker, and a fleet of agents; one "
-        "agent goes rogue and is alerted on and quarantined. Ends by itself.",
-    )
-    d.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="use this Kafka instead of a local one")
-    d.add_argument(
-        "--postgres",
-        action="store_true",
-        help="the real path: agents write to a local PostgreSQL as their own roles, Debezium on Kafka Connect "
-        "streams their commits, and the rogue agent's role loses its write privileges",
-    )
-    d.add_argument("--agents", type=int, default=12, help="simulated agents (default 12)")
-    d.add_argument("--warmup", type=float, default=20.0, help="seconds of normal traffic before the rogue (20)")
-    d.set_defaults(func=cmd_demo)
-
-    b = sub.add_parser("broker", help="start a local single-node Kafka (KRaft) and wait; Ctrl-C stops it")
-    b.add_argument("--workdir", help="folder for its data and log (default: a temporary folder)")
-    b.set_defaults(func=cmd_broker)
     return p
 
 

@@ -10,26 +10,27 @@ import os
 import re
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from connectors.pg_enforce import RoleMapping
+from connectors.debezium_connector import DebeziumSettings, connector_config
+from connectors.pg_enforce import Mode, RoleMapping
 from connectors.webhook import WebhookSettings
 from detectors.engine import Engine
-from detectors.spec import Suppression, TableSpec
+from detectors.spec import DETECTOR_KINDS, Suppression, TableSpec
+from detectors.strict import Strict
+
+# The commented example config, shipped with the package; `make demo` runs it.
+EXAMPLE_CONFIG = Path(__file__).parent / "examples" / "writeguard.yaml"
 
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and each bad key's path."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class KafkaSettings(_Strict):
+class KafkaSettings(Strict):
     bootstrap_servers: str = Field("127.0.0.1:9092", alias="bootstrap.servers")
     group_id: str = Field("writeguard", alias="group.id", description="Consumer group and Faust app id.")
     client: dict[str, str] = Field(
@@ -39,7 +40,7 @@ class KafkaSettings(_Strict):
     )
 
 
-class TopicSettings(_Strict):
+class TopicSettings(Strict):
     alerts: str = "writeguard.alerts"
     control: str = Field("writeguard.control", description="Compacted; keyed by agent id.")
     dead_letter: str = "writeguard.dlq"
@@ -47,12 +48,12 @@ class TopicSettings(_Strict):
     partitions: int = Field(6, ge=1, description="Partitions of the topics writeguard creates.")
 
 
-class MetricsSettings(_Strict):
+class MetricsSettings(Strict):
     host: str = "0.0.0.0"  # noqa: S104 - a metrics endpoint is scraped from outside the pod
     port: int = Field(9464, ge=0, le=65535)
 
 
-class AgentMessages(_Strict):
+class AgentMessages(Strict):
     """Agents named by a logical decoding message in their transaction instead of a column in the row."""
 
     topic: str = Field(description="Debezium's topic of logical decoding messages: '<topic.prefix>.message'.")
@@ -60,7 +61,7 @@ class AgentMessages(_Strict):
     hold_s: float = Field(5.0, gt=0, description="How long a row without an agent waits for its message.")
 
 
-class WorkerSettings(_Strict):
+class WorkerSettings(Strict):
     repartition: bool = Field(
         True,
         description="Re-key changes by agent id so one worker sees all of an agent's events. Turn off only "
@@ -80,42 +81,19 @@ class WorkerSettings(_Strict):
     )
 
 
-class DebeziumDatabase(_Strict):
-    hostname: str
-    port: int = Field(5432, ge=1, le=65535)
-    user: str
-    password: str = Field("", description="Use ${ENV_VAR}.")
-    dbname: str
-
-
-class DebeziumSettings(_Strict):
-    """What ``writeguard connector-config`` needs to render the Debezium PostgreSQL connector."""
-
-    name: str = Field("writeguard-postgres", description="Kafka Connect connector name.")
-    topic_prefix: str = Field(alias="topic.prefix")
-    database: DebeziumDatabase
-    slot_name: str = Field("writeguard", alias="slot.name")
-    publication_name: str = Field("writeguard", alias="publication.name")
-    snapshot_mode: str = Field("no_data", alias="snapshot.mode")
-    key_by_agent: bool = Field(
-        False, description="Key CDC records by the agent-id column (message.key.columns); then repartition can be off."
-    )
-    extra: dict[str, str] = Field(default_factory=dict, description="More connector properties, set last.")
-
-
-class PostgresEnforcementSettings(_Strict):
+class PostgresEnforcementSettings(Strict):
     dsn: str = Field(description="libpq connection string of a role allowed to GRANT/REVOKE; use ${ENV_VAR}.")
     roles: RoleMapping
-    mode: Literal["revoke_writes", "nologin"] = "revoke_writes"
+    mode: Mode = "revoke_writes"
     terminate_sessions: bool = True
 
 
-class EnforcementSettings(_Strict):
+class EnforcementSettings(Strict):
     postgres: PostgresEnforcementSettings | None = None
     webhook: WebhookSettings | None = None
 
 
-class Config(_Strict):
+class Config(Strict):
     """Top-level writeguard config."""
 
     kafka: KafkaSettings = KafkaSettings()
@@ -158,8 +136,16 @@ class Config(_Strict):
             return self
         return self.model_copy(update={"kafka": self.kafka.model_copy(update={"bootstrap_servers": servers})})
 
+    def connector_config(self) -> dict[str, Any]:
+        """The Kafka Connect request body (name + config) of the Debezium connector in ``debezium:``."""
+        if self.debezium is None:
+            raise ConfigError("the config has no 'debezium:' section (topic.prefix, database, ...)")
+        try:
+            return connector_config(self.debezium, self.tables)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
-_KINDS = frozenset({"zscore", "river", "rate", "op_burst", "novelty", "duplicate", "drift", "rule", "volume", "op_mix"})
+
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -193,7 +179,9 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         for err in e.errors():
             # pydantic puts the union's tag (detector kind) in the path; the YAML has no such key.
             loc = [
-                p for i, p in enumerate(err["loc"]) if not (p in _KINDS and i and isinstance(err["loc"][i - 1], int))
+                p
+                for i, p in enumerate(err["loc"])
+                if not (p in DETECTOR_KINDS and i and isinstance(err["loc"][i - 1], int))
             ]
             where = ".".join(str(p) for p in loc) or "(top level)"
             lines.append(f"  {where}: {err['msg']}")

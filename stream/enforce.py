@@ -17,7 +17,7 @@ from typing import Any
 
 from connectors.messages import Alert, ControlRecord, EnforcementResult
 from connectors.pg_enforce import EnforcementError, PostgresEnforcer, Revocation
-from connectors.webhook import Delivery, WebhookSender
+from connectors.webhook import Delivery, WebhookSender, idempotency_key
 from stream.config import Config
 from stream.metrics import Metrics
 
@@ -55,6 +55,7 @@ class Enforcer:
         self._webhook = WebhookSender(wh, on_result=self._on_delivery) if wh is not None else None
         self._open: dict[str, _Open] = {}  # alert id -> the quarantine it enforces
         self._done: set[str] = set()  # alert ids already enforced: one alert is enforced once
+        self._deliveries: dict[str, str] = {}  # webhook idempotency key -> alert id, until its outcome
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -95,24 +96,51 @@ class Enforcer:
             }
             # A delivery that is not queued (queue full, sender stopped, payload not JSON) is reported by the
             # sender through _on_delivery, within submit(): recording it here too would count it twice.
-            self._webhook.submit(f"{alert.alert_id}:webhook", payload)
+            key = idempotency_key(alert.alert_id, "webhook")
+            self._deliveries[key] = alert.alert_id
+            self._webhook.submit(key, payload)
+
+    # A postgres enforcement that failed (database unreachable, kept waiting past the enforcer's bound) is tried
+    # again after each of these pauses, in seconds, before it is recorded as failed for a human. A refusal
+    # (superuser, owner, unknown role) is recorded at once: trying again would not change it.
+    retry_delays: tuple[float, ...] = (5.0, 15.0, 40.0)
 
     async def _revoke(self, alert: Alert) -> None:
         assert self._pg is not None and self._loop is not None
         pg = self._pg
-        try:
-            rev: Revocation = await self._loop.run_in_executor(self._pool, pg.quarantine, alert.agent_id)
-        except (EnforcementError, OSError, RuntimeError) as e:
-            result = EnforcementResult(action="postgres", ok=False, detail=str(e)[:2000])
-        except Exception as e:  # a database error of any kind must be reported, not crash the worker
-            log.exception("postgres enforcement failed for %s", alert.agent_id)
-            result = EnforcementResult(action="postgres", ok=False, detail=repr(e)[:2000])
-        else:
-            inherited = getattr(rev, "inherited", ())
-            detail = f"role {rev.role}: {rev.mode}, {len(rev.privileges)} privileges revoked"
-            if inherited:
-                detail += f"; still writable through {', '.join(inherited)}"
-            result = EnforcementResult(action="postgres", ok=not inherited, detail=detail, revocation=rev.to_dict())
+        attempts = len(self.retry_delays) + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                rev: Revocation = await self._loop.run_in_executor(self._pool, pg.quarantine, alert.agent_id)
+            except Exception as e:  # a database error of any kind must be reported, not crash the worker
+                known = isinstance(e, EnforcementError | OSError | RuntimeError)
+                if not known:
+                    log.exception("postgres enforcement failed for %s", alert.agent_id)
+                detail = str(e) if known else repr(e)
+                final = isinstance(e, EnforcementError) and not e.retryable
+                if attempt < attempts and not final:
+                    if not self._current(alert.agent_id, alert.alert_id):
+                        log.info("agent %s released: its failed postgres enforcement is not retried", alert.agent_id)
+                        return
+                    delay = self.retry_delays[attempt - 1]
+                    log.warning(
+                        "postgres enforcement for agent %s: attempt %d of %d failed, trying again in %g s: %s",
+                        alert.agent_id,
+                        attempt,
+                        attempts,
+                        delay,
+                        detail[:2000],
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                if attempt > 1:
+                    detail = f"failed {attempt} attempts; the last: {detail}"
+                result = EnforcementResult(action="postgres", ok=False, detail=detail[:2000])
+                break
+            # Not enforced (still writable, or not verified) is reported as failed, never as done.
+            result = EnforcementResult(
+                action="postgres", ok=rev.enforced, detail=rev.describe()[:2000], revocation=rev.to_dict()
+            )
             if not self._current(alert.agent_id, alert.alert_id):
                 # Released while the REVOKE waited: the release found nothing to grant back, so do it now.
                 try:
@@ -120,10 +148,13 @@ class Enforcer:
                     log.warning("role %s: released while its quarantine was enforced; granted back", rev.role)
                 except Exception:
                     log.exception("role %s: released while enforced, and granting back failed", rev.role)
+            break
         self._record(alert.alert_id, result)
 
     def _on_delivery(self, d: Delivery) -> None:
-        alert_id = d.key.rsplit(":", 1)[0]
+        alert_id = self._deliveries.pop(d.key, None)
+        if alert_id is None:
+            return  # not a delivery this enforcer submitted
         if d.error == "queue_full":
             detail = "not queued: delivery queue full"
         elif d.status:
@@ -157,6 +188,27 @@ def revocation_from(record: dict[str, Any] | None) -> Revocation | None:
         if r.get("action") == "postgres" and r.get("revocation"):
             return Revocation.from_dict(r["revocation"])
     return None
+
+
+def undo_enforcement(cfg: Config, rev: Revocation) -> EnforcementResult | None:
+    """Grant back what a quarantine's revocation took away in the database; None without postgres enforcement.
+
+    A refusal is returned as a result with ``ok=False``, not raised: the release is published either way, and
+    its control record says what could not be restored.
+    """
+    pg = postgres_enforcer(cfg)
+    if pg is None:
+        return None
+    try:
+        pg.release(rev)
+    except (EnforcementError, OSError, RuntimeError) as e:
+        return EnforcementResult(action="postgres", ok=False, detail=f"restore failed: {e}"[:2000])
+    finally:
+        pg.close()
+    detail = f"role {rev.role}: {len(rev.privileges)} privileges granted back" + (
+        ", LOGIN restored" if rev.had_login else ""
+    )
+    return EnforcementResult(action="postgres", ok=True, detail=detail, revocation=rev.to_dict())
 
 
 def read_control_state(cfg: Config, timeout: float = 30.0) -> dict[str, dict[str, Any]]:

@@ -7,13 +7,14 @@ run the very same detection code.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
 
 from connectors.debezium import ChangeEvent, EnvelopeError, Heartbeat, Tombstone, TransactionMarker, decode
 from connectors.messages import Alert, FeatureExplanation, TriggeringEvent
-from detectors.engine import UNATTRIBUTED, Change, Finding
+from detectors.engine import UNATTRIBUTED, Change, Coords, Finding, KafkaCoords, Trigger
 from detectors.features import Extractor, identity
 from detectors.models import Contribution
 from detectors.spec import TableSpec
@@ -26,6 +27,16 @@ SKIP_MESSAGE = "logical_message"
 SKIP_UNATTRIBUTED = "unattributed"
 SKIP_UNWATCHED = "unwatched_table"
 SKIP_PENDING = "awaiting_transaction_agent"  # held until its transaction's agent message arrives
+
+
+@dataclass(frozen=True, slots=True)
+class _Watched:
+    """A watched table, compiled."""
+
+    name: str
+    extractor: Extractor
+    # Tables whose detectors judge whole transactions get the transaction id; the others do not carry it.
+    with_tx: bool
 
 
 class Router:
@@ -49,17 +60,17 @@ class Router:
         hold_s: float = 5.0,
         max_tx: int = 100_000,
     ) -> None:
-        compiled = [(t, _TxExtractor(t) if _needs_tx(t) else Extractor(t)) for t in tables]
-        self._by_topic = {t.topic: (t.name, ex) for t, ex in compiled}
-        self._by_source = {t.name: (t.name, ex) for t, ex in compiled}
+        compiled = [(t, _Watched(t.name, Extractor(t), _needs_tx(t))) for t in tables]
+        self._by_topic = {t.topic: w for t, w in compiled}
+        self._by_source = {t.name: w for t, w in compiled}
         self._prefix = message_prefix
         self.hold_s = hold_s
         self.max_tx = max_tx  # transactions remembered and transactions held: bounded, whatever the input
         self._tx_agents: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
-        self.pending: OrderedDict[str, list[tuple[ChangeEvent, str, Extractor, str]]] = OrderedDict()
+        self.pending: OrderedDict[str, list[tuple[ChangeEvent, _Watched, Coords]]] = OrderedDict()
         self.ready: list[Change] = []
 
-    def route(self, topic: str | None, value: bytes | None, coords: str) -> Change | str:
+    def route(self, topic: str | None, value: bytes | None, coords: Coords) -> Change | str:
         """A Change, or the reason (SKIP_*) it is not one. Raises EnvelopeError for malformed input."""
         ev = decode(value)
         if not isinstance(ev, ChangeEvent):
@@ -76,13 +87,12 @@ class Router:
             hit = self._by_source.get(f"{ev.schema}.{ev.table}")
             if hit is None:
                 return SKIP_UNWATCHED
-        table, ex = hit
-        agent, run = ex.agent(ev.op, ev.before, ev.after)
+        agent, run = hit.extractor.agent(ev.op, ev.before, ev.after)
         if agent is None:
             if self._prefix is None or ev.tx_id is None:
                 if ev.op != "t":
                     return SKIP_UNATTRIBUTED
-                return _change(ev, table, ex, UNATTRIBUTED, None, coords)
+                return _change(ev, hit, UNATTRIBUTED, None, coords)
             known = self._tx_agents.get(ev.tx_id)
             if known is None:
                 held = self.pending.get(ev.tx_id)
@@ -90,10 +100,10 @@ class Router:
                     if len(self.pending) >= self.max_tx:
                         self.pending.popitem(last=False)
                     held = self.pending[ev.tx_id] = []
-                held.append((ev, table, ex, coords))
+                held.append((ev, hit, coords))
                 return SKIP_PENDING
             agent, run = known
-        return _change(ev, table, ex, agent, run, coords)
+        return _change(ev, hit, agent, run, coords)
 
     def _message(self, ev: ChangeEvent) -> str:
         if self._prefix is None or ev.message_prefix != self._prefix:
@@ -109,8 +119,8 @@ class Router:
         self._tx_agents[ev.tx_id] = (agent, run)
         if len(self._tx_agents) > self.max_tx:
             self._tx_agents.popitem(last=False)
-        for row, table, ex, coords in self.pending.pop(ev.tx_id, ()):
-            self.ready.append(_change(row, table, ex, agent, run, coords))
+        for row, watched, coords in self.pending.pop(ev.tx_id, ()):
+            self.ready.append(_change(row, watched, agent, run, coords))
         return SKIP_MESSAGE
 
     def expire(self, now_us: int) -> int:
@@ -122,9 +132,9 @@ class Router:
             if held[0][0].commit_ts_us > limit:
                 break
             del self.pending[tx]
-            for row, table, ex, coords in held:
+            for row, watched, coords in held:
                 if row.op == "t":  # a truncate is never dropped: it is scored, unattributed
-                    self.ready.append(_change(row, table, ex, UNATTRIBUTED, None, coords))
+                    self.ready.append(_change(row, watched, UNATTRIBUTED, None, coords))
                 else:
                     dropped += 1
         return dropped
@@ -134,48 +144,34 @@ def _needs_tx(spec: TableSpec) -> bool:
     return any(getattr(d, "max_rows_per_tx", None) for d in spec.detectors)
 
 
-class _TxExtractor(Extractor):
-    """Also hands the transaction id to detection (as ``_tx``), for tables that judge whole transactions."""
-
-    __slots__ = ()
-
-    def with_tx(self, ev: ChangeEvent) -> dict[str, str] | None:
-        c = self.categories(ev.op, ev.before, ev.after)
-        if ev.tx_id is None:
-            return c
-        return {**(c or {}), "_tx": ev.tx_id}
-
-
-def _change(ev: ChangeEvent, table: str, ex: Extractor, agent: str, run: str | None, coords: str) -> Change:
+def _change(ev: ChangeEvent, watched: _Watched, agent: str, run: str | None, coords: Coords) -> Change:
+    ex, op, before, after = watched.extractor, ev.op, ev.before, ev.after
     return Change(
-        table,
-        ev.op,
+        watched.name,
+        op,
         agent,
         run,
-        ex.features(ev.op, ev.before, ev.after),
+        ex.features(op, before, after),
         ev.commit_ts_us,
         coords,
-        ev.snapshot or ev.op == "r",  # incremental snapshots are op r with snapshot=incremental
-        ex.with_tx(ev) if isinstance(ex, _TxExtractor) else ex.categories(ev.op, ev.before, ev.after),
+        ev.snapshot or op == "r",  # incremental snapshots are op r with snapshot=incremental
+        ex.categories(op, before, after),
+        ex.idempotency_key(op, before, after),
+        ev.tx_id if watched.with_tx else None,
     )
-
-
-def coords_of(topic: str, partition: int, offset: int) -> str:
-    return f"{topic}/{partition}/{offset}"
 
 
 def _ts(us: int) -> datetime:
     return datetime.fromtimestamp(us / 1e6, tz=UTC)
 
 
-def _trigger(coords: str, commit_ts_us: int, score: float) -> TriggeringEvent:
-    if coords.count("/") >= 2 and ":" not in coords.rsplit("/", 2)[-2]:
-        topic, part, off = coords.rsplit("/", 2)
-        if part.isdigit() and off.isdigit():
-            return TriggeringEvent(
-                topic=topic, partition=int(part), offset=int(off), commit_ts=_ts(commit_ts_us), score=score
-            )
-    return TriggeringEvent(source=coords, commit_ts=_ts(commit_ts_us), score=score)
+def _trigger(t: Trigger) -> TriggeringEvent:
+    c = t.coords
+    if isinstance(c, KafkaCoords):
+        return TriggeringEvent(
+            topic=c.topic, partition=c.partition, offset=c.offset, commit_ts=_ts(t.commit_ts_us), score=t.score
+        )
+    return TriggeringEvent(source=str(c), commit_ts=_ts(t.commit_ts_us), score=t.score)
 
 
 def _fmt(v: float) -> str:
@@ -219,7 +215,7 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
         commit_ts=_ts(f.commit_ts_us),
         detected_at=_ts(detected_at_us),
         lag_ms=(detected_at_us - f.commit_ts_us) / 1000.0,
-        triggering_events=[_trigger(t.coords, t.commit_ts_us, t.score) for t in f.triggers],
+        triggering_events=[_trigger(t) for t in f.triggers],
         anomalous_events=len(f.triggers),
         agent_events=f.agent_events,
         actions=list(f.actions),

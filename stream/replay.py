@@ -2,7 +2,8 @@
 
 Users backtest thresholds on history with it: the alerts it writes are the ones the worker would have
 published for the same events in the same order. Alert ids derive from the event's coordinates, which here
-are ``path:line`` rather than ``topic/partition/offset``, so they differ from the worker's.
+are the file and line (:class:`~detectors.engine.FileCoords`, ``path:line``) rather than the Kafka topic,
+partition and offset, so they differ from the worker's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import IO
 import msgspec
 
 from connectors.debezium import EnvelopeError
-from detectors.engine import Change, Engine
+from detectors.engine import Change, Engine, FileCoords
 from stream.config import Config, make_engine
 from stream.pipeline import SKIP_PENDING, SKIP_UNATTRIBUTED, Router, build_alert
 
@@ -70,7 +71,8 @@ def replay(
         stats.changes += 1
         findings = engine.process(ch, scores)
         if scores is not None and scores_out is not None:
-            line = int(ch.coords.rsplit(":", 1)[1])
+            assert isinstance(ch.coords, FileCoords)  # replay reads files only
+            line = ch.coords.line
             for det, s in scores:
                 scores_out.write(_enc.encode(_Score(line, ch.table, ch.agent_id, ch.op, det, s)) + b"\n")
             scores.clear()
@@ -94,7 +96,7 @@ def replay(
             if not value:
                 continue
             try:
-                out = router.route(None, None if value == b"null" else value, f"{name}:{lineno}")
+                out = router.route(None, None if value == b"null" else value, FileCoords(name, lineno))
             except EnvelopeError as e:
                 stats.dead_letters[e.reason] += 1
                 lines = stats.dead_letter_lines.setdefault(e.reason, [])

@@ -1,5 +1,5 @@
 -- Run once by the postgres image (docker-entrypoint-initdb.d) when its data volume is empty, in database `shop`.
--- The shop tables are those of stream/stack.py (SHOP_DDL), which the tests and `writeguard demo --postgres` use.
+-- The shop tables are those of testbed/stack.py (SHOP_DDL), which the tests and `python -m testbed demo --postgres` use.
 
 CREATE TABLE public.refunds (id bigserial PRIMARY KEY, order_id bigint, amount double precision NOT NULL,
                              agent_id text, run_id text);

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import ModuleType
 from typing import Any
@@ -22,9 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from stream.cli import connector_config
 from stream.config import load_config
-from stream.stack import SHOP_DDL
+from testbed.stack import SHOP_DDL
 from tests.deploy.conftest import COMPOSE, COMPOSE_CONFIG, ROOT, env_refs
 
 CONTAINER_CONFIG = "/etc/writeguard/writeguard.yaml"
@@ -75,10 +75,10 @@ def test_images_are_pinned(compose: dict[str, Any]) -> None:
 
 
 def test_kafka_and_debezium_match_the_versions_the_tests_run() -> None:
-    """The compose images run the Kafka and Debezium versions that connectors/maven pins for the native tests."""
+    """The compose images run the Kafka and Debezium versions that testbed/maven pins for the native tests."""
     compose_text = COMPOSE.read_text()
-    kafka_pom = (ROOT / "connectors" / "maven" / "kafka" / "pom.xml").read_text()
-    connect_pom = (ROOT / "connectors" / "maven" / "connect" / "pom.xml").read_text()
+    kafka_pom = (ROOT / "testbed" / "maven" / "kafka" / "pom.xml").read_text()
+    connect_pom = (ROOT / "testbed" / "maven" / "connect" / "pom.xml").read_text()
     kafka = re.search(r"<artifactId>kafka_2\.13</artifactId>\s*<version>([^<]+)</version>", kafka_pom)
     debezium = re.search(
         r"<artifactId>debezium-connector-postgres</artifactId>\s*<version>([^<]+)</version>", connect_pom
@@ -137,7 +137,7 @@ def test_writeguard_services_run_the_compose_config(compose: dict[str, Any], dum
     assert cfg.enforcement.postgres is not None and "host=postgres" in cfg.enforcement.postgres.dsn
     # The ports compose publishes and Prometheus scrapes are the config's.
     port = cfg.worker.metrics.port
-    assert f"{port}:{port}" in s["writeguard"]["ports"]
+    assert f"127.0.0.1:{port}:{port}" in s["writeguard"]["ports"]
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = [
         t
@@ -159,6 +159,161 @@ def test_kafka_advertises_the_listener_the_config_uses(compose: dict[str, Any]) 
     env = compose["services"]["kafka"]["environment"]
     assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
     assert compose["services"]["connect"]["environment"]["BOOTSTRAP_SERVERS"] == "kafka:9092"
+
+
+# -- exposure: what the stack publishes on the host, and with which credentials ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    """One ``ports`` entry: the host address it binds (None: every interface), the host and the container port."""
+
+    host_ip: str | None
+    published: str | None
+    target: str
+
+
+def parse_port(entry: Any) -> Published:
+    """A ``ports`` entry in the short ("[IP:][HOST:]CONTAINER[/PROTO]", or a bare number) or the long syntax."""
+    if isinstance(entry, dict):
+        published = entry.get("published")
+        return Published(entry.get("host_ip"), None if published is None else str(published), str(entry["target"]))
+    if isinstance(entry, int):
+        return Published(None, None, str(entry))  # a container port on a random host port, every interface
+    assert isinstance(entry, str), f"unexpected ports entry {entry!r}"
+    spec = entry.split("/", 1)[0]
+    host_ip: str | None = None
+    if spec.startswith("["):  # [::1]:8080:80
+        host_ip, _, spec = spec[1:].partition("]:")
+    parts = spec.split(":")
+    if host_ip is None and len(parts) > 3:  # an unbracketed IPv6 address: ::1:8080:80
+        host_ip, parts = ":".join(parts[:-2]), parts[-2:]
+    elif host_ip is None and len(parts) == 3:
+        host_ip, parts = parts[0], parts[1:]
+    if len(parts) == 1:
+        return Published(host_ip, None, parts[0])
+    return Published(host_ip, parts[0], parts[1])
+
+
+def exposed_beyond_loopback(compose: dict[str, Any]) -> list[str]:
+    """Every way a service reaches the host's other interfaces: a port not bound to 127.0.0.1, or host networking."""
+    found = []
+    for name, svc in compose["services"].items():
+        if svc.get("network_mode") == "host":
+            found.append(f"{name}: network_mode host")
+        for entry in svc.get("ports", []):
+            if parse_port(entry).host_ip != "127.0.0.1":
+                found.append(f"{name}: {entry!r}")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("9092", Published(None, None, "9092")),
+        (9092, Published(None, None, "9092")),
+        ("29092:9092", Published(None, "29092", "9092")),
+        ("0.0.0.0:9092:9092", Published("0.0.0.0", "9092", "9092")),
+        ("127.0.0.1:9092:9092/tcp", Published("127.0.0.1", "9092", "9092")),
+        ("127.0.0.1::9092", Published("127.0.0.1", "", "9092")),
+        ("127.0.0.1:9000-9010:9000-9010", Published("127.0.0.1", "9000-9010", "9000-9010")),
+        ("[::1]:8080:80", Published("::1", "8080", "80")),
+        ("::1:8080:80", Published("::1", "8080", "80")),
+        ({"target": 80, "published": 8080}, Published(None, "8080", "80")),
+        (
+            {"target": 80, "published": "8080", "host_ip": "127.0.0.1", "protocol": "tcp"},
+            Published("127.0.0.1", "8080", "80"),
+        ),
+    ],
+)
+def test_parse_port_reads_short_and_long_syntax(entry: Any, expected: Published) -> None:
+    assert parse_port(entry) == expected
+
+
+def test_the_loopback_check_flags_every_wider_binding() -> None:
+    """The check below is not a no-op: each of these would publish on every interface (or a public one)."""
+    wide = ["9092", 9092, "9092:9092", "0.0.0.0:9092:9092", "[::]:9092:9092", {"target": 9092, "published": 9092}]
+    wide += [{"target": 9092, "host_ip": "0.0.0.0"}, "192.168.1.10:9092:9092", "localhost:9092:9092"]
+    for entry in wide:
+        assert exposed_beyond_loopback({"services": {"s": {"ports": [entry]}}}) == [f"s: {entry!r}"], entry
+    assert exposed_beyond_loopback({"services": {"s": {"network_mode": "host"}}}) == ["s: network_mode host"]
+    ok = {"services": {"s": {"ports": ["127.0.0.1:9092:9092", {"target": 1, "published": 1, "host_ip": "127.0.0.1"}]}}}
+    assert exposed_beyond_loopback(ok) == []
+
+
+def test_every_published_port_is_bound_to_loopback(compose: dict[str, Any]) -> None:
+    assert exposed_beyond_loopback(compose) == []
+    # ... and these are the ports the README's table lists, each on the same port number as in the container.
+    published = {name: [parse_port(e) for e in svc.get("ports", [])] for name, svc in compose["services"].items()}
+    assert {name: [(p.published, p.target) for p in ports] for name, ports in published.items() if ports} == {
+        "kafka": [("29092", "29092")],
+        "postgres": [("5432", "5432")],
+        "connect": [("8083", "8083")],
+        "writeguard": [("9464", "9464")],
+        "prometheus": [("9090", "9090")],
+        "grafana": [("3000", "3000")],
+    }
+    # Kafka hands host clients the address its host listener is published on.
+    listeners = compose["services"]["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    assert "HOST://127.0.0.1:29092" in listeners
+
+
+def _args(svc: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key in ("entrypoint", "command"):
+        value = svc.get(key) or []
+        out += value.split() if isinstance(value, str) else [str(v) for v in value]
+    return out
+
+
+def test_prometheus_runs_without_its_lifecycle_or_admin_api(compose: dict[str, Any]) -> None:
+    prometheus = _args(compose["services"]["prometheus"])
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus  # the flags are where this looks
+    for name, svc in compose["services"].items():
+        for flag in ("--web.enable-lifecycle", "--web.enable-admin-api"):
+            assert not [a for a in _args(svc) if a.split("=", 1)[0] == flag], f"{name} runs with {flag}"
+
+
+REQUIRED_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?[^}]+\}")
+
+
+def _environment(svc: dict[str, Any]) -> dict[str, str]:
+    env = svc.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def test_no_password_has_a_default(compose: dict[str, Any]) -> None:
+    """Every password compose passes is a required variable (``${VAR:?message}``: unset or empty refuses to start),
+    never a literal or a ``${VAR:-default}`` that every copy of this file would share."""
+    passwords = {
+        (name, key): value
+        for name, svc in compose["services"].items()
+        for key, value in _environment(svc).items()
+        if "PASSWORD" in key.upper() or "SECRET" in key.upper()
+    }
+    assert set(passwords) == {
+        ("postgres", "POSTGRES_PASSWORD"),
+        ("register-connector", "PG_ADMIN_PASSWORD"),
+        ("writeguard", "PG_ADMIN_PASSWORD"),
+        ("grafana", "GF_SECURITY_ADMIN_PASSWORD"),
+    }
+    for (name, key), value in passwords.items():
+        assert REQUIRED_VAR.fullmatch(value), f"{name}: {key}={value!r} is not a required ${{VAR:?...}}"
+    # The superuser password PostgreSQL is initialised with is the one the worker and Debezium log in with.
+    superuser = REQUIRED_VAR.fullmatch(passwords[("postgres", "POSTGRES_PASSWORD")])
+    assert superuser is not None and superuser.group(1) == "PG_ADMIN_PASSWORD"
+    # The pattern refuses the forms that would fall back to a shared value.
+    for weak in (
+        "writeguard-local",
+        "${PG_ADMIN_PASSWORD:-writeguard-local}",
+        "${PG_ADMIN_PASSWORD-x}",
+        "${PG_ADMIN_PASSWORD}",
+    ):
+        assert not REQUIRED_VAR.fullmatch(weak), weak
+    # No other literal password anywhere in the file (e.g. in a command or a healthcheck).
+    assert "writeguard-local" not in COMPOSE.read_text()
 
 
 def _normalise_sql(text: str) -> list[str]:
@@ -253,7 +408,7 @@ def register(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
 
 def test_register_renders_waits_puts_and_waits_for_running(register: ModuleType) -> None:
     body = register.render(str(COMPOSE_CONFIG), (sys.executable, "-m", "stream.cli"))
-    assert body == json.loads(json.dumps(connector_config(load_config(COMPOSE_CONFIG))))
+    assert body == json.loads(json.dumps(load_config(COMPOSE_CONFIG).connector_config()))
     starting = {"connector": {"state": "UNASSIGNED"}, "tasks": []}
     with FakeConnect(
         connectors=[503, 503, 200], put=[(409, {"message": "rebalance"}), (201, {})], status=[starting, RUNNING]

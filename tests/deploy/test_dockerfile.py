@@ -89,5 +89,5 @@ def test_build_context_has_what_the_dockerfile_copies() -> None:
     for source in sources:
         assert (ROOT / source).exists(), source
         assert included(source), f".dockerignore leaves {source} out of the build context"
-    for kept_out in (".venv", ".git", "tests", ".tools", "benchmarks"):
+    for kept_out in (".venv", ".git", "tests", ".tools", "benchmarks", "testbed"):
         assert not included(kept_out), f"{kept_out} would be sent to the builder"

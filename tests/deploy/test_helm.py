@@ -64,6 +64,7 @@ def test_default_install_renders_the_worker_only(rendered: dict[str, Rendered]) 
         "ConfigMap",
         "ConfigMap",
         "Deployment",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "PrometheusRule",
         "Service",
@@ -188,12 +189,30 @@ def test_a_config_naming_an_unset_variable_is_refused(helm: str) -> None:
         ("secrets.webhook.secretEnv=not-an-env-name", "/secrets/webhook/secretEnv"),
         ("servicemonitor.enabled=true", "additional properties 'servicemonitor' not allowed"),
         ("config.tables=null", "tables"),
+        ("networkPolicy.enabled=yes", "/networkPolicy/enabled"),
+        ("networkPolicy.egress.postgres.ports={70000}", "/networkPolicy/egress/postgres/ports/0"),
+        ("networkPolicy.egress.kafka.ports={0}", "/networkPolicy/egress/kafka/ports/0"),
+        ("networkPolicy.egress.dns.ports=53", "/networkPolicy/egress/dns/ports"),
+        ("networkPolicy.ingress.from[0].podSelektor.a=b", "additional properties 'podSelektor' not allowed"),
+        ("networkPolicy.egres.kafka.ports={9092}", "additional properties 'egres' not allowed"),
     ],
 )
 def test_values_schema_refuses_bad_values(helm: str, setting: str, message: str) -> None:
     proc = run_helm(helm, *template_args([], "--set", setting), check=False)
     assert proc.returncode != 0, f"--set {setting} was accepted"
     assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("key", ["postgres", "dns"])
+def test_values_schema_refuses_no_port_where_none_can_be_derived(helm: str, key: str) -> None:
+    """PostgreSQL's and DNS's ports are not derived from the config: an empty list would cut the worker off."""
+    setting = f"networkPolicy.egress.{key}.ports=[]"
+    proc = run_helm(helm, *template_args([], "--set-json", setting), check=False)
+    assert proc.returncode != 0, f"--set-json {setting} was accepted"
+    assert f"/networkPolicy/egress/{key}/ports" in proc.stderr, proc.stderr
+    # Kafka's and the webhook's may be empty: then they come from bootstrap.servers and the webhook URL.
+    for derived in ("kafka", "webhook"):
+        run_helm(helm, *template_args([], "--set-json", f"networkPolicy.egress.{derived}.ports=[]"))
 
 
 @pytest.mark.parametrize("values", list(VALUE_SETS), ids=list(VALUE_SETS))
@@ -297,3 +316,143 @@ def test_ci_values_file_is_used(helm: str, rendered: dict[str, Rendered], tmp_pa
     assert broken.read_text() != CI_VALUES.read_text()
     proc = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(broken), check=False)
     assert proc.returncode != 0 and "replicaCount" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+# -- NetworkPolicy -----------------------------------------------------------------------------------------------------
+
+
+def render_values(helm: str, tmp_path: Path, name: str, values: dict[str, Any]) -> Rendered:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return render(helm, [path], name)
+
+
+def policy_ports(rule: dict[str, Any]) -> list[tuple[int, str]]:
+    return [(p["port"], p["protocol"]) for p in rule["ports"]]
+
+
+def validate_strict(doc: dict[str, Any]) -> None:
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is in the dev extra: pip install -e '.[dev]'"
+    )
+    kv.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_network_policy_is_off_by_default(rendered: dict[str, Rendered]) -> None:
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]["enabled"] is False
+    assert rendered["default"].kind("NetworkPolicy") == []
+    # The same chart renders one when asked (so the absence above is the default's doing).
+    assert len(rendered["sasl-tls"].kind("NetworkPolicy")) == 1
+
+
+PROMETHEUS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+}
+KAFKA_PEER = {"ipBlock": {"cidr": "10.20.0.0/16", "except": ["10.20.9.0/24"]}}
+DB_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "db"}}}
+ORCHESTRATOR_PEER = {"podSelector": {"matchLabels": {"app": "orchestrator"}}}
+OTLP_RULE = {"to": [{"ipBlock": {"cidr": "10.30.0.5/32"}}], "ports": [{"port": 4317, "protocol": "TCP"}]}
+
+
+def network_values(**config: Any) -> dict[str, Any]:
+    """Values with the NetworkPolicy on; ``config`` is merged into config (Helm merges maps)."""
+    return {
+        "config": {
+            "kafka": {"bootstrap.servers": "b1.kafka:9093, b2.kafka:9094,b3.kafka"},
+            "worker": {"metrics": {"port": 9500}},
+            **config,
+        },
+        "networkPolicy": {
+            "enabled": True,
+            "ingress": {"from": [PROMETHEUS]},
+            "egress": {
+                "kafka": {"to": [KAFKA_PEER]},
+                "postgres": {"to": [DB_PEER], "ports": [6432]},
+                "webhook": {"to": [ORCHESTRATOR_PEER]},
+                "extra": [OTLP_RULE],
+            },
+        },
+    }
+
+
+ENFORCEMENT = {
+    "postgres": {"dsn": "host=db.internal port=6432 dbname=shop user=wg", "roles": {"template": "agent_{agent_id}"}},
+    "webhook": {"url": "https://orchestrator.internal:8443/agents/pause", "secret": "${WRITEGUARD_WEBHOOK_SECRET}"},
+}
+
+
+def test_network_policy_allows_only_the_metrics_port_in_and_the_configured_destinations_out(
+    helm: str, tmp_path: Path
+) -> None:
+    values = network_values(enforcement=ENFORCEMENT)
+    values["secrets"] = {"webhook": {"existingSecret": "wg-webhook"}}
+    r = render_values(helm, tmp_path, "netpol", values)
+    policy = r.one("NetworkPolicy")
+    validate_strict(policy)
+    spec = policy["spec"]
+    assert spec["podSelector"] == r.one("Deployment")["spec"]["selector"]
+    assert (
+        spec["podSelector"]["matchLabels"].items()
+        <= r.one("Deployment")["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    # In: one rule, the metrics port the worker listens on (config.worker.metrics.port), from Prometheus only.
+    assert spec["ingress"] == [{"ports": [{"port": 9500, "protocol": "TCP"}], "from": [PROMETHEUS]}]
+    assert r.worker()["ports"] == [{"name": "metrics", "containerPort": 9500, "protocol": "TCP"}]
+    # Out: Kafka on the ports of bootstrap.servers (9092 for the host without one), PostgreSQL on the configured
+    # port, the webhook on its URL's port, DNS over UDP and TCP, then the extra rule; nothing else.
+    kafka, postgres, webhook, dns, extra = spec["egress"]
+    assert (policy_ports(kafka), kafka["to"]) == ([(9093, "TCP"), (9094, "TCP"), (9092, "TCP")], [KAFKA_PEER])
+    assert (policy_ports(postgres), postgres["to"]) == ([(6432, "TCP")], [DB_PEER])
+    assert (policy_ports(webhook), webhook["to"]) == ([(8443, "TCP")], [ORCHESTRATOR_PEER])
+    assert policy_ports(dns) == [(53, "UDP"), (53, "TCP")]
+    assert dns["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ]
+    assert extra == OTLP_RULE
+
+
+def test_network_policy_opens_only_what_the_config_uses(helm: str, tmp_path: Path) -> None:
+    # No enforcement configured: no rule for PostgreSQL or the webhook.
+    r = render_values(helm, tmp_path, "no-enforcement", network_values())
+    egress = r.one("NetworkPolicy")["spec"]["egress"]
+    assert [policy_ports(rule) for rule in egress] == [
+        [(9093, "TCP"), (9094, "TCP"), (9092, "TCP")],
+        [(53, "UDP"), (53, "TCP")],
+        policy_ports(OTLP_RULE),
+    ]
+    # The webhook's port follows its URL's scheme when the URL names none; explicit ports win over derived ones.
+    for url, expected in (("https://orch.internal/pause", 443), ("http://orch.internal/pause", 80)):
+        values = network_values(enforcement={"webhook": {"url": url, "secret": "s"}})
+        policy = render_values(helm, tmp_path, "webhook", values).one("NetworkPolicy")
+        validate_strict(policy)
+        assert policy_ports(policy["spec"]["egress"][1]) == [(expected, "TCP")], url
+    values = network_values(enforcement={"webhook": {"url": "https://orch.internal/pause", "secret": "s"}})
+    values["networkPolicy"]["egress"]["kafka"]["ports"] = [9096]
+    values["networkPolicy"]["egress"]["webhook"]["ports"] = [8080, 8443]
+    values["networkPolicy"]["egress"]["dns"] = {"enabled": False}
+    values["networkPolicy"]["egress"]["extra"] = []
+    values["networkPolicy"]["ingress"]["from"] = []
+    policy = render_values(helm, tmp_path, "explicit", values).one("NetworkPolicy")
+    validate_strict(policy)
+    spec = policy["spec"]
+    assert spec["ingress"] == [{"ports": [{"port": 9500, "protocol": "TCP"}]}]  # any source, still only that port
+    assert [policy_ports(rule) for rule in spec["egress"]] == [[(9096, "TCP")], [(8080, "TCP"), (8443, "TCP")]]
+
+
+def test_network_policy_refuses_a_webhook_url_whose_port_it_cannot_tell(helm: str, tmp_path: Path) -> None:
+    values = network_values(enforcement={"webhook": {"url": "${WEBHOOK_URL}", "secret": "s"}})
+    values["extraEnv"] = [{"name": "WEBHOOK_URL", "value": "https://orch.internal/pause"}]
+    path = tmp_path / "unknown-port.yaml"
+    path.write_text(yaml.safe_dump(values))
+    proc = run_helm(helm, *template_args([path]), check=False)
+    assert proc.returncode != 0
+    assert "set networkPolicy.egress.webhook.ports" in proc.stderr, proc.stderr
+    values["networkPolicy"]["egress"]["webhook"]["ports"] = [443]
+    path.write_text(yaml.safe_dump(values))
+    policy = render(helm, [path], "unknown-port").one("NetworkPolicy")
+    assert policy_ports(policy["spec"]["egress"][1]) == [(443, "TCP")]

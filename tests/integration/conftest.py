@@ -16,11 +16,11 @@ import pytest
 import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from connectors.broker import LocalKafka
 from stream.config import Config, load_config
-from stream.fleet import ORDERS, REFUNDS, Record
-from stream.process import ROOT, WorkerProcess, spawn_worker
-from stream.stack import example_config
+from testbed.broker import LocalKafka
+from testbed.fleet import ORDERS, REFUNDS, Record
+from testbed.process import ROOT, WorkerProcess, spawn_worker
+from testbed.stack import example_config
 
 
 @pytest.fixture(scope="session")

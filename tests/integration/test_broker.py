@@ -14,7 +14,7 @@ import uuid
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from connectors.broker import BrokerError, LocalKafka
+from testbed.broker import BrokerError, LocalKafka
 from tests.integration.conftest import process_group_exists
 
 pytestmark = pytest.mark.integration

@@ -24,10 +24,11 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, Message
 
-from connectors.broker import LocalKafka
-from connectors.connect import ConnectError, LocalConnect, debezium_postgres_config, resolve_connect_jars
 from connectors.debezium import ChangeEvent, decode
-from connectors.postgres import LocalPostgres, PostgresError, find_pg_bin
+from connectors.debezium_connector import debezium_postgres_config
+from testbed.broker import LocalKafka
+from testbed.connect import ConnectError, LocalConnect, resolve_connect_jars
+from testbed.postgres import LocalPostgres, PostgresError, find_pg_bin
 from tests.integration.conftest import process_group_exists
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""``writeguard demo`` as a user runs it: its own process, here against the session's broker.
+"""``python -m testbed demo`` as a user runs it: its own process, here against the session's broker.
 
 Every process the demo starts inherits its environment, so a marker variable finds them all in /proc, even
 those started in a new session (the worker) that its process group would not show.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from connectors.broker import LocalKafka
-from stream.process import ROOT
+from testbed.broker import LocalKafka
+from testbed.process import ROOT
 from tests.integration.conftest import process_group_exists
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def test_demo_quarantines_the_rogue_with_no_false_alarm_and_leaves_no_process(
     cmd = [
         sys.executable,
         "-m",
-        "stream.cli",
+        "testbed",
         "demo",
         "--bootstrap-servers",
         kafka.bootstrap_servers,

@@ -7,18 +7,21 @@ side is played by real connections made *as* the agent's role.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
 from psycopg import sql
 
 from connectors.pg_enforce import EnforcementError, PostgresEnforcer, Revocation, RoleMapping
-from connectors.postgres import LocalPostgres
+from testbed.postgres import LocalPostgres
 
 pytestmark = pytest.mark.integration
 
@@ -79,13 +82,26 @@ class Shop:
         return PostgresEnforcer(self.dsn, roles or RoleMapping(template="agent_{agent_id}"), tables or TABLES, **kw)
 
     def acls(self) -> dict[str, list[str]]:
-        """Every relation's and column's ACL items, sorted: compares what is granted, not the item order."""
+        """Every relation's (tables, partitioned tables, sequences, views) and column's ACL items, every default
+        privilege entry, and the role memberships, sorted: compares what is granted, not the item order."""
         out: dict[str, list[str]] = {}
         for rel, acl in self.sql(
             "SELECT c.relname::text, coalesce(c.relacl::text[], '{}') FROM pg_class c "
-            "WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'"
+            "WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'S', 'v', 'f', 'm')"
         ):
             out[rel] = sorted(acl)
+        for owner, nsp, kind, acl in self.sql(
+            "SELECT pg_get_userbyid(defaclrole)::text, defaclnamespace::regnamespace::text, defaclobjtype::text, "
+            "defaclacl::text[] FROM pg_default_acl"
+        ):
+            out[f"default {owner} {nsp} {kind}"] = sorted(acl)
+        out["memberships"] = sorted(
+            f"{r}>{m} admin={a} by {g}"
+            for r, m, a, g in self.sql(
+                "SELECT roleid::regrole::text, member::regrole::text, admin_option, grantor::regrole::text "
+                "FROM pg_auth_members WHERE member::regrole::text NOT LIKE 'pg\\_%'"
+            )
+        )
         for rel, col, acl in self.sql(
             "SELECT c.relname::text, a.attname::text, a.attacl::text[] FROM pg_attribute a "
             "JOIN pg_class c ON c.oid = a.attrelid "
@@ -145,7 +161,8 @@ def test_quarantine_blocks_writes_and_release_restores_exactly(shop: Shop) -> No
         assert rev.role == ROLE and rev.mode == "revoke_writes" and rev.had_login is None
         assert {(t, p) for s, t, p in rev.privileges} == WRITES
         assert all(s == "public" for s, _, _ in rev.privileges)
-        assert rev.inherited == ()
+        assert rev.inherited == () and rev.still_writable == () and rev.enforced
+        assert rev.cascaded == () and rev.partitions == () and rev.memberships == ()
         assert rev.terminated_sessions == 1  # the session above
 
         again = shop.connect_as(ROLE, autocommit=True)
@@ -244,30 +261,47 @@ def test_column_grants_truncate_and_grant_option_are_taken_and_restored(shop: Sh
     agent.execute("UPDATE refunds SET status = 'void' WHERE id = 1")
 
 
-def test_writes_through_public_and_membership_are_reported(shop: Shop) -> None:
+def test_writes_through_public_are_reported_as_not_enforced_and_memberships_are_taken(shop: Shop) -> None:
+    """By design since issue 17: the membership that gave writes is taken (and given back); PUBLIC stays, and the
+    quarantine says it is not enforced, with what is still writable, as its own role's attempt found it."""
     shop.sql("GRANT INSERT ON orders TO PUBLIC")
     shop.create_role("refund_writers", "refunds", privileges="UPDATE")
     shop.sql("ALTER ROLE refund_writers NOLOGIN")
     shop.sql("GRANT refund_writers TO agent_refund_02")
+    before = shop.acls()
     with shop.enforcer() as enforcer:
         rev = enforcer.quarantine(AGENT)
-    assert rev.inherited == ("PUBLIC", "refund_writers")
-    # The quarantine is visibly incomplete, and indeed these writes still work:
-    agent = shop.connect_as(ROLE, autocommit=True)
-    agent.execute("INSERT INTO orders (total) VALUES (1)")
-    agent.execute("UPDATE refunds SET status = 'x' WHERE id = 1")
-    with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        insert_refund(agent)
+        assert rev.memberships == (("refund_writers", "", "postgres"),)
+        assert rev.inherited == ("PUBLIC",)
+        assert rev.still_writable == ("INSERT on public.orders",)
+        assert not rev.enforced and "not enforced: still writable through INSERT on public.orders" in rev.describe()
+        # And indeed: the write through PUBLIC still works, the one through the membership no longer does.
+        agent = shop.connect_as(ROLE, autocommit=True)
+        agent.execute("INSERT INTO orders (total) VALUES (1)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            agent.execute("UPDATE refunds SET status = 'x' WHERE id = 1")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            insert_refund(agent)
+        enforcer.release(Revocation.from_dict(rev.to_dict()))
+    assert shop.acls() == before  # the membership (and its grantor) is back
+    shop.connect_as(ROLE, autocommit=True).execute("UPDATE refunds SET status = 'x' WHERE id = 1")
 
 
-def test_pg_write_all_data_and_ownership_are_reported(shop: Shop) -> None:
+def test_pg_write_all_data_is_taken_and_given_back(shop: Shop) -> None:
+    shop.sql("REVOKE ALL ON refunds, orders FROM agent_refund_02")
     shop.sql("GRANT pg_write_all_data TO agent_refund_02")
+    agent = shop.connect_as(ROLE, autocommit=True)
+    insert_refund(agent)
+    before = shop.acls()
     with shop.enforcer() as enforcer:
-        assert enforcer.quarantine(AGENT).inherited == ("pg_write_all_data",)
-        shop.sql("REVOKE pg_write_all_data FROM agent_refund_02")
-        shop.sql("ALTER TABLE orders OWNER TO agent_refund_02")
-        # The owner can grant itself its privileges back at any time.
-        assert ROLE in enforcer.quarantine(AGENT).inherited
+        rev = enforcer.quarantine(AGENT)
+        assert rev.memberships == (("pg_write_all_data", "", "postgres"),) and rev.privileges == ()
+        assert rev.enforced, rev
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            insert_refund(shop.connect_as(ROLE, autocommit=True))
+        enforcer.release(Revocation.from_dict(rev.to_dict()))
+    assert shop.acls() == before
+    insert_refund(shop.connect_as(ROLE, autocommit=True))
 
 
 def test_missing_watched_table_is_skipped(shop: Shop) -> None:
@@ -281,8 +315,9 @@ def test_unknown_and_superuser_roles_are_refused_and_nothing_changes(shop: Shop)
     before = shop.acls()
     logins_before = shop.sql("SELECT rolname, rolcanlogin FROM pg_roles ORDER BY 1")
     # A hostile agent id that maps to the administrator must not lock it out.
+    mapping = RoleMapping(map={"postgres": "postgres", "agent_nobody": "agent_nobody"})
     for mode in ("revoke_writes", "nologin"):
-        with shop.enforcer(RoleMapping(template="{agent_id}"), mode=mode) as enforcer:
+        with shop.enforcer(mapping, mode=mode) as enforcer:
             with pytest.raises(EnforcementError, match="superuser"):
                 enforcer.quarantine("postgres")
             with pytest.raises(EnforcementError, match="does not exist"):
@@ -449,7 +484,7 @@ def test_forged_revocation_cannot_grant_beyond_the_watched_writes(shop: Shop) ->
     assert shop.acls() == before
 
 
-def test_grants_from_another_grantor_are_reported_and_onward_grants_refused(shop: Shop) -> None:
+def test_grants_from_another_grantor_are_reported_as_not_enforced(shop: Shop) -> None:
     # A grant made by a role other than the owner survives the owner's (superuser's) REVOKE: it must show.
     shop.create_role("delegate", "orders", privileges="INSERT")
     shop.sql("GRANT INSERT ON orders TO delegate WITH GRANT OPTION")
@@ -458,14 +493,371 @@ def test_grants_from_another_grantor_are_reported_and_onward_grants_refused(shop
     with shop.enforcer() as enforcer:
         rev = enforcer.quarantine(AGENT)
         assert rev.inherited == (ROLE,)
+        assert rev.still_writable == ("INSERT on public.orders",) and not rev.enforced
         shop.connect_as(ROLE, autocommit=True).execute("INSERT INTO orders (total) VALUES (1)")
         enforcer.release(rev)
 
-    # An agent that passed its own grant on to another role: REVOKE without CASCADE fails, nothing changes.
+
+# -- issue 17: a quarantine the agent cannot block --------------------------------------------------------------
+
+
+def wait_until(what: str, probe: Callable[[], Any], timeout: float = 90.0) -> Any:
+    """Poll ``probe`` until it returns something truthy; on timeout fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not seen in {timeout:.0f} s; last seen: {last!r}")
+
+
+def alive(shop: Shop, pid: int) -> bool:
+    return bool(shop.sql("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])[0][0])
+
+
+def enforcers_waiting(shop: Shop) -> list[tuple[Any, ...]]:
+    """The enforcer sessions of this database that wait for a lock, with the sessions they wait for."""
+    return shop.sql(
+        "SELECT pid, pg_blocking_pids(pid), query FROM pg_stat_activity "
+        "WHERE application_name = 'writeguard-enforcer' AND datname = %s AND wait_event_type = 'Lock'",
+        [shop.dbname],
+    )
+
+
+def test_the_agent_cannot_block_its_quarantine_with_the_old_advisory_lock(shop: Shop) -> None:
+    # Before issue 17 the enforcer serialised on this advisory lock (class 0x77677264, "wgrd"), which any role can
+    # take: the REVOKE then waited until its statement timeout and nothing changed.
+    agent = shop.connect_as(ROLE, autocommit=True)
+    agent.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", [0x77677264, ROLE])
+    with shop.enforcer(lock_timeout=1, max_wait=10) as enforcer:
+        rev = enforcer.quarantine(AGENT)
+    assert {(t, p) for _, t, p in rev.privileges} == WRITES and rev.enforced, rev
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        insert_refund(shop.connect_as(ROLE, autocommit=True))
+
+
+def test_an_agent_transaction_that_blocks_the_revoke_is_ended_and_the_revoke_retried(shop: Shop) -> None:
+    """An open GRANT on refunds (the agent holds a grant option) locks the ACL row the REVOKE must change."""
     shop.sql("GRANT INSERT ON refunds TO agent_refund_02 WITH GRANT OPTION")
     shop.create_role("helper")
-    shop.connect_as(ROLE, autocommit=True).execute("GRANT INSERT ON refunds TO helper")
+    blocker = shop.connect_as(ROLE)  # not autocommit: the GRANT stays uncommitted
+    blocker.execute("GRANT INSERT ON refunds TO helper")
+    pid = blocker.info.backend_pid
+    with shop.enforcer(lock_timeout=1, max_wait=60, terminate_sessions=False) as enforcer:
+        rev = enforcer.quarantine(AGENT)
+    assert rev.enforced and {(t, p) for _, t, p in rev.privileges} == WRITES, rev
+    assert rev.terminated_sessions == 1  # the blocking session, although terminate_sessions is off
+    assert not alive(shop, pid)
+    with pytest.raises(psycopg.OperationalError):
+        blocker.execute("SELECT 1")
+    # Its uncommitted GRANT died with it, and the agent cannot write.
+    assert shop.sql("SELECT has_table_privilege('helper', 'public.refunds', 'INSERT')") == [(False,)]
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        insert_refund(shop.connect_as(ROLE, autocommit=True))
+
+
+def test_an_agent_lock_that_blocks_the_verification_is_ended(shop: Shop) -> None:
+    """LOCK TABLE needs only UPDATE: the agent's lock would hold up the write attempts made as its role."""
+    locker = shop.connect_as(ROLE)
+    locker.execute("LOCK TABLE refunds IN ACCESS EXCLUSIVE MODE")
+    pid = locker.info.backend_pid
+    with shop.enforcer(lock_timeout=1, max_wait=60, terminate_sessions=False) as enforcer:
+        rev = enforcer.quarantine(AGENT)
+    assert rev.enforced and rev.still_writable == (), rev
+    assert rev.terminated_sessions == 1 and not alive(shop, pid)
+
+
+def test_a_blocker_that_is_not_the_agent_is_named_and_nothing_changes(shop: Shop) -> None:
+    """A migration's open transaction is not ended: after the bounded wait the error says who held the lock."""
+    shop.create_role("reporting")
+    agent = shop.connect_as(ROLE, autocommit=True)
     before = shop.acls()
-    with shop.enforcer() as enforcer, pytest.raises(EnforcementError, match="nothing was revoked"):
+    holder = shop.pg.connect(dbname=shop.dbname, application_name="migration")
+    shop.sessions.append(holder)
+    holder.execute("GRANT SELECT ON refunds TO reporting")
+    pid = holder.info.backend_pid
+    with shop.enforcer(lock_timeout=1, max_wait=4) as enforcer, pytest.raises(EnforcementError) as failed:
         enforcer.quarantine(AGENT)
+    message = str(failed.value)
+    assert failed.value.retryable, message
+    assert f"pid {pid} (role 'postgres', application 'migration', idle in transaction" in message, message
+    assert "nothing changed" in message, message
+    assert alive(shop, pid)  # not the agent's: left alone
+    holder.rollback()
     assert shop.acls() == before
+    insert_refund(agent)  # the agent kept its rights (and its session)
+
+
+def test_a_verification_that_cannot_be_done_is_reported_as_not_enforced(shop: Shop) -> None:
+    """The change committed, but another session's lock keeps the agent's write attempts from running."""
+    before = shop.acls()
+    holder = shop.pg.connect(dbname=shop.dbname, application_name="maintenance")
+    shop.sessions.append(holder)
+    holder.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+    with shop.enforcer(lock_timeout=1, max_wait=3) as enforcer:
+        rev = enforcer.quarantine(AGENT)
+        assert {(t, p) for _, t, p in rev.privileges} == WRITES  # taken: the REVOKE needs no lock on the table
+        assert not rev.enforced
+        (unverified,) = rev.still_writable
+        assert unverified.startswith("unverified: verification of role 'agent_refund_02''s quarantine not done")
+        assert "application 'maintenance'" in unverified and "nothing changed" not in unverified, unverified
+        holder.rollback()
+        enforcer.release(rev)
+    assert shop.acls() == before
+
+
+def test_concurrent_enforcers_on_one_role_both_complete(shop: Shop, caplog: pytest.LogCaptureFixture) -> None:
+    """Two workers quarantine the same agent at once: PostgreSQL's "tuple concurrently updated" is retried."""
+    before = shop.acls()
+    holder = shop.pg.connect(dbname=shop.dbname)
+    shop.sessions.append(holder)
+    shop.create_role("reporting")
+    holder.execute("GRANT SELECT ON orders, refunds TO reporting")  # both REVOKEs wait on this transaction
+    results: dict[int, Revocation | BaseException] = {}
+
+    def run(i: int) -> None:
+        try:
+            with shop.enforcer(lock_timeout=60, max_wait=120) as enforcer:
+                results[i] = enforcer.quarantine(AGENT)
+        except BaseException as e:  # reported below
+            results[i] = e
+
+    caplog.set_level(logging.INFO, logger="writeguard.pg_enforce")
+    threads = [threading.Thread(target=run, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    # One waits for the open transaction, the other for the first (the row's lock queue).
+    waiting = wait_until("both enforcers waiting", lambda: (w := enforcers_waiting(shop)) and len(w) == 2 and w)
+    assert holder.info.backend_pid in {pid for _, blockers, _ in waiting for pid in blockers}, waiting
+    holder.commit()  # both wake up on a row that changed under them
+    for t in threads:
+        t.join(150)
+    revs = [results.get(i) for i in (1, 2)]
+    assert all(isinstance(r, Revocation) for r in revs), revs
+    first, second = cast(list[Revocation], revs)
+    retried = [r.getMessage() for r in caplog.records if "tuple concurrently updated" in r.getMessage()]
+    assert retried, "the row changed under both waiting REVOKEs: at least one attempt must have been retried"
+    assert {(t, p) for _, t, p in first.merged(second).privileges} == WRITES
+    assert first.enforced and second.enforced
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        insert_refund(shop.connect_as(ROLE, autocommit=True))
+    with shop.enforcer() as enforcer:
+        enforcer.release(first.merged(second))
+    shop.sql("REVOKE SELECT ON orders, refunds FROM reporting")
+    assert shop.acls() == before
+
+
+# -- issue 17: what the agent passed on, partitions, sequences, default privileges -------------------------------
+
+
+def test_grants_the_agent_passed_on_are_revoked_with_cascade_and_recorded(shop: Shop) -> None:
+    """Before issue 17 this REVOKE failed with "dependent privileges exist" and nothing was revoked."""
+    shop.sql("GRANT INSERT, UPDATE ON refunds TO agent_refund_02 WITH GRANT OPTION")
+    shop.create_role("helper")
+    shop.create_role("helper2")
+    agent = shop.connect_as(ROLE, autocommit=True)
+    agent.execute("GRANT INSERT ON refunds TO PUBLIC")
+    agent.execute("GRANT UPDATE ON refunds TO helper WITH GRANT OPTION")
+    shop.connect_as("helper", autocommit=True).execute("GRANT UPDATE ON refunds TO helper2")  # one more step on
+    before = shop.acls()
+    with shop.enforcer() as enforcer:
+        rev = enforcer.quarantine(AGENT)
+        assert rev.enforced, rev
+        assert set(rev.cascaded) == {
+            ("public", "refunds", "", "INSERT", "PUBLIC", ROLE),
+            ("public", "refunds", "", "UPDATE", "helper", ROLE),
+            ("public", "refunds", "", "UPDATE", "helper2", "helper"),
+        }
+        assert "3 grants it had passed on removed (CASCADE)" in rev.describe()
+        for role in ("helper", "helper2"):
+            assert shop.sql("SELECT has_table_privilege(%s, 'public.refunds', 'UPDATE')", [role]) == [(False,)]
+        assert shop.sql("SELECT has_table_privilege('public', 'public.refunds', 'INSERT')") == [(False,)]
+        enforcer.release(Revocation.from_dict(rev.to_dict()))
+    # The agent's own grants (with their grant options) are back; what it passed on is not.
+    after = shop.acls()
+    removed = {"=a/agent_refund_02", "helper=w*/agent_refund_02", "helper2=w/helper"}
+    assert sorted(set(before["refunds"]) - removed) == after["refunds"], (before["refunds"], after["refunds"])
+    assert {k: v for k, v in after.items() if k != "refunds"} == {k: v for k, v in before.items() if k != "refunds"}
+
+
+def make_ledger(shop: Shop) -> list[str]:
+    """A partitioned watched table with one partition; the agent may write on both."""
+    shop.sql("CREATE TABLE ledger (id bigserial, k int NOT NULL, amount numeric) PARTITION BY RANGE (k)")
+    shop.sql("CREATE TABLE ledger_p0 PARTITION OF ledger FOR VALUES FROM (0) TO (10)")
+    shop.sql("GRANT SELECT, INSERT, UPDATE, DELETE ON ledger, ledger_p0 TO agent_refund_02")
+    shop.sql("GRANT USAGE ON SEQUENCE ledger_id_seq TO agent_refund_02")
+    return [*TABLES, "public.ledger"]
+
+
+def test_a_partition_of_a_watched_table_is_covered(shop: Shop) -> None:
+    tables = make_ledger(shop)
+    agent = shop.connect_as(ROLE, autocommit=True)
+    agent.execute("INSERT INTO ledger_p0 (k, amount) VALUES (1, 5)")
+    before = shop.acls()
+    with shop.enforcer(tables=tables) as enforcer:
+        rev = enforcer.quarantine(AGENT)
+        assert rev.partitions == (("public", "ledger_p0", "public", "ledger"),)
+        assert {p for _, t, p in rev.privileges if t == "ledger_p0"} == {"INSERT", "UPDATE", "DELETE"}
+        assert rev.enforced, rev
+        again = shop.connect_as(ROLE, autocommit=True)
+        for statement in (
+            "INSERT INTO ledger_p0 (k, amount) VALUES (2, 5)",
+            "UPDATE ledger_p0 SET amount = 0",
+            "DELETE FROM ledger_p0",
+            "INSERT INTO ledger (k, amount) VALUES (2, 5)",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                again.execute(statement)
+        enforcer.release(Revocation.from_dict(rev.to_dict()))
+    assert shop.acls() == before
+    shop.connect_as(ROLE, autocommit=True).execute("INSERT INTO ledger_p0 (k, amount) VALUES (3, 5)")
+
+
+def test_a_partition_created_during_the_quarantine_is_not_writable(shop: Shop) -> None:
+    tables = make_ledger(shop)
+    # The owner's default privileges would give the agent INSERT on every table it creates later.
+    shop.sql("ALTER DEFAULT PRIVILEGES FOR ROLE postgres GRANT INSERT ON TABLES TO agent_refund_02")
+    shop.sql("ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public GRANT UPDATE ON TABLES TO agent_refund_02")
+    shop.sql("ALTER DEFAULT PRIVILEGES FOR ROLE postgres GRANT UPDATE ON SEQUENCES TO agent_refund_02")
+    before = shop.acls()
+    with shop.enforcer(tables=tables) as enforcer:
+        rev = enforcer.quarantine(AGENT)
+        assert set(rev.default_privileges) == {
+            ("postgres", "", "tables", "INSERT"),
+            ("postgres", "public", "tables", "UPDATE"),
+            ("postgres", "", "sequences", "UPDATE"),
+        }
+        assert rev.enforced, rev
+        shop.sql("CREATE TABLE ledger_p1 PARTITION OF ledger FOR VALUES FROM (10) TO (20)")
+        agent = shop.connect_as(ROLE, autocommit=True)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            agent.execute("INSERT INTO ledger_p1 (k, amount) VALUES (11, 5)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            agent.execute("UPDATE ledger_p1 SET amount = 0")
+        # A second quarantine covers the new partition too (it has nothing to take there).
+        assert enforcer.quarantine(AGENT).enforced
+        shop.sql("DROP TABLE ledger_p1")
+        enforcer.release(Revocation.from_dict(rev.to_dict()))
+    assert shop.acls() == before
+    shop.sql("CREATE TABLE ledger_p2 PARTITION OF ledger FOR VALUES FROM (20) TO (30)")
+    shop.connect_as(ROLE, autocommit=True).execute("INSERT INTO ledger_p2 (k, amount) VALUES (21, 5)")
+
+
+def test_setval_on_a_watched_tables_sequence_is_taken(shop: Shop) -> None:
+    tables = make_ledger(shop)
+    shop.sql("GRANT UPDATE ON SEQUENCE refunds_id_seq, ledger_id_seq TO agent_refund_02")  # identity and serial
+    agent = shop.connect_as(ROLE, autocommit=True)
+    agent.execute("SELECT setval('refunds_id_seq', 500)")
+    before = shop.acls()
+    with shop.enforcer(tables=tables) as enforcer:
+        rev = enforcer.quarantine(AGENT)
+        assert set(rev.sequence_privileges) == {
+            ("public", "refunds_id_seq", "UPDATE"),
+            ("public", "ledger_id_seq", "UPDATE"),
+        }
+        assert set(rev.sequences) == {
+            ("public", "refunds_id_seq", "public", "refunds"),
+            ("public", "ledger_id_seq", "public", "ledger"),
+        }
+        assert rev.enforced, rev
+        again = shop.connect_as(ROLE, autocommit=True)
+        for seq in ("refunds_id_seq", "ledger_id_seq"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                again.execute("SELECT setval(%s, 1000)", [seq])
+        enforcer.release(Revocation.from_dict(rev.to_dict()))
+    assert shop.acls() == before
+    shop.connect_as(ROLE, autocommit=True).execute("SELECT setval('refunds_id_seq', 600)")
+
+
+# -- issue 17: roles a quarantine cannot hold are refused ----------------------------------------------------------
+
+
+def test_a_role_that_owns_a_watched_table_is_refused(shop: Shop) -> None:
+    """The id `app_owner` must not revoke the owner's writes (an outage), nor its login."""
+    shop.create_role("app_owner")
+    shop.sql("ALTER TABLE orders OWNER TO app_owner")
+    shop.create_role("app_team")
+    shop.sql("GRANT app_owner TO app_team")  # a member can SET ROLE app_owner
+    owner = shop.connect_as("app_owner", autocommit=True)
+    before = shop.acls()
+    for mode in ("revoke_writes", "nologin"):
+        mapping = RoleMapping(map={"app_owner": "app_owner", "app_team": "app_team"})
+        with shop.enforcer(mapping, mode=mode) as enforcer:
+            for who in ("app_owner", "app_team"):
+                with pytest.raises(
+                    EnforcementError, match=r"owns, or is a member of the owner of, watched public\.orders"
+                ):
+                    enforcer.quarantine(who)
+        # With the prefixed template, the same id names a role that is not the owner's.
+        with shop.enforcer(mode=mode) as enforcer, pytest.raises(EnforcementError, match="'agent_app_owner' does not"):
+            enforcer.quarantine("app_owner")
+    assert shop.acls() == before and shop.can_login("app_owner") and shop.can_login("app_team")
+    owner.execute("INSERT INTO orders (total) VALUES (1)")
+
+
+@pytest.mark.parametrize("attribute", ["CREATEROLE", "REPLICATION", "BYPASSRLS", "SUPERUSER"])
+def test_a_role_with_power_a_quarantine_cannot_hold_is_refused(shop: Shop, attribute: str) -> None:
+    """With CREATEROLE the agent could GRANT itself the owner's role back; the quarantine refuses to pretend."""
+    shop.create_role("agent_strong", "refunds")
+    shop.sql(sql.SQL("ALTER ROLE agent_strong " + attribute))
+    shop.create_role("agent_weak", "refunds")
+    shop.create_role("powers")
+    shop.sql(sql.SQL("ALTER ROLE powers NOLOGIN " + attribute))
+    shop.sql("GRANT powers TO agent_weak")  # only a member: it can SET ROLE powers
+    before = shop.acls()
+    strong = "is a superuser" if attribute == "SUPERUSER" else rf"can act as agent_strong \({attribute}\)"
+    for mode in ("revoke_writes", "nologin"):
+        with shop.enforcer(mode=mode) as enforcer:
+            with pytest.raises(EnforcementError, match=strong):
+                enforcer.quarantine("strong")
+            with pytest.raises(EnforcementError, match=rf"can act as powers \({attribute}\)"):
+                enforcer.quarantine("weak")
+    assert shop.acls() == before
+    assert shop.can_login("agent_strong") and shop.can_login("agent_weak")
+    insert_refund(shop.connect_as("agent_weak", autocommit=True))
+
+
+def test_createrole_lets_an_agent_take_the_owners_role_which_is_why_it_is_refused(shop: Shop) -> None:
+    # The attack itself, on the real server: a CREATEROLE role makes itself a member of the owner's role.
+    shop.create_role("app_owner")
+    shop.sql("ALTER TABLE refunds OWNER TO app_owner")
+    shop.sql("ALTER ROLE agent_refund_02 CREATEROLE")
+    shop.sql("REVOKE ALL ON refunds FROM agent_refund_02")
+    agent = shop.connect_as(ROLE, autocommit=True)
+    agent.execute("GRANT app_owner TO agent_refund_02")
+    insert_refund(agent)  # written as a member of the owner
+    agent.execute("REVOKE app_owner FROM agent_refund_02")
+    with shop.enforcer() as enforcer, pytest.raises(EnforcementError, match="CREATEROLE"):
+        enforcer.quarantine(AGENT)
+
+
+# -- issue 17: verification with the agent's own role -----------------------------------------------------------
+
+
+def test_what_stays_writable_is_found_by_the_agents_own_attempts_and_reported(shop: Shop) -> None:
+    tables = make_ledger(shop)
+    # Grants no quarantine of one role may take: to PUBLIC, on a partition, per column, and TRUNCATE.
+    shop.sql("GRANT INSERT ON ledger_p0 TO PUBLIC")
+    shop.sql("GRANT UPDATE (status) ON refunds TO PUBLIC")
+    shop.sql("GRANT TRUNCATE ON orders TO PUBLIC")
+    shop.sql("GRANT UPDATE ON SEQUENCE ledger_id_seq TO PUBLIC")
+    with shop.enforcer(tables=tables) as enforcer:
+        rev = enforcer.quarantine(AGENT)
+    assert not rev.enforced
+    assert set(rev.still_writable) == {
+        "INSERT on public.ledger_p0",
+        "UPDATE (status) on public.refunds",
+        "TRUNCATE on public.orders",
+        "UPDATE on sequence public.ledger_id_seq (setval)",
+    }, rev.still_writable
+    assert rev.inherited == ("PUBLIC",)
+    # Each is real: the agent can do exactly these.
+    agent = shop.connect_as(ROLE, autocommit=True)
+    agent.execute("INSERT INTO ledger_p0 (k, amount) VALUES (1, 1)")
+    agent.execute("UPDATE refunds SET status = 'x' WHERE id = 1")
+    agent.execute("SELECT setval('ledger_id_seq', 100)")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        agent.execute("UPDATE refunds SET amount = 0 WHERE id = 1")
+    agent.execute("TRUNCATE orders")

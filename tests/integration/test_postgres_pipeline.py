@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
-from connectors.broker import LocalKafka
-from stream.stack import Stack, start_stack
+from testbed.broker import LocalKafka
+from testbed.stack import Stack, start_stack
 from tests.integration.conftest import read_topic, release
 
 pytestmark = pytest.mark.integration

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from connectors.broker import LocalKafka
-from connectors.webhook import verify
-from stream.fleet import REFUNDS, Fleet
+from connectors.webhook import verify_headers
+from testbed.broker import LocalKafka
+from testbed.fleet import REFUNDS, Fleet
 from tests.integration.conftest import Worker, read_topic, start_worker
 
 pytestmark = pytest.mark.integration
@@ -80,8 +80,9 @@ def test_a_quarantine_calls_the_signed_pause_webhook_and_records_it(worker: Work
         assert time.monotonic() < deadline, f"webhook not delivered: {Receiver.got}\n{worker.process.log_tail()}"
         time.sleep(0.2)
     headers, body = Receiver.got[-1]
-    assert verify(SECRET.encode(), headers["x-writeguard-timestamp"], body, headers["x-writeguard-signature"])
-    assert not verify(b"wrong", headers["x-writeguard-timestamp"], body, headers["x-writeguard-signature"])
+    assert verify_headers(SECRET.encode(), headers, body)
+    assert not verify_headers(b"wrong", headers, body)
+    assert not verify_headers(SECRET.encode(), {**headers, "idempotency-key": "another-alert:webhook"}, body)
     payload = json.loads(body)
     assert payload["agent_id"] == rogue.agent_id and payload["event"] == "writeguard.quarantine"
     assert headers["idempotency-key"] == f"{payload['alert_id']}:webhook"

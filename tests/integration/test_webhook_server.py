@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from connectors import webhook
-from connectors.webhook import USER_AGENT, Delivery, WebhookSender, WebhookSettings, verify
+from connectors.webhook import USER_AGENT, Delivery, WebhookSender, WebhookSettings, verify_headers
 
 pytestmark = pytest.mark.integration
 
@@ -55,12 +55,7 @@ async def receiver(respond: Respond) -> AsyncIterator[Receiver]:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        ok = verify(
-            SECRET.encode(),
-            request.headers.get("X-Writeguard-Timestamp", ""),
-            body,
-            request.headers.get("X-Writeguard-Signature", ""),
-        )
+        ok = verify_headers(SECRET.encode(), request.headers, body)
         rec.requests.append(Seen(dict(request.headers), body, ok))
         rec.arrived.set()
         return await respond(rec, len(rec.requests))

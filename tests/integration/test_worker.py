@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import pytest
 
-from stream.fleet import ORDERS, REFUNDS, Agent, Fleet, Record
+from testbed.fleet import ORDERS, REFUNDS, Agent, Fleet, Record
 from tests.integration.conftest import Out, Worker, produce, read_topic, release
 
 pytestmark = pytest.mark.integration

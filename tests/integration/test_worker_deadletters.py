@@ -24,8 +24,8 @@ from typing import Any
 import orjson
 import pytest
 
-from connectors.broker import LocalKafka
-from stream.fleet import ORDERS, REFUNDS, Fleet, debezium_value
+from testbed.broker import LocalKafka
+from testbed.fleet import ORDERS, REFUNDS, Fleet, debezium_value
 from tests.integration.conftest import Out, Worker, produce, read_topic, start_worker
 
 pytestmark = pytest.mark.integration

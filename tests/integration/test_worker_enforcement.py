@@ -23,10 +23,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from connectors.broker import LocalKafka
-from connectors.postgres import LocalPostgres
-from stream.fleet import REFUNDS, Agent, Fleet
-from stream.stack import SHOP_DDL
+from testbed.broker import LocalKafka
+from testbed.fleet import REFUNDS, Agent, Fleet
+from testbed.postgres import LocalPostgres
+from testbed.stack import SHOP_DDL
 from tests.integration.conftest import Worker, produce, read_topic, release, start_worker
 
 pytestmark = pytest.mark.integration

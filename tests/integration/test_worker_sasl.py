@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from connectors.broker import LocalKafka
 from stream.config import load_config
-from stream.fleet import REFUNDS, Fleet
-from stream.process import spawn_worker
+from testbed.broker import LocalKafka
+from testbed.fleet import REFUNDS, Fleet
+from testbed.process import spawn_worker
 from tests.integration.conftest import Worker, make_config, produce, read_topic, release, start_worker
 
 pytestmark = pytest.mark.integration

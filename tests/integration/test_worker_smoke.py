@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from connectors.broker import LocalKafka
-from stream.fleet import REFUNDS, Fleet
+from testbed.broker import LocalKafka
+from testbed.fleet import REFUNDS, Fleet
 from tests.integration.conftest import Worker, read_topic, start_worker
 
 pytestmark = pytest.mark.integration

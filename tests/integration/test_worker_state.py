@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-from connectors.broker import LocalKafka
 from detectors.spec import RateSpec
-from stream.fleet import Fleet, Record
-from stream.process import ROOT, spawn_worker
+from testbed.broker import LocalKafka
+from testbed.fleet import Fleet, Record
+from testbed.process import ROOT, spawn_worker
 from tests.integration.conftest import Worker, produce, read_topic, start_worker
 
 pytestmark = pytest.mark.integration

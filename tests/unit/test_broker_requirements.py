@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from connectors import broker
-from connectors.broker import BrokerError, resolve_kafka_jars
+from testbed.broker import BrokerError, resolve_kafka_jars
+from testbed.jvm import require_java
 
 
 @pytest.fixture(autouse=True)
 def _fresh_java_check() -> Iterator[None]:
-    broker._require_java.cache_clear()  # the check is cached per process; these tests change PATH
+    require_java.cache_clear()  # the check is cached per process; these tests change PATH
     yield
-    broker._require_java.cache_clear()
+    require_java.cache_clear()
 
 
 def test_without_java_it_says_to_install_java(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ import yaml
 
 from detectors.spec import OpBurstSpec, RateSpec, ZScoreSpec
 from stream import cli
-from stream.config import ConfigError, client_settings, load_config, parse_config
+from stream.config import EXAMPLE_CONFIG, ConfigError, client_settings, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "stream" / "examples" / "writeguard.yaml"
+EXAMPLE = EXAMPLE_CONFIG
 
 
 def example() -> dict[str, Any]:

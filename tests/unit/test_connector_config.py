@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream.cli import connector_config
-from stream.config import ConfigError, parse_config
+from stream.config import EXAMPLE_CONFIG, ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "stream" / "examples" / "writeguard.yaml"
+EXAMPLE = EXAMPLE_CONFIG
 
 
 def config(**debezium: object) -> dict[str, object]:
@@ -34,7 +33,7 @@ def config(**debezium: object) -> dict[str, object]:
 
 
 def test_renders_the_debezium_postgres_connector_for_the_configured_tables() -> None:
-    body = connector_config(parse_config(config()))
+    body = parse_config(config()).connector_config()
     c = body["config"]
     assert body["name"] == "writeguard-postgres"
     assert c["connector.class"] == "io.debezium.connector.postgresql.PostgresConnector"
@@ -52,7 +51,7 @@ def test_renders_the_debezium_postgres_connector_for_the_configured_tables() -> 
 
 
 def test_key_by_agent_keys_every_table_by_its_agent_column() -> None:
-    c = connector_config(parse_config(config(key_by_agent=True)))["config"]
+    c = parse_config(config(key_by_agent=True)).connector_config()["config"]
     assert c["message.key.columns"] == "public.refunds:agent_id;public.orders:agent_id"
 
 
@@ -60,7 +59,7 @@ def test_key_by_agent_needs_a_plain_column() -> None:
     data = config(key_by_agent=True)
     data["tables"][0]["agent_id"] = "after.meta.agent"  # type: ignore[index]
     with pytest.raises(ConfigError, match=r"tables\.0\.agent_id"):
-        connector_config(parse_config(data))
+        parse_config(data).connector_config()
 
 
 def test_topics_must_be_what_debezium_writes() -> None:

@@ -250,7 +250,7 @@ def test_the_app_is_built_with_the_credentials_of_the_config(tmp_path: Path) -> 
     from stream.app import build_app
     from stream.config import make_engine, parse_config
     from stream.metrics import Metrics
-    from stream.stack import example_config
+    from testbed.stack import example_config
 
     data = example_config("127.0.0.1:9", "cred")
     data["kafka"]["client"] = {

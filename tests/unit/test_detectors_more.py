@@ -8,9 +8,10 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from detectors.engine import Engine
+from detectors.engine import Engine, KafkaCoords
 from detectors.models import CategoricalNovelty, DuplicateKey, LevelDrift, Rule, TableValues
 from detectors.spec import TableSpec
+from detectors.write import Write
 from stream.pipeline import Router
 
 
@@ -18,35 +19,38 @@ def test_novelty_counts_table_new_values_at_once_and_agent_new_values_after_warm
     known = TableValues()
     veteran = CategoricalNovelty(["reason"], warmup=5, known=known)
     for r in ["late", "damaged"] * 5:
-        veteran.learn_one({}, c={"reason": r})
+        veteran.learn_one(Write(categories={"reason": r}))
     newcomer = CategoricalNovelty(["reason"], warmup=5, known=known)
     # the newcomer has not warmed up: values the table knows are fine, a value nobody used is not
-    assert newcomer.score_one({}, c={"reason": "damaged"}) == 0.0
-    assert newcomer.score_one({}, c={"reason": "goodwill"}) == 1.0
+    assert newcomer.score_one(Write(categories={"reason": "damaged"})) == 0.0
+    assert newcomer.score_one(Write(categories={"reason": "goodwill"})) == 1.0
     veteran_other = CategoricalNovelty(["reason"], warmup=5, known=known, table_scope=False)
     for _ in range(5):
-        veteran_other.learn_one({}, c={"reason": "late"})
-    assert veteran_other.score_one({}, c={"reason": "damaged"}) == 1.0  # new to this agent after its warm-up
-    assert veteran.score_one({}, c=None) == 0.0 and veteran.score_one({}, c={"other": "x"}) == 0.0
-    assert "reason='goodwill'" in veteran.explain({}, c={"reason": "goodwill"})[0].feature
+        veteran_other.learn_one(Write(categories={"reason": "late"}))
+    # new to this agent after its warm-up
+    assert veteran_other.score_one(Write(categories={"reason": "damaged"})) == 1.0
+    assert veteran.score_one(Write(categories=None)) == 0.0
+    assert veteran.score_one(Write(categories={"other": "x"})) == 0.0
+    assert "reason='goodwill'" in veteran.explain(Write(categories={"reason": "goodwill"}))[0].feature
 
 
 def test_novelty_memory_is_bounded() -> None:
     n = CategoricalNovelty(["k"], warmup=1, max_values=10)
     for i in range(1000):
-        n.learn_one({}, c={"k": f"v{i}"})
+        n.learn_one(Write(categories={"k": f"v{i}"}))
     assert len(n._seen["k"]) == 10
 
 
 def test_duplicate_keys_within_the_horizon_only_for_the_configured_ops() -> None:
     d = DuplicateKey(horizon=60.0, max_keys=3, ops=("c",))
-    d.learn_one({}, "c", 0.0, {"_key": "a"})
-    assert d.score_one({}, "c", 10.0, {"_key": "a"}) == 1.0
-    assert d.score_one({}, "u", 10.0, {"_key": "a"}) == 0.0  # an update may legitimately carry the key
-    assert d.score_one({}, "c", 61.0, {"_key": "a"}) == 0.0
+    d.learn_one(Write(op="c", t=0.0, idempotency_key="a"))
+    assert d.score_one(Write(op="c", t=10.0, idempotency_key="a")) == 1.0
+    assert d.score_one(Write(op="u", t=10.0, idempotency_key="a")) == 0.0  # an update may carry the key
+    assert d.score_one(Write(op="c", t=61.0, idempotency_key="a")) == 0.0
     for k in "bcde":
-        d.learn_one({}, "c", 1.0, {"_key": k})
-    assert len(d._keys) == 3 and d.score_one({}, "c", 2.0, {"_key": "a"}) == 0.0  # the oldest was forgotten
+        d.learn_one(Write(op="c", t=1.0, idempotency_key=k))
+    # the oldest was forgotten
+    assert len(d._keys) == 3 and d.score_one(Write(op="c", t=2.0, idempotency_key="a")) == 0.0
 
 
 def test_level_drift_does_not_fire_on_a_stable_heavy_tailed_stream() -> None:
@@ -55,19 +59,20 @@ def test_level_drift_does_not_fire_on_a_stable_heavy_tailed_stream() -> None:
     fired = 0
     for _ in range(20_000):
         v = 40.0 * rng.lognormvariate(0.0, 0.35)
-        fired += d.score_one({"amount": v}) > 0
-        d.learn_one({"amount": v})
+        fired += d.score_one(Write({"amount": v})) > 0
+        d.learn_one(Write({"amount": v}))
     assert fired <= 2
 
 
 def test_rules_compare_features_and_categories_and_count_over_a_window() -> None:
     r = Rule([("reason", "in", ("goodwill", "other")), ("amount", ">=", 100.0)], ops=("c", "u"), count=1)
-    assert r.score_one({"amount": 150.0}, "c", 0.0, {"reason": "goodwill"}) == 1.0
-    assert r.score_one({"amount": 150.0}, "d", 0.0, {"reason": "goodwill"}) == 0.0
-    assert r.score_one({"amount": 50.0}, "c", 0.0, {"reason": "goodwill"}) == 0.0
-    assert r.score_one({"amount": 150.0}, "c", 0.0, {"reason": "late"}) == 0.0
+    assert r.score_one(Write({"amount": 150.0}, op="c", t=0.0, categories={"reason": "goodwill"})) == 1.0
+    assert r.score_one(Write({"amount": 150.0}, op="d", t=0.0, categories={"reason": "goodwill"})) == 0.0
+    assert r.score_one(Write({"amount": 50.0}, op="c", t=0.0, categories={"reason": "goodwill"})) == 0.0
+    assert r.score_one(Write({"amount": 150.0}, op="c", t=0.0, categories={"reason": "late"})) == 0.0
     typed = Rule([("reason", ">", 3.0)])
-    assert typed.score_one({}, "c", 0.0, {"reason": "text"}) == 0.0  # text against a number: no match, no crash
+    # text against a number: no match, no crash
+    assert typed.score_one(Write(op="c", t=0.0, categories={"reason": "text"})) == 0.0
 
 
 SPEC = {
@@ -106,21 +111,24 @@ def test_the_engine_runs_them_from_debezium_events() -> None:
     router, engine = Router([spec]), Engine([spec])
     found = []
     for i in range(40):
-        ch = router.route("shop.public.refunds", event(i, "a1", ["late", "damaged"][i % 2], f"k{i}"), f"t/0/{i}")
-        assert not isinstance(ch, str) and ch.c == {"reason": ["late", "damaged"][i % 2], "_key": f"k{i}"}
+        ch = router.route(
+            "shop.public.refunds", event(i, "a1", ["late", "damaged"][i % 2], f"k{i}"), KafkaCoords("t", 0, i)
+        )
+        assert not isinstance(ch, str) and ch.categories == {"reason": ["late", "damaged"][i % 2]}
+        assert ch.idempotency_key == f"k{i}" and ch.tx_id is None
         found += engine.process(ch)
     assert found == []
-    ch = router.route("shop.public.refunds", event(40, "a1", "goodwill", "k40"), "t/0/40")
+    ch = router.route("shop.public.refunds", event(40, "a1", "goodwill", "k40"), KafkaCoords("t", 0, 40))
     assert not isinstance(ch, str)
     assert [f.detector for f in engine.process(ch)] == ["novelty"]
     dup = []
     for i in range(41, 44):  # a retry loop: the same effect applied again and again
-        ch = router.route("shop.public.refunds", event(i, "a1", "late", "k39"), f"t/0/{i}")
+        ch = router.route("shop.public.refunds", event(i, "a1", "late", "k39"), KafkaCoords("t", 0, i))
         assert not isinstance(ch, str)
         dup += engine.process(ch)
     assert [(f.detector, f.quarantine) for f in dup] == [("duplicate", True)]
     assert len(dup[0].triggers) == 2
-    ch = router.route("shop.public.refunds", event(50, "a2", "late", "k50", amount=50_000.0), "t/0/50")
+    ch = router.route("shop.public.refunds", event(50, "a2", "late", "k50", amount=50_000.0), KafkaCoords("t", 0, 50))
     assert not isinstance(ch, str)
     assert "huge" in [f.detector for f in engine.process(ch)]
 
@@ -146,18 +154,18 @@ def test_volume_learns_the_agents_own_baseline_and_its_ceiling_is_hard() -> None
     v = Volume(window=60.0, warmup=10, max_events=200)
     for minute in range(60):
         for i in range(3 + minute % 3):  # 3-5 writes a minute
-            v.learn_one({}, "c", minute * 60.0 + i)
-    assert v.score_one({}, "c", 60 * 60.0) < 0.3
+            v.learn_one(Write(op="c", t=minute * 60.0 + i))
+    assert v.score_one(Write(op="c", t=60 * 60.0)) < 0.3
     for i in range(12):  # 12 in a minute: a lot for this agent, not for another
-        v.learn_one({}, "c", 61 * 60.0 + i)
-    assert v.score_one({}, "c", 61 * 60.0 + 13) < 0.6
+        v.learn_one(Write(op="c", t=61 * 60.0 + i))
+    assert v.score_one(Write(op="c", t=61 * 60.0 + 13)) < 0.6
     for i in range(60):
-        v.learn_one({}, "c", 62 * 60.0 + i * 0.5)
-    assert v.score_one({}, "c", 62 * 60.0 + 31) > 0.7
+        v.learn_one(Write(op="c", t=62 * 60.0 + i * 0.5))
+    assert v.score_one(Write(op="c", t=62 * 60.0 + 31)) > 0.7
     ceiling = Volume(window=60.0, warmup=1000, max_events=5)
     for i in range(5):
-        ceiling.learn_one({}, "c", float(i))
-    assert ceiling.score_one({}, "c", 6.0) == 1.0  # hard ceiling holds during warm-up too
+        ceiling.learn_one(Write(op="c", t=float(i)))
+    assert ceiling.score_one(Write(op="c", t=6.0)) == 1.0  # hard ceiling holds during warm-up too
 
 
 def test_op_mix_flags_a_mass_update_in_one_transaction_through_the_router() -> None:
@@ -184,12 +192,13 @@ def test_op_mix_flags_a_mass_update_in_one_transaction_through_the_router() -> N
 
     found = []
     for i in range(15):  # 15 single-row transactions: fine
-        ch = router.route("shop.public.orders", update(i, 100 + i), f"t/0/{i}")
-        assert not isinstance(ch, str) and ch.c == {"_tx": str(100 + i)}
+        ch = router.route("shop.public.orders", update(i, 100 + i), KafkaCoords("t", 0, i))
+        assert not isinstance(ch, str) and ch.tx_id == str(100 + i)
+        assert ch.categories is None and ch.idempotency_key is None
         found += engine.process(ch)
     assert found == []
     for i in range(30):  # one transaction updating 30 rows
-        ch = router.route("shop.public.orders", update(100 + i, 999), f"t/0/{100 + i}")
+        ch = router.route("shop.public.orders", update(100 + i, 999), KafkaCoords("t", 0, 100 + i))
         assert not isinstance(ch, str)
         found += engine.process(ch)
     assert [f.detector for f in found] == ["op_mix"]

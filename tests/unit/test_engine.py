@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+
+import msgspec
 import pytest
 
-from detectors.engine import Change, Engine, Finding, alert_id
+from detectors.engine import ALERT_NAMESPACE, Change, Engine, FileCoords, Finding, KafkaCoords, alert_id
 from detectors.spec import Debounce, FeatureSpec, OpBurstSpec, RateSpec, TableSpec, ZScoreSpec
 
 T = "public.refunds"
@@ -39,13 +42,13 @@ class Feed:
         self.seq = 0
         self.t_us = BASE_US
         self.findings: list[Finding] = []
-        self.coords: list[str] = []
+        self.coords: list[KafkaCoords] = []
 
     def send(self, agent: str, amount: float | None, *, op: str = "c", snapshot: bool = False,
              dt_us: int = 1_000_000, scores: list[tuple[str, float]] | None = None) -> list[Finding]:
         self.seq += 1
         self.t_us += dt_us
-        coords = f"{TOPIC}/0/{self.seq}"
+        coords = KafkaCoords(TOPIC, 0, self.seq)
         self.coords.append(coords)
         x = {} if amount is None else {"amount": amount}
         out = self.engine.process(Change(T, op, agent, "run-1", x, self.t_us, coords, snapshot), scores)
@@ -307,6 +310,23 @@ def test_alert_ids_are_deterministic():
     assert len(set(ids)) == len(ids)
     for f in one.findings:
         assert f.alert_id == alert_id(T, f.agent_id, f.detector, f.triggers[-1].coords)
+
+
+def test_alert_ids_hash_the_coordinates_as_text_so_they_stay_the_same_across_versions():
+    def expected(coords_text: str) -> str:
+        return str(uuid.uuid5(ALERT_NAMESPACE, f"{T}\x1fa1\x1fzscore\x1f{coords_text}"))
+
+    assert alert_id(T, "a1", "zscore", KafkaCoords(TOPIC, 3, 42)) == expected(f"{TOPIC}/3/42")
+    assert alert_id(T, "a1", "zscore", FileCoords("/data/events.jsonl", 7)) == expected("/data/events.jsonl:7")
+
+
+def test_a_change_crosses_the_changes_topic_with_its_typed_fields():
+    ch = Change(T, "d", "a1", None, {"amount": 1.5}, BASE_US, KafkaCoords(TOPIC, 1, 9), False, {"reason": "late"},
+                "k-1", "tx-7")
+    back = msgspec.json.decode(msgspec.json.encode(ch), type=Change)
+    assert back == ch and isinstance(back.coords, KafkaCoords)
+    with pytest.raises(msgspec.ValidationError):  # an op code Debezium does not have
+        msgspec.json.decode(msgspec.json.encode(ch).replace(b'"d"', b'"x"', 1), type=Change)
 
 
 def test_anomalous_events_are_not_learned():

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from detectors.engine import Change, Engine, Finding
+from detectors.engine import Change, Engine, Finding, KafkaCoords
 from detectors.spec import FeatureSpec, Suppression, TableSpec, ZScoreSpec
-from stream.config import load_config, make_engine
-from stream.fleet import Fleet
+from stream.config import EXAMPLE_CONFIG, load_config, make_engine
 from stream.pipeline import Router
+from testbed.fleet import Fleet
 
 SPEC = TableSpec(
     name="public.refunds",
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def change(i: int, amount: float, agent: str = "a1") -> Change:
-    return Change("public.refunds", "c", agent, None, {"amount": amount}, (T0 + i) * 1_000_000, f"t/0/{i}")
+    return Change("public.refunds", "c", agent, None, {"amount": amount}, (T0 + i) * 1_000_000, KafkaCoords("t", 0, i))
 
 
 def warm(engine: Engine, agent: str = "a1", n: int = 40) -> None:
@@ -135,7 +135,7 @@ PER_AGENT_LOW, PER_AGENT_HIGH = 1 * KB, 4 * KB
 
 
 def test_default_detectors_take_about_2_kb_per_agent_and_table() -> None:
-    cfg = load_config("stream/examples/writeguard.yaml")
+    cfg = load_config(EXAMPLE_CONFIG)
     fleet = Fleet(n_agents=200, seed=3)
     router = Router(cfg.tables)
     changes = [router.route(r.topic, r.value, "c") for r in fleet.stream(20_000, T0 * 1_000_000)]

@@ -11,7 +11,7 @@ import pydantic
 import pytest
 
 from connectors.messages import PUBLISHED, Alert, ControlRecord, DeadLetter
-from detectors.engine import Finding, Trigger
+from detectors.engine import FileCoords, Finding, KafkaCoords, Trigger
 from detectors.models import Contribution
 from stream import cli
 from stream.pipeline import build_alert
@@ -37,8 +37,8 @@ def finding(**kw: Any) -> Finding:
         threshold=0.6,
         contributions=[Contribution("amount", 1410.65, 16.43, 147.33, 9.3)],
         triggers=[
-            Trigger("shop.public.refunds/1/42", COMMIT_US - 2_000_000, 0.71),
-            Trigger("shop.public.refunds/1/57", COMMIT_US, 0.74),
+            Trigger(KafkaCoords("shop.public.refunds", 1, 42), COMMIT_US - 2_000_000, 0.71),
+            Trigger(KafkaCoords("shop.public.refunds", 1, 57), COMMIT_US, 0.74),
         ],
         actions=("alert", "quarantine"),
         quarantine=True,
@@ -174,10 +174,19 @@ def test_build_alert_parses_kafka_coords() -> None:
     assert first.commit_ts == datetime(2023, 11, 14, 22, 13, 18, 123456, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("coords", ["file.jsonl:7", "/data/2024/10/events.jsonl:7", "/data/1/42:7", "x/y:3"])
-def test_build_alert_replay_coords_go_to_source(coords: str) -> None:
-    [t] = build_alert(finding(triggers=[Trigger(coords, COMMIT_US, 0.9)]), DETECTED_US).triggering_events
-    assert (t.topic, t.partition, t.offset, t.source) == (None, None, None, coords)
+@pytest.mark.parametrize(
+    ("path", "line", "source"),
+    [
+        ("file.jsonl", 7, "file.jsonl:7"),
+        ("/data/2024/10/events.jsonl", 7, "/data/2024/10/events.jsonl:7"),
+        ("/data/1/42", 7, "/data/1/42:7"),
+        ("x/y", 3, "x/y:3"),
+    ],
+)
+def test_build_alert_replay_coords_go_to_source(path: str, line: int, source: str) -> None:
+    triggers = [Trigger(FileCoords(path, line), COMMIT_US, 0.9)]
+    [t] = build_alert(finding(triggers=triggers), DETECTED_US).triggering_events
+    assert (t.topic, t.partition, t.offset, t.source) == (None, None, None, source)
 
 
 def test_summary_names_feature_value_and_expected_range() -> None:

@@ -18,6 +18,7 @@ from detectors.models import (
     signed_log1p,
 )
 from detectors.spec import ZScoreSpec
+from detectors.write import Write
 
 DEFAULT_THRESHOLD = ZScoreSpec().threshold  # 0.7
 
@@ -30,7 +31,7 @@ def lognormal(n: int, mean: float = 50.0, sigma: float = 0.25, seed: int = 1) ->
 def trained_zscore(values: list[float], log: bool = True, **kw) -> ZScore:
     m = ZScore(log_features={"amount"} if log else (), **kw)
     for v in values:
-        m.learn_one({"amount": v})
+        m.learn_one(Write({"amount": v}))
     return m
 
 
@@ -53,53 +54,53 @@ def test_signed_log1p_keeps_the_sign():
 def test_zscore_in_distribution_values_score_near_zero():
     m = trained_zscore(lognormal(400, seed=1))
     assert m.n == 400
-    assert m.score_one({"amount": 50.0}) < 0.05
-    held_out = [m.score_one({"amount": v}) for v in lognormal(200, seed=2)]
+    assert m.score_one(Write({"amount": 50.0})) < 0.05
+    held_out = [m.score_one(Write({"amount": v})) for v in lognormal(200, seed=2)]
     assert statistics.median(held_out) < 0.2
     assert max(held_out) < 0.5  # 0.5 is half_z = 4 standard deviations
 
 
 def test_zscore_flags_a_20x_value_with_log_transform():
     m = trained_zscore(lognormal(400, seed=1))
-    assert m.score_one({"amount": 20 * 50.0}) > DEFAULT_THRESHOLD
+    assert m.score_one(Write({"amount": 20 * 50.0})) > DEFAULT_THRESHOLD
     # On the log scale a 20x drop is as strange as a 20x rise ...
-    assert m.score_one({"amount": 50.0 / 20}) > DEFAULT_THRESHOLD
+    assert m.score_one(Write({"amount": 50.0 / 20})) > DEFAULT_THRESHOLD
 
 
 def test_zscore_without_log_transform_misses_a_20x_drop():
     # ... which is what the log transform is for: on the raw scale 2.5 is only ~4 std below a mean of 50.
     m = trained_zscore(lognormal(400, seed=1), log=False)
-    assert m.score_one({"amount": 50.0 / 20}) < 0.6  # below even the example config's threshold
+    assert m.score_one(Write({"amount": 50.0 / 20})) < 0.6  # below even the example config's threshold
 
 
 def test_zscore_score_is_z_over_z_plus_half_z():
     m = ZScore(half_z=4.0)
-    m.learn_one({"x": 0.0})
-    m.learn_one({"x": 2.0})  # mean 1, sample variance 2
+    m.learn_one(Write({"x": 0.0}))
+    m.learn_one(Write({"x": 2.0}))  # mean 1, sample variance 2
     std = math.sqrt(2.0)
-    assert m.score_one({"x": 1.0 + 4.0 * std}) == pytest.approx(0.5)
-    assert m.score_one({"x": 1.0 - 12.0 * std}) == pytest.approx(12.0 / 16.0)
+    assert m.score_one(Write({"x": 1.0 + 4.0 * std})) == pytest.approx(0.5)
+    assert m.score_one(Write({"x": 1.0 - 12.0 * std})) == pytest.approx(12.0 / 16.0)
 
 
 def test_zscore_needs_two_observations_before_scoring():
     m = ZScore()
-    assert m.score_one({"x": 1e9}) == 0.0
-    m.learn_one({"x": 1.0})
-    assert m.score_one({"x": 1e9}) == 0.0
-    assert m.explain({"x": 1e9}) == []
-    m.learn_one({"x": 1.0})
-    assert m.score_one({"x": 1e9}) > 0.99
+    assert m.score_one(Write({"x": 1e9})) == 0.0
+    m.learn_one(Write({"x": 1.0}))
+    assert m.score_one(Write({"x": 1e9})) == 0.0
+    assert m.explain(Write({"x": 1e9})) == []
+    m.learn_one(Write({"x": 1.0}))
+    assert m.score_one(Write({"x": 1e9})) > 0.99
 
 
 def test_zscore_constant_feature_uses_min_std_not_inf_or_nan():
     m = ZScore(min_std=0.05)
     for _ in range(100):
-        m.learn_one({"items": 3.0})
-    same, near, far = (m.score_one({"items": v}) for v in (3.0, 3.1, 4.0))
+        m.learn_one(Write({"items": 3.0}))
+    same, near, far = (m.score_one(Write({"items": v})) for v in (3.0, 3.1, 4.0))
     assert same == 0.0
     assert near == pytest.approx(2.0 / (2.0 + 4.0))  # |z| = 0.1 / 0.05
     assert far == pytest.approx(20.0 / (20.0 + 4.0))
-    [c] = m.explain({"items": 4.0})
+    [c] = m.explain(Write({"items": 4.0}))
     assert c.z == pytest.approx(20.0)
     assert (c.expected_low, c.expected_high) == (pytest.approx(2.85), pytest.approx(3.15))
     assert all(math.isfinite(v) for v in (same, near, far, c.expected_low, c.expected_high))
@@ -108,10 +109,10 @@ def test_zscore_constant_feature_uses_min_std_not_inf_or_nan():
 def test_zscore_constant_log_feature_is_finite():
     m = ZScore(log_features={"amount"})
     for _ in range(50):
-        m.learn_one({"amount": 0.0})
-    s = m.score_one({"amount": 1e6})
+        m.learn_one(Write({"amount": 0.0}))
+    s = m.score_one(Write({"amount": 1e6}))
     assert math.isfinite(s) and 0.98 < s < 1.0  # |z| = log1p(1e6) / 0.05 = 276
-    [c] = m.explain({"amount": 1e6})
+    [c] = m.explain(Write({"amount": 1e6}))
     assert math.isfinite(c.z)
     assert c.expected_low == pytest.approx(signed_expm1(-0.15))
     assert c.expected_high == pytest.approx(signed_expm1(0.15))
@@ -120,9 +121,9 @@ def test_zscore_constant_log_feature_is_finite():
 def test_zscore_only_scores_its_features():
     m = ZScore(features={"amount"})
     for v in lognormal(100):
-        m.learn_one({"amount": v, "other": 1.0})
-    assert m.score_one({"amount": 50.0, "other": 1e9}) < 0.1
-    assert [c.feature for c in m.explain({"amount": 50.0, "other": 1e9})] == ["amount"]
+        m.learn_one(Write({"amount": v, "other": 1.0}))
+    assert m.score_one(Write({"amount": 50.0, "other": 1e9})) < 0.1
+    assert [c.feature for c in m.explain(Write({"amount": 50.0, "other": 1e9}))] == ["amount"]
 
 
 def test_zscore_explain_orders_by_abs_z_with_range_in_original_units():
@@ -130,13 +131,13 @@ def test_zscore_explain_orders_by_abs_z_with_range_in_original_units():
     items = [float(1 + i % 5) for i in range(300)]  # 1..5, not log-transformed
     m = ZScore(log_features={"amount"})
     for a, i in zip(amounts, items, strict=True):
-        m.learn_one({"amount": a, "items": i})
+        m.learn_one(Write({"amount": a, "items": i}))
 
     logs = [math.log1p(a) for a in amounts]
     mu, sd = statistics.fmean(logs), statistics.stdev(logs)
     imu, isd = statistics.fmean(items), statistics.stdev(items)
 
-    amount_big = m.explain({"items": 4.0, "amount": 1000.0})
+    amount_big = m.explain(Write({"items": 4.0, "amount": 1000.0}))
     assert [c.feature for c in amount_big] == ["amount", "items"]
     top = amount_big[0]
     assert top.value == 1000.0  # original units, not log1p(1000)
@@ -149,11 +150,11 @@ def test_zscore_explain_orders_by_abs_z_with_range_in_original_units():
     assert second.expected_high == pytest.approx(imu + 3 * isd, rel=1e-6)
 
     # Ordering is by |z|: a very small amount (negative z) still comes before mildly high items ...
-    small = m.explain({"items": 5.0, "amount": 0.5})
+    small = m.explain(Write({"items": 5.0, "amount": 0.5}))
     assert [c.feature for c in small] == ["amount", "items"]
     assert small[0].z < 0
     # ... and items come first once they are the stranger feature.
-    items_big = m.explain({"items": 500.0, "amount": 55.0})
+    items_big = m.explain(Write({"items": 500.0, "amount": 55.0}))
     assert [c.feature for c in items_big] == ["items", "amount"]
     assert abs(items_big[0].z) > abs(items_big[1].z)
 
@@ -165,10 +166,12 @@ def test_river_half_space_trees_scores_in_unit_interval():
     rng = random.Random(2)
     m = RiverModel("anomaly.HalfSpaceTrees", {"n_trees": 5, "height": 6, "window_size": 50, "seed": 1})
     for i in range(120):
-        m.learn_one({"amount": 50 * math.exp(rng.gauss(0, 0.2)), "items": 1.0 + i % 3})
+        m.learn_one(Write({"amount": 50 * math.exp(rng.gauss(0, 0.2)), "items": 1.0 + i % 3}))
     assert m.n == 120
-    normal = [m.score_one({"amount": 50 * math.exp(rng.gauss(0, 0.2)), "items": 1.0 + i % 3}) for i in range(30)]
-    outliers = [m.score_one({"amount": v, "items": 2.0}) for v in (5000.0, 0.5, -100.0)]
+    normal = [
+        m.score_one(Write({"amount": 50 * math.exp(rng.gauss(0, 0.2)), "items": 1.0 + i % 3})) for i in range(30)
+    ]
+    outliers = [m.score_one(Write({"amount": v, "items": 2.0})) for v in (5000.0, 0.5, -100.0)]
     assert all(0.0 <= s <= 1.0 for s in normal + outliers)
     assert min(outliers) > statistics.fmean(normal)
 
@@ -181,8 +184,8 @@ def test_river_unknown_model_name_raises_value_error():
 def test_river_model_selects_features_and_explains_without_ranges():
     m = RiverModel("anomaly.HalfSpaceTrees", {"n_trees": 2, "height": 3, "window_size": 10, "seed": 1},
                    scaler="none", features=["amount"])
-    m.learn_one({"amount": 0.5, "ignored": 7.0})
-    [c] = m.explain({"amount": 0.25, "ignored": 7.0})
+    m.learn_one(Write({"amount": 0.5, "ignored": 7.0}))
+    [c] = m.explain(Write({"amount": 0.25, "ignored": 7.0}))
     assert (c.feature, c.value, c.expected_low, c.expected_high, c.z) == ("amount", 0.25, None, None, None)
 
 
@@ -231,8 +234,9 @@ def test_window_counter_late_events_count():
 def run(guard, events):
     out = []
     for op, t in events:
-        out.append(guard.score_one({}, op, t))
-        guard.learn_one({}, op, t)
+        w = Write(op=op, t=t)
+        out.append(guard.score_one(w))
+        guard.learn_one(w)
     return out
 
 
@@ -240,20 +244,20 @@ def test_rate_ceiling_fires_exactly_above_max_events():
     g = RateCeiling(max_events=5, window=60.0)
     assert run(g, [("c", 1.0)] * 7) == [0.0] * 5 + [1.0, 1.0]
     assert g.n == 7
-    [c] = g.explain({}, "c", 1.0)
+    [c] = g.explain(Write(op="c", t=1.0))
     assert (c.feature, c.value, c.expected_low, c.expected_high) == ("events_per_60s", 8.0, 0.0, 5.0)
 
 
 def test_rate_ceiling_counts_every_op_and_resets_after_the_window():
     g = RateCeiling(max_events=3, window=60.0)
     assert run(g, [("c", 0.0), ("u", 1.0), ("d", 2.0), ("r", 3.0)]) == [0.0, 0.0, 0.0, 1.0]
-    assert g.score_one({}, "c", 70.0) == 0.0
+    assert g.score_one(Write(op="c", t=70.0)) == 0.0
 
 
 def test_op_burst_fires_on_the_delete_after_max_events():
     g = OpBurstCeiling(max_events=3, window=60.0, ops=("d", "t"))
     assert run(g, [("d", 0.0)] * 4) == [0.0, 0.0, 0.0, 1.0]
-    [c] = g.explain({}, "d", 0.0)
+    [c] = g.explain(Write(op="d", t=0.0))
     assert (c.feature, c.value, c.expected_high) == ("d/t_per_60s", 5.0, 3.0)
 
 
@@ -268,8 +272,8 @@ def test_op_burst_ignores_non_destructive_ops():
 
 def test_op_burst_truncate_fires_alone():
     g = OpBurstCeiling(max_events=1000, window=60.0)
-    assert g.score_one({}, "t", 0.0) == 1.0
-    assert g.score_one({}, "d", 0.0) == 0.0
+    assert g.score_one(Write(op="t", t=0.0)) == 1.0
+    assert g.score_one(Write(op="d", t=0.0)) == 0.0
 
 
 def test_op_burst_truncate_ignored_when_not_in_ops():

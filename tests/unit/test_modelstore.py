@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 
 import stream.modelstore
-from detectors.engine import Change, Engine
-from stream.config import load_config, make_engine
+from detectors.engine import Change, Engine, KafkaCoords
+from stream.config import EXAMPLE_CONFIG, load_config, make_engine
 from stream.modelstore import ModelStore
-from stream.stack import EXAMPLE_CONFIG
 
 
 def _events(n_agents: int, rounds: int) -> list[Change]:
@@ -24,7 +23,13 @@ def _events(n_agents: int, rounds: int) -> list[Change]:
             t += 1_000_000
             out.append(
                 Change(
-                    "public.refunds", "c", f"agent-{a}", None, {"amount": 30.0 + (r * 7 + a) % 11}, t, f"t/0/{len(out)}"
+                    "public.refunds",
+                    "c",
+                    f"agent-{a}",
+                    None,
+                    {"amount": 30.0 + (r * 7 + a) % 11},
+                    t,
+                    KafkaCoords("t", 0, len(out)),
                 )
             )
     return out

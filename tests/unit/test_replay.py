@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from connectors.messages import Alert
-from stream.config import load_config
-from stream.fleet import REFUNDS, Fleet
+from stream.config import EXAMPLE_CONFIG, load_config
 from stream.replay import replay
+from testbed.fleet import REFUNDS, Fleet
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "stream" / "examples" / "writeguard.yaml"
+CONFIG = EXAMPLE_CONFIG
 START_US = 1_700_000_000_000_000
 NORMAL_EVENTS = 4000
 ROGUE_EVENTS = 60

@@ -8,10 +8,13 @@ import json
 import pytest
 
 from connectors.debezium import EnvelopeError
-from detectors.engine import UNATTRIBUTED, Change
+from detectors.engine import UNATTRIBUTED, Change, KafkaCoords
 from detectors.spec import FeatureSpec, TableSpec
 from stream.pipeline import SKIP_MESSAGE, SKIP_PENDING, SKIP_UNATTRIBUTED, Router
 
+# The router carries each record's coordinates along without reading them.
+MSG = KafkaCoords("shop.message", 0, 0)
+ROW, ROW1, ROW2 = (KafkaCoords("shop.public.refunds", 0, i) for i in range(3))
 SPEC = TableSpec(
     name="public.refunds", topic="shop.public.refunds", features=(FeatureSpec(name="amount", column="amount"),)
 )
@@ -23,7 +26,7 @@ def row(op: str, tx: int, ts_us: int, amount: float = 10.0, agent: str | None = 
         {
             "op": op,
             "before": image if op == "d" else None,
-            "after": None if op in ("d", "t") else image,
+            "after": None if op in ("d", ROW) else image,
             "source": {"ts_us": ts_us, "schema": "public", "table": "refunds", "txId": tx, "connector": "postgresql"},
         }
     ).encode()
@@ -47,39 +50,39 @@ def router() -> Router:
 
 def test_message_first_then_rows_are_attributed_at_once() -> None:
     r = router()
-    assert r.route("shop.message", message(7, 1_000, {"agent_id": "a1", "run_id": "r1"}), "m") == SKIP_MESSAGE
-    out = r.route("shop.public.refunds", row("c", 7, 1_000), "x")
+    assert r.route("shop.message", message(7, 1_000, {"agent_id": "a1", "run_id": "r1"}), MSG) == SKIP_MESSAGE
+    out = r.route("shop.public.refunds", row("c", 7, 1_000), ROW)
     assert isinstance(out, Change) and (out.agent_id, out.run_id, out.x) == ("a1", "r1", {"amount": 10.0})
 
 
 def test_rows_first_wait_for_their_message_then_are_released_in_order() -> None:
     r = router()
-    assert r.route("shop.public.refunds", row("c", 9, 1_000, 1.0), "x1") == SKIP_PENDING
-    assert r.route("shop.public.refunds", row("u", 9, 1_000, 2.0), "x2") == SKIP_PENDING
+    assert r.route("shop.public.refunds", row("c", 9, 1_000, 1.0), ROW1) == SKIP_PENDING
+    assert r.route("shop.public.refunds", row("u", 9, 1_000, 2.0), ROW2) == SKIP_PENDING
     assert r.ready == []
-    r.route("shop.message", message(9, 1_000, {"agent_id": "a2"}), "m")
-    assert [(c.agent_id, c.coords, c.op) for c in r.ready] == [("a2", "x1", "c"), ("a2", "x2", "u")]
+    r.route("shop.message", message(9, 1_000, {"agent_id": "a2"}), MSG)
+    assert [(c.agent_id, c.coords, c.op) for c in r.ready] == [("a2", ROW1, "c"), ("a2", ROW2, "u")]
     assert r.pending == {}
 
 
 def test_a_truncate_is_attributed_through_its_transaction() -> None:
     r = router()
-    r.route("shop.message", message(11, 5, {"agent_id": "cleaner"}), "m")
-    out = r.route("shop.public.refunds", row("t", 11, 5), "t")
+    r.route("shop.message", message(11, 5, {"agent_id": "cleaner"}), MSG)
+    out = r.route("shop.public.refunds", row("t", 11, 5), ROW)
     assert isinstance(out, Change) and out.op == "t" and out.agent_id == "cleaner"
 
 
 def test_a_column_in_the_row_wins_over_the_message() -> None:
     r = router()
-    r.route("shop.message", message(3, 5, {"agent_id": "from-message"}), "m")
-    out = r.route("shop.public.refunds", row("c", 3, 5, agent="from-row"), "x")
+    r.route("shop.message", message(3, 5, {"agent_id": "from-message"}), MSG)
+    out = r.route("shop.public.refunds", row("c", 3, 5, agent="from-row"), ROW)
     assert isinstance(out, Change) and out.agent_id == "from-row"
 
 
 def test_rows_whose_message_never_comes_expire_as_unattributed_but_a_truncate_is_kept() -> None:
     r = router()
-    r.route("shop.public.refunds", row("c", 20, 1_000_000), "x")
-    r.route("shop.public.refunds", row("t", 21, 1_000_000), "t")
+    r.route("shop.public.refunds", row("c", 20, 1_000_000), ROW)
+    r.route("shop.public.refunds", row("t", 21, 1_000_000), ROW)
     assert r.expire(1_000_000 + 4_000_000) == 0  # still within hold_s
     assert r.expire(1_000_000 + 6_000_000) == 1
     assert [(c.op, c.agent_id) for c in r.ready] == [("t", UNATTRIBUTED)]
@@ -88,24 +91,24 @@ def test_rows_whose_message_never_comes_expire_as_unattributed_but_a_truncate_is
 
 def test_other_prefixes_are_ignored_and_bad_content_is_a_dead_letter() -> None:
     r = router()
-    assert r.route("shop.message", message(1, 5, {"agent_id": "x"}, prefix="audit"), "m") == SKIP_MESSAGE
-    assert r.route("shop.public.refunds", row("c", 1, 5), "x") == SKIP_PENDING
+    assert r.route("shop.message", message(1, 5, {"agent_id": "x"}, prefix="audit"), MSG) == SKIP_MESSAGE
+    assert r.route("shop.public.refunds", row("c", 1, 5), ROW) == SKIP_PENDING
     for bad in (b"not json", {"run_id": "no agent"}, ["a", "list"], {"agent_id": {"nested": 1}}):
         with pytest.raises(EnvelopeError) as e:
-            r.route("shop.message", message(2, 5, bad), "m")
+            r.route("shop.message", message(2, 5, bad), MSG)
         assert e.value.reason == "invalid_message"
 
 
 def test_without_a_message_prefix_rows_without_agent_are_unattributed() -> None:
     r = Router([SPEC])
-    assert r.route("shop.public.refunds", row("c", 1, 5), "x") == SKIP_UNATTRIBUTED
-    out = r.route("shop.public.refunds", row("t", 1, 5), "t")
+    assert r.route("shop.public.refunds", row("c", 1, 5), ROW) == SKIP_UNATTRIBUTED
+    out = r.route("shop.public.refunds", row("t", 1, 5), ROW)
     assert isinstance(out, Change) and out.agent_id == UNATTRIBUTED
 
 
 def test_memory_is_bounded_whatever_the_input() -> None:
     r = Router([SPEC], message_prefix="writeguard", max_tx=10)
     for tx in range(50):
-        r.route("shop.public.refunds", row("c", tx, 5), "x")
-        r.route("shop.message", message(1000 + tx, 5, {"agent_id": "a"}), "m")
+        r.route("shop.public.refunds", row("c", tx, 5), ROW)
+        r.route("shop.message", message(1000 + tx, 5, {"agent_id": "a"}), MSG)
     assert len(r.pending) <= 10 and len(r._tx_agents) <= 10

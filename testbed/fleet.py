@@ -1,6 +1,6 @@
 """A simulated fleet of AI agents writing to a shop database, as Debezium would report their writes.
 
-Used by the demo, the integration tests and the benchmark. Events are payload-only JSON exactly as
+Used by the demo, the integration tests and the benchmarks. Events are payload-only JSON exactly as
 Debezium's PostgreSQL connector emits them with ``value.converter.schemas.enable=false``; keys are the
 row's primary key, as Debezium keys them.
 """
@@ -70,6 +70,35 @@ def debezium_value(
 
 
 @dataclass
+class Envelopes:
+    """The change events of one database in commit order: each write its own transaction, the LSN moving on.
+
+    >>> wal = Envelopes(random.Random(1), lsn=1_000, tx_id=7)
+    >>> value = wal.value("public.refunds", "c", None, {"id": 1}, 1_700_000_000_000_000)
+    >>> wal.tx_id, wal.lsn > 1_000, b'"txId":8' in value
+    (8, True, True)
+    """
+
+    rng: random.Random  # the generator's own, so that its sequence of draws stays what it was
+    lsn: int
+    tx_id: int
+    prefix: str = TOPIC_PREFIX
+
+    def value(
+        self,
+        table: str,
+        op: str,
+        before: Mapping[str, object] | None,
+        after: Mapping[str, object] | None,
+        ts_us: int,
+    ) -> bytes:
+        """The next change event, committed at ``ts_us``, as :func:`debezium_value` writes it."""
+        self.lsn += self.rng.randint(200, 900)
+        self.tx_id += 1
+        return debezium_value(table, op, before, after, ts_us, prefix=self.prefix, tx_id=self.tx_id, lsn=self.lsn)
+
+
+@dataclass
 class Agent:
     agent_id: str
     table: str
@@ -112,8 +141,7 @@ class Fleet:
         self.rng = random.Random(self.seed)
         self._ids = {REFUNDS: 100_000, ORDERS: 500_000}
         self._live_orders: list[tuple[int, float, int, Agent]] = []
-        self._lsn = 30_000_000
-        self._tx = 700
+        self._wal = Envelopes(self.rng, lsn=30_000_000, tx_id=700, prefix=self.prefix)
         if not self.agents:
             for i in range(self.n_agents):
                 table = REFUNDS if i % 2 == 0 else ORDERS
@@ -137,18 +165,6 @@ class Fleet:
             v *= 20.0
         return round(v, 2)
 
-    def _envelope(
-        self,
-        table: str,
-        op: str,
-        before: dict[str, object] | None,
-        after: dict[str, object] | None,
-        ts_us: int,
-    ) -> bytes:
-        self._lsn += self.rng.randint(200, 900)
-        self._tx += 1
-        return debezium_value(table, op, before, after, ts_us, prefix=self.prefix, tx_id=self._tx, lsn=self._lsn)
-
     def write(self, a: Agent, ts_us: int) -> Record:
         """One write by agent ``a`` committed at ``ts_us``."""
         prov: dict[str, object] = {"agent_id": a.agent_id, "run_id": a.run_id, "agent_version": a.version}
@@ -165,7 +181,7 @@ class Fleet:
                 **prov,
                 "idempotency_key": f"{a.agent_id}-{rid}",
             }
-            value, key, op = self._envelope(REFUNDS, "c", None, after, ts_us), {"id": rid}, "c"
+            value, key, op = self._wal.value(REFUNDS, "c", None, after, ts_us), {"id": rid}, "c"
         else:
             value, key, op = self._order_write(a, prov, ts_us)
         a.written += 1
@@ -179,19 +195,19 @@ class Fleet:
             oid, total, items, _ = mine[-1]
             self._live_orders.remove(mine[-1])
             before = {"id": oid, "customer_id": 1, "total": total, "items": items, "status": "paid", **prov}
-            return self._envelope(ORDERS, "d", before, None, ts_us), {"id": oid}, "d"
+            return self._wal.value(ORDERS, "d", before, None, ts_us), {"id": oid}, "d"
         if r < 0.25 and mine:
             idx = self.rng.randrange(len(mine))
             oid, total, items, _ = mine[idx]
             new_total = round(total * math.exp(self.rng.gauss(0.0, 0.05)), 2)
             before = {"id": oid, "customer_id": 1, "total": total, "items": items, "status": "paid", **prov}
             after = {**before, "total": new_total, "status": "shipped"}
-            return self._envelope(ORDERS, "u", before, after, ts_us), {"id": oid}, "u"
+            return self._wal.value(ORDERS, "u", before, after, ts_us), {"id": oid}, "u"
         if r < 0.27 and mine:
             oid, total, items, _ = mine[0]
             self._live_orders.remove(mine[0])
             before = {"id": oid, "customer_id": 1, "total": total, "items": items, "status": "paid", **prov}
-            return self._envelope(ORDERS, "d", before, None, ts_us), {"id": oid}, "d"
+            return self._wal.value(ORDERS, "d", before, None, ts_us), {"id": oid}, "d"
         self._ids[ORDERS] += 1
         oid = self._ids[ORDERS]
         items = 1 + min(int(self.rng.expovariate(0.6)), 9)
@@ -207,7 +223,7 @@ class Fleet:
             "status": "paid",
             **prov,
         }
-        return self._envelope(ORDERS, "c", None, after, ts_us), {"id": oid}, "c"
+        return self._wal.value(ORDERS, "c", None, after, ts_us), {"id": oid}, "c"
 
     def stream(self, n: int, start_us: int, *, speedup: float = 1.0) -> Iterator[Record]:
         """``n`` writes in commit-time order, each agent a Poisson process at its own rate."""

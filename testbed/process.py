@@ -1,4 +1,9 @@
-"""A ``writeguard worker`` in a child process, as the demo, the integration tests and the benchmark run it."""
+"""Child processes on this machine: free loopback ports, process groups, and a ``writeguard worker`` child.
+
+Every local service of the testbed (Kafka, Kafka Connect, PostgreSQL, the worker) runs in a process group of
+its own, so that one signal stops all it spawned, and picks its ports with :func:`free_port`. The worker
+launcher is what the demo, the integration tests and the benchmarks run.
+"""
 
 from __future__ import annotations
 
@@ -9,33 +14,73 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
+Progress = Callable[[str], None]  # takes one human-readable line: "Kafka ready at ..."
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def emit(progress: Progress | None, message: str) -> None:
+    """``progress(message)``, when there is someone to tell."""
+    if progress is not None:
+        progress(message)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago.
+
+    Another process may take it before the caller binds it: services that fail to bind retry with another.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    """SIGTERM the child's whole process group, then SIGKILL it if it has not gone in ``timeout`` s."""
+def port_answers(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0, *, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to the process group ``proc`` leads, then SIGKILL the group if it has not gone in ``timeout`` s.
+
+    ``proc`` must have been started with ``start_new_session=True``: its pid is then its group id.
+    """
     if proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         proc.wait(timeout)
     except (subprocess.TimeoutExpired, ProcessLookupError):
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.wait(5)
+        proc.wait(10)
+
+
+def interrupt_on_sigterm() -> SignalHandler:
+    """Have SIGTERM raise KeyboardInterrupt, as Ctrl-C does; returns the handler it replaces.
+
+    SIGTERM's default ends Python without running ``finally:`` blocks or atexit, and would orphan every
+    service started in a session of its own.
+    """
+
+    def _interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``writeguard demo``: a local Kafka, a real worker process, and a fleet of agents, one of which goes rogue.
+"""``python -m testbed demo``: a local Kafka, a real worker process, and a fleet of agents, one of which goes rogue.
 
 The fleet writes Debezium-format change events in real time (compressed: each agent writes a few times a
 second where a production agent writes tens of thousands of times a day). After the warm-up one refunds
@@ -12,7 +12,6 @@ import heapq
 import json
 import os
 import random
-import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,11 +20,9 @@ from pathlib import Path
 import yaml
 from confluent_kafka import Consumer, Producer
 
-from stream.config import load_config
-from stream.fleet import ORDERS, REFUNDS, TOPIC_PREFIX, Agent, Fleet, topic_of
-from stream.process import WorkerProcess, spawn_worker
-
-EXAMPLE_CONFIG = Path(__file__).parent / "examples" / "writeguard.yaml"
+from stream.config import EXAMPLE_CONFIG, load_config
+from testbed.fleet import ORDERS, REFUNDS, TOPIC_PREFIX, Agent, Fleet, topic_of
+from testbed.process import WorkerProcess, interrupt_on_sigterm, spawn_worker
 
 
 class Clock:
@@ -45,7 +42,8 @@ class DemoResult:
     normal_writes: int = 0
 
 
-def _print_alert(clock: Clock, a: dict[str, object]) -> None:
+def print_alert(clock: Clock, a: dict[str, object]) -> None:
+    """An alert as the demos show it: detector, score, the features that stood out, and the lag."""
     clock.say(
         f"ALERT {a['severity']} by {a['detector']} ({a['scope']} model), score {a['score']:.3f} >= {a['threshold']}"
     )
@@ -72,17 +70,13 @@ def run_demo(
     seed: int = 11,
 ) -> int:
     clock = Clock()
-
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # run the finally below: no broker or worker may outlive the demo
-
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupt_on_sigterm()  # run the finally below: no broker or worker may outlive the demo
     broker = None
     workdir = Path(tempfile.mkdtemp(prefix="writeguard-demo-"))
     worker: WorkerProcess | None = None
     try:
         if bootstrap_servers is None:
-            from connectors.broker import LocalKafka
+            from testbed.broker import LocalKafka
 
             clock.say("starting a local Apache Kafka broker (KRaft, jars from Maven Central) ...")
             broker = LocalKafka(workdir / "kafka", progress=clock.say).start()
@@ -93,7 +87,7 @@ def run_demo(
         else:
             from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-            from stream.stack import example_config
+            from testbed.stack import example_config
 
             # An existing Kafka may hold an earlier run's topics: a quarantine read back from them would end
             # this run before its rogue wrote anything. Each run gets topics and a group of its own.
@@ -229,7 +223,7 @@ def _drain(
         body = json.loads(value)
         if msg.topic() == alerts_topic:
             res.alerts.append(body)
-            _print_alert(clock, body)
+            print_alert(clock, body)
             if body["agent_id"] == rogue.agent_id and res.rogue_writes_before_alert is None:
                 alert_commit = _parse_ts_us(str(body["commit_ts"]))
                 res.rogue_writes_before_alert = sum(1 for c in rogue_commits if c <= alert_commit)

@@ -7,20 +7,18 @@ cluster listens on 127.0.0.1 only, on a free port, with ``wal_level=logical`` fo
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-Progress = Callable[[str], None]
+from testbed.process import Progress, free_port, stop_process
+
 INSTALL_HINT = "PostgreSQL server binaries are required: apt-get install postgresql"
 
 
@@ -40,12 +38,6 @@ def find_pg_bin() -> Path:
         if (c / "initdb").is_file() and (c / "postgres").is_file():
             return c
     raise PostgresError(INSTALL_HINT)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LocalPostgres:
@@ -70,6 +62,11 @@ class LocalPostgres:
     @property
     def log_path(self) -> Path:
         return self._workdir / "postgres.log"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the postmaster while it runs, which is also its process-group id."""
+        return None if self._proc is None else self._proc.pid
 
     def _as_postgres(self) -> list[str]:
         if os.geteuid() != 0:
@@ -106,7 +103,7 @@ class LocalPostgres:
         )
         if init.returncode != 0:
             raise PostgresError(f"initdb failed: {init.stderr.strip()[-2000:]}")
-        self.port = _free_port()
+        self.port = free_port()
         settings = {
             "listen_addresses": "127.0.0.1",
             "port": str(self.port),
@@ -173,15 +170,8 @@ class LocalPostgres:
 
     def stop(self, timeout: float = 20.0) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGINT)  # "fast" shutdown: roll back and exit
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        if proc is not None:
+            stop_process(proc, timeout, sig=signal.SIGINT)  # SIGINT: "fast" shutdown, roll back and exit
         if self._own_dir:
             shutil.rmtree(self._workdir, ignore_errors=True)
 

@@ -2,12 +2,12 @@
 
 Why this exists: writeguard consumes Debezium change events, and the only way to be sure it reads
 them right (ops, row images, ``m`` and ``t`` events, transaction ids, latency) is to produce them with
-the genuine connector.  Like :mod:`connectors.broker`, the classpath (Connect runtime, JsonConverter,
-Debezium PostgreSQL connector, log4j2) is resolved once from Maven Central with ``mvn`` from the pom
-in ``maven/connect/`` into the per-user cache, and each :class:`LocalConnect` runs one standalone
-worker (``ConnectStandalone``) in a throw-away directory.  The connector jars sit on the worker's
-classpath and are found with ``plugin.discovery=service_load``: no ``plugin.path``, no plugin zip.
-Connectors are created over the REST API, never from files.
+the genuine connector.  Like :mod:`testbed.broker`, the classpath (Connect runtime, JsonConverter,
+Debezium PostgreSQL connector, log4j2) is resolved once from Maven Central with ``mvn`` from
+``testbed/maven/connect/pom.xml`` into the per-user cache (:mod:`testbed.jvm`), and each
+:class:`LocalConnect` runs one standalone worker (``ConnectStandalone``) in a throw-away directory.
+The connector jars sit on the worker's classpath and are found with ``plugin.discovery=service_load``:
+no ``plugin.path``, no plugin zip. Connectors are created over the REST API, never from files.
 
 Usage::
 
@@ -20,6 +20,9 @@ Usage::
             ),
         )
         # change events now arrive on "app.public.refunds", logical decoding messages on "app.message"
+
+(:func:`connectors.debezium_connector.debezium_postgres_config` renders the connector as writeguard's
+``connector-config`` command does.)
 """
 
 from __future__ import annotations
@@ -31,45 +34,30 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from connectors.broker import (
-    BrokerError,
-    Progress,
-    _emit,
-    _free_port,
-    _JvmService,
-    _pom_dependency_version,
-    _port_answers,
-    _require_java,
-    _resolve_maven_lib,
-    cache_dir,
-)
+from connectors.debezium_connector import JSON_CONVERTER, POSTGRES_CONNECTOR_CLASS
+from testbed.jvm import JvmError, JvmService, MavenProject, cache_dir, raise_as, require_java, resolve_maven_lib
+from testbed.process import Progress, emit, free_port, port_answers
 
 __all__ = [
-    "POSTGRES_CONNECTOR_CLASS",
     "ConnectError",
     "LocalConnect",
     "connect_version",
-    "debezium_postgres_config",
     "debezium_version",
     "resolve_connect_jars",
 ]
 
-_MAVEN_DIR = Path(__file__).resolve().parent / "maven" / "connect"
-_POM = _MAVEN_DIR / "pom.xml"
-_LOG4J2 = _MAVEN_DIR / "log4j2.xml"
-_JSON_CONVERTER: Final = "org.apache.kafka.connect.json.JsonConverter"
-POSTGRES_CONNECTOR_CLASS: Final = "io.debezium.connector.postgresql.PostgresConnector"
+_MAVEN = MavenProject("connect")
 _POLL_S = 0.1
 # One REST call never needs long on loopback; PUT .../config validates the connector config,
 # which for Debezium includes connecting to the database, hence not 5 s.
 _REST_TIMEOUT_S = 30.0
 
 
-class ConnectError(RuntimeError):
+class ConnectError(JvmError):
     """The local Connect worker could not be provisioned or started, or a connector failed.
 
     The message is meant to be shown to a human as-is: it names the missing tool and how to
@@ -77,19 +65,10 @@ class ConnectError(RuntimeError):
     """
 
 
-@contextlib.contextmanager
-def _as_connect_error() -> Iterator[None]:
-    """The shared helpers in connectors.broker raise BrokerError; callers here expect ConnectError."""
-    try:
-        yield
-    except BrokerError as exc:
-        raise ConnectError(str(exc)) from exc
-
-
 def _pom_version(artifact_id: str) -> str:
-    version = _pom_dependency_version(_POM, artifact_id)
+    version = _MAVEN.dependency_version(artifact_id)
     if version is None:
-        raise ConnectError(f"{_POM} does not declare {artifact_id} with a version")
+        raise ConnectError(f"{_MAVEN.pom} does not declare {artifact_id} with a version")
     return version
 
 
@@ -111,12 +90,12 @@ def resolve_connect_jars(*, progress: Progress | None = None) -> Path:
     Maven runs only on first use (or after the pom changed); later calls just check the marker
     file in ``cache_dir()/connect-<version>``, so starting a worker costs no network round-trip.
     """
-    with _as_connect_error():
-        _require_java()
+    with raise_as(ConnectError):
+        require_java()
         version = connect_version()
         dbz = debezium_version()
-        return _resolve_maven_lib(
-            _POM,
+        return resolve_maven_lib(
+            _MAVEN,
             cache_dir() / f"connect-{version}",
             [
                 f"connect-runtime-{version}.jar",
@@ -126,88 +105,6 @@ def resolve_connect_jars(*, progress: Progress | None = None) -> Path:
             what=f"Kafka Connect {version} + Debezium PostgreSQL {dbz}",
             progress=progress,
         )
-
-
-def debezium_postgres_config(
-    *,
-    hostname: str,
-    port: int | str,
-    user: str,
-    password: str,
-    dbname: str,
-    topic_prefix: str,
-    tables: Sequence[str],
-    slot_name: str = "writeguard",
-    publication_name: str = "writeguard",
-    snapshot_mode: str = "no_data",
-    key_columns: Mapping[str, str] | None = None,
-    extra: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """A Debezium PostgreSQL connector config in the shape writeguard decodes, tuned for latency.
-
-    ``tables`` are ``schema.table`` names (Debezium treats each as an anchored regular expression).
-    ``key_columns`` maps a table to the column(s) (comma-separated) that make the Kafka record key,
-    e.g. ``{"public.refunds": "agent_id"}``, so one agent's changes land in one partition in order.
-    ``extra`` is merged last and wins, e.g. ``{"provide.transaction.metadata": "true"}``.
-
-    Needs a PostgreSQL with ``wal_level=logical`` (10+; logical decoding messages need 14+) and a
-    user allowed to replicate and, for ``publication.autocreate.mode=filtered``, to create the
-    publication (owner of the tables, or superuser).  For full ``before`` images on update and
-    delete, the tables need ``REPLICA IDENTITY FULL`` (the connector does not change it unless told
-    to with ``replica.identity.autoset.values``); by default ``before`` is null on update and holds
-    only the primary key on delete.
-    """
-    if not tables:
-        raise ValueError("tables must name at least one schema.table")
-    config = {
-        "connector.class": POSTGRES_CONNECTOR_CLASS,
-        # The connector reads one replication slot, so it only ever runs one task.
-        "tasks.max": "1",
-        # pgoutput ships with PostgreSQL 10+; the default, decoderbufs, is a server extension
-        # that Debian's and most managed PostgreSQLs do not have.
-        "plugin.name": "pgoutput",
-        "database.hostname": hostname,
-        "database.port": str(port),
-        "database.user": user,
-        "database.password": password,
-        "database.dbname": dbname,
-        # Topics are <prefix>.<schema>.<table>; logical decoding messages go to <prefix>.message.
-        "topic.prefix": topic_prefix,
-        "table.include.list": ",".join(tables),
-        "slot.name": slot_name,
-        "publication.name": publication_name,
-        # A publication for exactly the captured tables (created if missing, its table list
-        # updated to match on start): the WAL sender then decodes and ships only their
-        # changes, so a busy, uncaptured table does not delay (or flood) the captured ones.
-        "publication.autocreate.mode": "filtered",
-        # no_data: no initial copy of the tables, stream from the slot's creation on, so a
-        # new connector is RUNNING and streaming within seconds whatever the table size.
-        "snapshot.mode": snapshot_mode,
-        # The default skips truncate ("t"); TRUNCATE by an agent is exactly what to catch.
-        "skipped.operations": "none",
-        # NUMERIC as a JSON number instead of base64 of the unscaled BigDecimal bytes (the
-        # default, "precise"), which writeguard's features could not use.
-        "decimal.handling.mode": "double",
-        # Payload-only JSON: no per-record "schema" section (4x smaller, 4x faster to decode).
-        "key.converter": _JSON_CONVERTER,
-        "key.converter.schemas.enable": "false",
-        "value.converter": _JSON_CONVERTER,
-        "value.converter.schemas.enable": "false",
-        # A delete is followed by a null-valued record with the same key, for compaction.
-        "tombstones.on.delete": "true",
-        # Latency: when the replication stream has nothing pending, the streaming loop sleeps
-        # poll.interval.ms before it reads again (default 500 ms), and the hand-off to Connect
-        # waits as long unless a batch fills up: two waits in a row per commit. Measured with
-        # benchmarks/bench_postgres.py at 100 commits/s: commit -> alert p50 80 ms at 50, 32 ms
-        # at 10, for about 12% more of a core in the Connect worker.
-        "poll.interval.ms": "10",
-    }
-    if key_columns:
-        # Debezium's format: "<schema.table>:<col>[,<col>...];<schema.table>:<col>..."
-        config["message.key.columns"] = ";".join(f"{table}:{cols}" for table, cols in key_columns.items())
-    if extra:
-        config.update({str(k): str(v) for k, v in extra.items()})
-    return config
 
 
 # Talk to the worker directly, whatever http_proxy/https_proxy the environment sets.
@@ -220,10 +117,10 @@ class _RestError(ConnectError):
         self.status = status
 
 
-class LocalConnect(_JvmService):
+class LocalConnect(JvmService):
     """One standalone Kafka Connect worker on 127.0.0.1, owned by this Python process.
 
-    The JVM runs in its own process group (see :func:`connectors.broker._spawn_jvm`) and is stopped
+    The JVM runs in its own process group (see :class:`testbed.jvm.JvmService`) and is stopped
     at interpreter exit if the caller did not.  Each start is fresh: the source-offsets file in
     the workdir is removed, and standalone mode keeps connector configs in memory only, so
     connectors are (re)created with :meth:`put_connector` after every start.
@@ -264,17 +161,17 @@ class LocalConnect(_JvmService):
             if self._proc is not None:
                 raise ConnectError(f"LocalConnect already started at {self.rest_url}")
             deadline = time.monotonic() + timeout
-            with _as_connect_error():
-                java = _require_java()
+            with raise_as(ConnectError):
+                java = require_java()
             lib = resolve_connect_jars(progress=self._progress)
             self._prepare_workdir()
 
             def configure() -> None:
-                self._port = _free_port()
+                self._port = free_port()
                 self._write_worker_properties()
 
             self._launch_until_bound(java, lib, deadline, configure, ConnectError)
-            _emit(
+            emit(
                 self._progress,
                 f"Kafka Connect {connect_version()} (Debezium {debezium_version()}) ready at "
                 f"{self.rest_url} (workdir {self._workdir})",
@@ -332,7 +229,7 @@ class LocalConnect(_JvmService):
             if last is not None:
                 failure = self._failure(last)
                 if failure is not None:
-                    raise ConnectError(f"connector {name!r} failed:\n{failure}{self._log_tail()}")
+                    raise ConnectError(f"connector {name!r} failed:\n{failure}{self.log_tail()}")
                 connector = last.get("connector") or {}
                 tasks = last.get("tasks") or []
                 if (
@@ -344,7 +241,7 @@ class LocalConnect(_JvmService):
             if time.monotonic() >= deadline:
                 raise ConnectError(
                     f"connector {name!r} not RUNNING after {timeout:.0f}s; last status: {json.dumps(last)}"
-                    f"{self._log_tail()}"
+                    f"{self.log_tail()}"
                 )
             time.sleep(_POLL_S)
 
@@ -426,7 +323,7 @@ class LocalConnect(_JvmService):
                     text = str(parsed["message"])
             raise _RestError(exc.code, f"{method} {path}: {text}") from None
         except (urllib.error.URLError, OSError) as exc:
-            raise ConnectError(f"{method} {self.rest_url}{path} failed: {exc}{self._log_tail()}") from exc
+            raise ConnectError(f"{method} {self.rest_url}{path} failed: {exc}{self.log_tail()}") from exc
         return json.loads(raw) if raw.strip() else None
 
     def _prepare_workdir(self) -> None:
@@ -446,9 +343,9 @@ class LocalConnect(_JvmService):
             # it confirms the LSN to the server (so the slot releases WAL) and it bounds what a
             # restart re-delivers.  Not on the latency path of events.
             "offset.flush.interval.ms": "1000",
-            "key.converter": _JSON_CONVERTER,
+            "key.converter": JSON_CONVERTER,
             "key.converter.schemas.enable": "false",
-            "value.converter": _JSON_CONVERTER,
+            "value.converter": JSON_CONVERTER,
             "value.converter.schemas.enable": "false",
             # Connector jars are on the classpath; find them through their ServiceLoader
             # manifests instead of scanning every class of a plugin.path.
@@ -458,7 +355,8 @@ class LocalConnect(_JvmService):
         (self._workdir / "worker.properties").write_text(text, encoding="utf-8")
 
     def _launch(self, java: str, lib: Path) -> None:
-        self._launch_jvm(java, lib, _LOG4J2, "org.apache.kafka.connect.cli.ConnectStandalone", "worker.properties")
+        main = "org.apache.kafka.connect.cli.ConnectStandalone"
+        self._launch_jvm(java, lib, _MAVEN.log4j2, main, "worker.properties")
 
     def _wait_ready(self, deadline: float) -> None:
         """Ready = the REST API answers ``GET /`` and ``GET /connector-plugins`` lists Debezium.
@@ -471,13 +369,13 @@ class LocalConnect(_JvmService):
         while True:
             code = self._proc.poll()
             if code is not None:
-                raise ConnectError(f"Kafka Connect exited with code {code} during startup{self._log_tail()}")
+                raise ConnectError(f"Kafka Connect exited with code {code} during startup{self.log_tail()}")
             if time.monotonic() >= deadline:
                 raise ConnectError(
                     f"Kafka Connect not ready after timeout ({last_error}; is Kafka reachable at "
-                    f"{self._bootstrap_servers}?){self._log_tail()}"
+                    f"{self._bootstrap_servers}?){self.log_tail()}"
                 )
-            if not _port_answers(self._port):
+            if not port_answers(self._port):
                 time.sleep(_POLL_S)
                 continue
             try:
@@ -492,5 +390,5 @@ class LocalConnect(_JvmService):
                 return
             raise ConnectError(
                 f"Kafka Connect is up but does not list {POSTGRES_CONNECTOR_CLASS} "
-                f"(found {classes}); is the Debezium jar in {resolve_connect_jars()}?{self._log_tail()}"
+                f"(found {classes}); is the Debezium jar in {resolve_connect_jars()}?{self.log_tail()}"
             )

@@ -1,4 +1,4 @@
-"""``writeguard demo --postgres``: the same story on the real path, ending with the rogue agent's write refused.
+"""``python -m testbed demo --postgres``: the same story on the real path, ending with the rogue agent's write refused.
 
 Agents log in to a local PostgreSQL as their own roles and run real SQL; Debezium on Kafka Connect turns
 their commits into change events; the worker alerts and REVOKEs the rogue role's write privileges.
@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,8 +18,9 @@ from typing import Any
 
 from confluent_kafka import Consumer
 
-from stream.demo import Clock, _print_alert
-from stream.stack import Stack, start_stack
+from testbed.demo import Clock, print_alert
+from testbed.process import interrupt_on_sigterm
+from testbed.stack import Stack, start_stack
 
 
 @dataclass
@@ -53,11 +53,7 @@ def run_postgres_demo(*, warmup_s: float = 20.0, n_agents: int = 12, seed: int =
     from psycopg import errors
 
     clock = Clock()
-
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # run the finally below: nothing may outlive the demo
-
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupt_on_sigterm()  # run the finally below: nothing may outlive the demo
     rng = random.Random(seed)
     agents = [
         SqlAgent(
@@ -108,7 +104,7 @@ def run_postgres_demo(*, warmup_s: float = 20.0, n_agents: int = 12, seed: int =
                 body = json.loads(value)
                 if msg.topic() == stack.config.topics.alerts:
                     alerts.append(body)
-                    _print_alert(clock, body)
+                    print_alert(clock, body)
                 elif body.get("enforcement") and enforced is None:
                     enforced = body
                     for r in body["enforcement"]:

@@ -1,6 +1,6 @@
 """The whole real path on one machine: PostgreSQL -> Debezium on Kafka Connect -> Kafka -> a writeguard worker.
 
-The end-to-end tests, ``writeguard demo --postgres`` and the latency benchmark all bring it up the same way:
+The end-to-end tests, ``python -m testbed demo --postgres`` and the latency benchmark all bring it up the same way:
 a ``shop`` database whose agents log in as their own roles, the example config pointed at it, the Debezium
 connector that ``writeguard connector-config`` renders, and quarantine enforced with REVOKE.
 """
@@ -17,14 +17,11 @@ from typing import Any
 
 import yaml
 
-from connectors.broker import LocalKafka
-from connectors.connect import LocalConnect
-from connectors.postgres import LocalPostgres
-from stream.config import Config, load_config
-from stream.process import WorkerProcess, spawn_worker
-
-EXAMPLE_CONFIG = Path(__file__).parent / "examples" / "writeguard.yaml"
-Progress = Callable[[str], None]
+from stream.config import EXAMPLE_CONFIG, Config, load_config
+from testbed.broker import LocalKafka
+from testbed.connect import LocalConnect
+from testbed.postgres import LocalPostgres
+from testbed.process import Progress, WorkerProcess, spawn_worker
 
 SHOP_DDL = """
 CREATE TABLE public.refunds (id bigserial PRIMARY KEY, order_id bigint, amount double precision NOT NULL,
@@ -57,9 +54,17 @@ def example_config(kafka: str, prefix: str) -> dict[str, Any]:
 
 
 def shop_config(
-    kafka: str, pg: LocalPostgres, prefix: str, actions: Sequence[str] = ("alert", "quarantine", "postgres")
+    kafka: str,
+    pg: LocalPostgres,
+    prefix: str,
+    actions: Sequence[str] = ("alert", "quarantine", "postgres"),
+    agents: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The example config, pointed at ``pg`` through Debezium, with writeguard's topics unique to ``prefix``."""
+    """The example config, pointed at ``pg`` through Debezium, with writeguard's topics unique to ``prefix``.
+
+    The shop's agents are named by their role names, so the role mapping is an explicit map: a template needs a
+    fixed prefix in front of the agent id (a bare ``{agent_id}`` would let a row name any role).
+    """
     data = example_config(kafka, prefix)
     data["debezium"] = {
         "name": f"{prefix}-connector",
@@ -69,7 +74,7 @@ def shop_config(
         "publication.name": f"pub_{prefix}",
     }
     data["enforcement"] = {
-        "postgres": {"dsn": pg.dsn(dbname="shop"), "roles": {"template": "{agent_id}", "pattern": ROLE_PATTERN}}
+        "postgres": {"dsn": pg.dsn(dbname="shop"), "roles": {"map": {a: a for a in agents}, "pattern": ROLE_PATTERN}}
     }
     # Agents may also name themselves with pg_logical_emit_message(true, 'writeguard', '{"agent_id": ...}').
     data["worker"]["agent_messages"] = {"topic": f"{prefix}.message", "prefix": "writeguard"}
@@ -141,8 +146,6 @@ def start_stack(
     loglevel: str = "info",
 ) -> Stack:
     """Bring everything up in order (Kafka unless given, PostgreSQL, Connect + Debezium, the worker)."""
-    from stream.cli import connector_config
-
     say = progress or (lambda m: None)
     prefix = prefix or f"wg{uuid.uuid4().hex[:6]}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +164,7 @@ def start_stack(
         with pg.connect(dbname="shop", autocommit=True) as c:
             c.execute(SHOP_DDL)
         create_agents(pg, agents)
-        data = shop_config(kafka.bootstrap_servers, pg, prefix)
+        data = shop_config(kafka.bootstrap_servers, pg, prefix, agents=agents)
         if edit_config is not None:
             edit_config(data)
         config_path = workdir / "writeguard.yaml"
@@ -171,7 +174,7 @@ def start_stack(
         say("starting Kafka Connect with the Debezium PostgreSQL connector ...")
         connect = LocalConnect(kafka.bootstrap_servers, workdir / "connect", progress=say).start()
         started.append(connect)
-        body = connector_config(cfg)
+        body = cfg.connector_config()
         connect.put_connector(body["name"], body["config"])
         say(f"Debezium connector {body['name']} running: {prefix}.public.refunds, {prefix}.public.orders")
         worker = spawn_worker(config_path, workdir, loglevel=loglevel)
