@@ -337,8 +337,8 @@ class LocalKafka(JvmService):
             "kafka.tools.StorageTool",
             "format",
             "--standalone",
-            "-t",
-            _cluster_id(),
+            # One token: an id that starts with '-' (1 in 64 of them) would be read as an option otherwise.
+            f"--cluster-id={_cluster_id()}",
             "-c",
             "server.properties",
         ]

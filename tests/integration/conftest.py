@@ -193,4 +193,17 @@ def produce(
     return where
 
 
-__all__ = ["ORDERS", "REFUNDS", "Out", "Worker", "produce", "read_topic", "start_worker"]
+def until(what: str, probe: Callable[[], Any], worker: Worker, timeout: float = 120.0) -> Any:
+    """Poll ``probe`` until it returns something truthy; on timeout fail with its last value and the log."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        assert worker.proc.poll() is None, f"worker died while waiting for {what}:\n{worker.process.log_tail()}"
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not seen in {timeout:.0f} s; last seen: {last!r}\n{worker.process.log_tail()}")
+
+
+__all__ = ["ORDERS", "REFUNDS", "Out", "Worker", "produce", "read_topic", "start_worker", "until"]

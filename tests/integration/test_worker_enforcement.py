@@ -27,7 +27,7 @@ from testbed.broker import LocalKafka
 from testbed.fleet import REFUNDS, Agent, Fleet
 from testbed.postgres import LocalPostgres
 from testbed.stack import SHOP_DDL
-from tests.integration.conftest import Worker, produce, read_topic, release, start_worker
+from tests.integration.conftest import Worker, produce, read_topic, release, start_worker, until
 
 pytestmark = pytest.mark.integration
 
@@ -162,17 +162,6 @@ def normal_writes(worker: Worker, fleet: Fleet, n: int) -> None:
     worker.wait_for("writeguard_events_total", before + n, timeout=TIMEOUT)
 
 
-def until(what: str, probe: Callable[[], Any], worker: Worker, timeout: float = TIMEOUT) -> Any:
-    """Poll ``probe`` until it returns something truthy; on timeout fail with its last value and the log."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        assert worker.proc.poll() is None, f"worker died while waiting for {what}:\n{worker.process.log_tail()}"
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"{what}: not seen in {timeout:.0f} s; last seen: {last!r}\n{worker.process.log_tail()}")
 
 
 def alerts_of(worker: Worker, agent_id: str) -> list[dict[str, Any]]:

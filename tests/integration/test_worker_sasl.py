@@ -23,7 +23,7 @@ from stream.config import load_config
 from testbed.broker import LocalKafka
 from testbed.fleet import REFUNDS, Fleet
 from testbed.process import spawn_worker
-from tests.integration.conftest import Worker, make_config, produce, read_topic, release, start_worker
+from tests.integration.conftest import Worker, make_config, produce, read_topic, release, start_worker, until
 
 pytestmark = pytest.mark.integration
 
@@ -61,16 +61,6 @@ def sasl_client(kafka: LocalKafka, password_var: str) -> Callable[[dict[str, Any
 
 
 
-def until(what: str, probe: Callable[[], Any], worker: Worker, timeout: float = TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        assert worker.proc.poll() is None, f"worker died while waiting for {what}:\n{worker.process.log_tail()}"
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"{what}: not seen in {timeout:.0f} s; last seen: {last!r}\n{worker.process.log_tail()}")
 
 
 def records_of(worker: Worker, topic: str, agent_id: str) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,3 +38,23 @@ def test_without_maven_it_says_to_install_maven(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("WRITEGUARD_CACHE", str(tmp_path / "cache"))
     with pytest.raises(BrokerError, match="apt-get install maven"):
         resolve_kafka_jars()
+
+
+def test_the_storage_format_command_takes_any_cluster_id_as_one_token(monkeypatch: Any, tmp_path: Any) -> None:
+    """A base64url id may start with '-': given as a separate argument, kafka-storage reads it as an option."""
+    import subprocess
+
+    from testbed import broker
+
+    seen: list[list[str]] = []
+
+    def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(broker, "_cluster_id", lambda: "-abcdefghijklmnopqrstu")
+    monkeypatch.setattr(broker.subprocess, "run", run)
+    kafka = broker.LocalKafka(tmp_path)
+    kafka._workdir = tmp_path
+    kafka._format_storage("java", tmp_path, deadline=1e12)
+    assert "--cluster-id=-abcdefghijklmnopqrstu" in seen[0]
