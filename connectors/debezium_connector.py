@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
+from detectors.masking import ClientProperties
 from detectors.spec import FieldPath, TableSpec
 from detectors.strict import Strict
 
@@ -32,7 +33,11 @@ class DebeziumDatabase(Strict):
     hostname: str
     port: int = Field(5432, ge=1, le=65535)
     user: str
-    password: str = Field("", description="Use ${ENV_VAR}.")
+    # Rendered as it is: the real value, or a Connect config-provider reference such as ${env:PG_PASSWORD}
+    # (which Connect resolves itself, so the password never leaves its host). Never shown in repr or JSON.
+    password: SecretStr = Field(
+        SecretStr(""), description="Use ${ENV_VAR}, or a Kafka Connect config provider: ${env:PG_PASSWORD}."
+    )
     dbname: str
 
 
@@ -48,7 +53,9 @@ class DebeziumSettings(Strict):
     key_by_agent: bool = Field(
         False, description="Key CDC records by the agent-id column (message.key.columns); then repartition can be off."
     )
-    extra: dict[str, str] = Field(default_factory=dict, description="More connector properties, set last.")
+    extra: ClientProperties = Field(
+        default_factory=ClientProperties, description="More connector properties, set last."
+    )
 
 
 def connector_config(settings: DebeziumSettings, tables: Sequence[TableSpec]) -> dict[str, Any]:
@@ -76,7 +83,7 @@ def connector_config(settings: DebeziumSettings, tables: Sequence[TableSpec]) ->
         hostname=db.hostname,
         port=db.port,
         user=db.user,
-        password=db.password,
+        password=db.password.get_secret_value(),
         dbname=db.dbname,
         topic_prefix=settings.topic_prefix,
         tables=[t.name for t in tables],

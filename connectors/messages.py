@@ -6,10 +6,13 @@ them equal to what these models generate (``writeguard schemas --write schemas``
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class _Message(BaseModel):
@@ -48,8 +51,9 @@ class Alert(_Message):
     table: str = Field(description="'<schema>.<table>'")
     detector: str
     detector_kind: str
-    scope: Literal["agent", "population"] = Field(
-        description="'population': the agent was still warming up and was judged against its table's fleet."
+    scope: Literal["agent", "population", "table"] = Field(
+        description="'population': the agent was still warming up and was judged against its table's fleet. "
+        "'table': a table-wide ceiling counted over all agents (the explanation lists the top ones)."
     )
     severity: Literal["info", "warning", "critical"]
     score: float
@@ -95,6 +99,14 @@ class ControlRecord(_Message):
         default_factory=list, description="Database and webhook actions taken (quarantine) or undone (release)."
     )
 
+    def stale_for(self, quarantined_by: str | None) -> bool:
+        """Whether this is a ``released`` record of another quarantine than the agent's current one.
+
+        ``quarantined_by`` is the alert id of the agent's quarantine in force (None when it has none). A release
+        names the alert it lifts, so an old signed release replayed later cannot lift a newer quarantine.
+        """
+        return self.state == "released" and quarantined_by is not None and self.alert_id != quarantined_by
+
     @classmethod
     def quarantine(cls, alert: Alert, enforcement: list[EnforcementResult] | None = None) -> ControlRecord:
         """The worker's record that ``alert`` quarantined its agent, with what enforcement did so far."""
@@ -107,6 +119,83 @@ class ControlRecord(_Message):
             by="writeguard-worker",
             enforcement=list(enforcement or ()),
         )
+
+
+CONTROL_SIGNATURE_HEADER = "writeguard-signature"
+"""Kafka header of every control record: ``v1=`` and the hex HMAC-SHA256 of :func:`control_signed_bytes`."""
+
+RejectReason = Literal["unsigned", "bad_signature", "invalid_record", "key_mismatch", "stale_release"]
+"""Why a control record was not applied; the ``reason`` label of ``writeguard_control_records_rejected_total``."""
+
+
+class ControlRejected(ValueError):
+    """A control record that must not be applied: unsigned, badly signed, malformed, or under another key."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason: RejectReason = reason
+
+
+def control_signed_bytes(key: bytes, value: bytes) -> bytes:
+    """What a control record's signature covers: its Kafka key and its exact value bytes.
+
+    The key is covered because the topic is compacted by key: a signed record replayed under another agent's
+    key would otherwise replace that agent's latest state. Its length comes first, so no split of key and
+    value can be read another way.
+
+    >>> control_signed_bytes(b"a1", b"{}")
+    b'writeguard-control-v1\\n2\\na1{}'
+    """
+    return b"writeguard-control-v1\n%d\n" % len(key) + key + value
+
+
+def sign_control(secret: bytes, key: bytes, value: bytes) -> bytes:
+    """The value of the :data:`CONTROL_SIGNATURE_HEADER` header for this key and value."""
+    return b"v1=" + hmac.new(secret, control_signed_bytes(key, value), hashlib.sha256).hexdigest().encode()
+
+
+HeaderValue = str | bytes | None
+Headers = Mapping[str, HeaderValue] | Iterable[tuple[str, HeaderValue]] | None
+"""Kafka headers as confluent-kafka gives them (a list of pairs) or as a mapping."""
+
+
+def _header(headers: Headers, name: str) -> bytes | None:
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    found = [v for k, v in pairs if isinstance(k, str) and k.lower() == name]
+    # Two signature headers: which one a reader would check is ambiguous, so neither is trusted.
+    if len(found) != 1 or found[0] is None:
+        return None
+    v = found[0]
+    return v.encode("utf-8", "replace") if isinstance(v, str) else v
+
+
+def verify_control(
+    secrets: Sequence[bytes],
+    key: bytes | None,
+    value: bytes | None,
+    headers: Headers,
+) -> ControlRecord:
+    """The control record in a Kafka message, if one of ``secrets`` signed it; :class:`ControlRejected` if not.
+
+    Agent orchestrators that act on the control topic check every record with this before they act on it
+    (``msg.key()``, ``msg.value()``, ``msg.headers()`` of a confluent-kafka message). The record's agent id
+    must also be its Kafka key. Never raises anything else, whatever the bytes.
+    """
+    if value is None:
+        raise ControlRejected("invalid_record", "no value (a tombstone)")
+    sig = _header(headers, CONTROL_SIGNATURE_HEADER)
+    if sig is None:
+        raise ControlRejected("unsigned", f"no single {CONTROL_SIGNATURE_HEADER} header")
+    k = key or b""
+    if not isinstance(sig, bytes) or not any(hmac.compare_digest(sign_control(s, k, value), sig) for s in secrets):
+        raise ControlRejected("bad_signature", "the signature does not match any configured key")
+    try:
+        rec = ControlRecord.model_validate_json(value)
+    except ValidationError as e:
+        raise ControlRejected("invalid_record", str(e).splitlines()[0]) from None
+    if rec.agent_id.encode() != k:
+        raise ControlRejected("key_mismatch", "the record's agent_id is not its Kafka key")
+    return rec
 
 
 class DeadLetter(_Message):

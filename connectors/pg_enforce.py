@@ -54,8 +54,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar, cast
+from urllib.parse import quote
 
 import psycopg
+import psycopg.conninfo
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -760,6 +762,34 @@ def _concurrent_update(e: psycopg.Error) -> bool:
     return isinstance(e, psycopg.errors.InternalError_) and "concurrently" in str(e)
 
 
+_MASK = "**********"
+
+
+def connect_error_text(e: psycopg.Error, dsn: str) -> str:
+    """psycopg's connection error, without any part of the DSN's password.
+
+    libpq quotes the connection string when it cannot parse it, and the piece it quotes may be the password
+    (``password=hunter2 sekrit`` gives 'missing "=" after "sekrit"'). So an unparsable DSN gets a fixed text;
+    for a parsable one, the password (also percent-encoded, as a URL holds it) is masked wherever it appears.
+
+    >>> try:
+    ...     psycopg.connect("host=db password=hunter2 sekrit")
+    ... except psycopg.Error as e:
+    ...     print(connect_error_text(e, "host=db password=hunter2 sekrit"))
+    the connection string is not valid libpq syntax (details withheld: they may quote the password)
+    """
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "the connection string is not valid libpq syntax (details withheld: they may quote the password)"
+    text = str(e).strip()
+    password = params.get("password")
+    if isinstance(password, str) and password:
+        for form in sorted({password, quote(password, safe=""), quote(password)}, key=len, reverse=True):
+            text = text.replace(form, _MASK)
+    return text
+
+
 def _connection_lost(e: psycopg.Error, conn: psycopg.Connection[Any] | None = None) -> bool:
     state = e.sqlstate
     return (
@@ -860,7 +890,9 @@ class PostgresEnforcer:
         try:
             conn = self._open("writeguard-enforcer")
         except psycopg.Error as e:
-            raise EnforcementError(f"cannot connect to PostgreSQL for enforcement: {e}", retryable=True) from e
+            # The text goes into the control record and logs; the cause is dropped because its text is libpq's.
+            msg = connect_error_text(e, self._dsn)
+            raise EnforcementError(f"cannot connect to PostgreSQL for enforcement: {msg}", retryable=True) from None
         self._conn = conn
         return conn
 
@@ -870,8 +902,8 @@ class PostgresEnforcer:
             return conn
         try:
             self._watch_conn = self._open("writeguard-enforcer-watch")
-        except psycopg.Error:
-            log.debug("no second connection to watch for blockers", exc_info=True)
+        except psycopg.Error as e:
+            log.debug("no second connection to watch for blockers: %s", connect_error_text(e, self._dsn))
             self._watch_conn = None
         return self._watch_conn
 

@@ -59,7 +59,9 @@ from typing import Any, ClassVar, Protocol, TypeGuard
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from detectors.masking import HttpHeaders
 
 log = logging.getLogger("writeguard.webhook")
 
@@ -90,13 +92,15 @@ USER_AGENT = f"writeguard/{_version()}"
 class WebhookSettings(BaseModel):
     """Where and how to POST the pause request; embedded in writeguard's YAML config.
 
-    ``secret`` should come from ``${ENV}`` in the YAML; it is kept out of ``repr`` so it never reaches logs.
+    ``secret`` should come from ``${ENV}`` in the YAML. It and the values of secret-looking ``headers``
+    (``Authorization``, ``Cookie``, ``*-Key``, ``*Token*``) are masked in ``repr`` and JSON dumps, so they
+    never reach logs.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     url: str = Field(description="The orchestrator's pause endpoint, http:// or https://.")
-    secret: str = Field(min_length=1, repr=False, description="HMAC-SHA256 key; use ${ENV_VAR}.")
+    secret: SecretStr = Field(min_length=1, description="HMAC-SHA256 key; use ${ENV_VAR}.")
     timeout_s: float = Field(2.0, gt=0, description="Per attempt: connect, send and response headers.")
     retries: int = Field(3, ge=0, le=20, description="Attempts after the first.")
     backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each retry, with jitter.")
@@ -109,8 +113,8 @@ class WebhookSettings(BaseModel):
         description="Deliveries in flight at once, so one slow pause request does not hold back the next "
         "agent's. Deliveries are independent: their order is not kept.",
     )
-    headers: dict[str, str] = Field(
-        default_factory=dict, description="Extra headers, e.g. Authorization: Bearer ${ORCHESTRATOR_TOKEN}."
+    headers: HttpHeaders = Field(
+        default_factory=HttpHeaders, description="Extra headers, e.g. Authorization: Bearer ${ORCHESTRATOR_TOKEN}."
     )
 
     @field_validator("url")
@@ -131,7 +135,7 @@ class WebhookSettings(BaseModel):
 
     @field_validator("headers")
     @classmethod
-    def _not_reserved(cls, v: dict[str, str]) -> dict[str, str]:
+    def _not_reserved(cls, v: HttpHeaders) -> HttpHeaders:
         clash = sorted(k for k in v if k.lower() in _RESERVED)
         if clash:
             raise ValueError(f"headers set by writeguard cannot be overridden: {clash}")
@@ -372,7 +376,7 @@ class WebhookSender:
         self.settings = settings
         self._on_result = on_result
         self._session_factory = session_factory
-        self._secret = settings.secret.encode()
+        self._secret = settings.secret.get_secret_value().encode()
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=settings.queue_size)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []

@@ -16,13 +16,29 @@ from functools import partial
 import msgspec
 
 from detectors.features import Extractor
-from detectors.models import CategoricalNovelty, Contribution, Detector, TableValues
+from detectors.models import CategoricalNovelty, Contribution, Detector, RateCeiling, TableCeiling, TableValues
 from detectors.spec import QUARANTINING, SEVERITY_RANK, AnyDetector, Suppression, TableSpec, detector_name
 from detectors.write import Op, Write
 
 # Alert ids are uuid5 in this namespace, so the same triggering event always yields the same alert id.
 ALERT_NAMESPACE = uuid.UUID("6f1c3d2e-52a8-4c1b-9d0e-77a1c0ffee42")
-UNATTRIBUTED = "unattributed"
+# Reserved identities, for writes that name no agent: in angle brackets, which the router never accepts from a row
+# or a writer's message, so no agent can take one (and hide in it). They are scored like any agent, never quarantined.
+UNATTRIBUTED = "<unattributed>"
+IDENTITY_MISMATCH = "identity_mismatch"
+
+
+def role_identity(role: str) -> str:
+    """The reserved identity of a database role that maps to no agent (the owner, a human, a service).
+
+    >>> role_identity("app_owner"), is_reserved(role_identity("app_owner")), is_reserved("agent_7")
+    ('<role:app_owner>', True, False)
+    """
+    return f"<role:{role}>"
+
+
+def is_reserved(agent_id: str) -> bool:
+    return agent_id.startswith("<") and agent_id.endswith(">")
 
 
 # Event coordinates: where a change event was read, so that an alert points at it and its id repeats when the
@@ -78,6 +94,8 @@ class Change(msgspec.Struct, array_like=True, gc=False):
     categories: dict[str, str] | None = None  # when the table has categorical columns
     idempotency_key: str | None = None  # when the table has an idempotency key column
     tx_id: str | None = None  # only for tables whose detectors judge whole transactions (compact otherwise)
+    # op "m" only: the id the writer claimed where the database named ``agent_id`` (an impersonation attempt).
+    claimed: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +126,7 @@ class Finding:
     quarantine: bool  # this finding quarantines the agent (False when it already is)
     commit_ts_us: int
     agent_events: int
+    claimed: str | None = None  # identity_mismatch: the id the writer claimed (agent_id is the database's)
 
 
 @dataclass(slots=True)
@@ -136,6 +155,10 @@ class _Plan:
     population: Detector | None  # the table's model, for agents still in warm-up
     shared: Detector | None  # the table's one instance, when the detector is per table
     population_n: list[int] = field(default_factory=lambda: [0])
+    # A table-wide ceiling: its incident state is the table's, not an agent's, or every fresh id would re-alert.
+    table_scope: bool = False
+    table_mask: int = 0
+    table_open: bool = False
 
 
 @dataclass(slots=True)
@@ -158,9 +181,11 @@ class _AgentState:
         self.n = 0
 
 
-def _plan(table: TableSpec, d: AnyDetector, known: TableValues) -> _Plan:
+def _plan(table: TableSpec, d: AnyDetector, known: TableValues, table_scope: bool = False) -> _Plan:
     s = d.scoring()
-    make = partial(d.build, table, known)
+    make: Callable[[], Detector] = partial(d.build, table, known)
+    if table_scope:
+        make = partial(_table_ceiling, make)
     return _Plan(
         name=detector_name(d),
         kind=d.kind,
@@ -173,13 +198,25 @@ def _plan(table: TableSpec, d: AnyDetector, known: TableValues) -> _Plan:
         learned=s.learned,
         make=make,
         population=make() if s.population else None,
-        shared=make() if s.per_table else None,
+        shared=make() if s.per_table or table_scope else None,
+        table_scope=table_scope,
     )
+
+
+def _table_ceiling(make: Callable[[], Detector]) -> Detector:
+    inner = make()
+    assert isinstance(inner, RateCeiling), "only the rate and op_burst ceilings have a table-wide twin"
+    return TableCeiling(inner)
 
 
 def compile_table(spec: TableSpec) -> _Table:
     known = TableValues()  # the table's categorical values, shared by its agents' novelty detectors
-    return _Table(spec, Extractor(spec), [_plan(spec, d, known) for d in spec.detectors], known)
+    plans = []
+    for d in spec.detectors:
+        plans.append(_plan(spec, d, known))
+        if (wide := d.table_wide()) is not None:
+            plans.append(_plan(spec, wide, known, table_scope=True))
+    return _Table(spec, Extractor(spec), plans, known)
 
 
 def _store_key(key: tuple[str, str]) -> str:
@@ -204,6 +241,24 @@ def _relink(st: _AgentState, tab: _Table) -> None:
             st.dets[i] = p.shared
         elif isinstance(det, CategoricalNovelty):
             det.known = tab.known
+
+
+class _NoDetector:
+    """Stands in for a detector where the finding is the router's (identity_mismatch): nothing to score or learn."""
+
+    n = 0
+
+    def score_one(self, w: Write) -> float:
+        return 1.0
+
+    def learn_one(self, w: Write) -> None:
+        return None
+
+    def explain(self, w: Write) -> list[Contribution]:
+        return []
+
+
+_NO_DETECTOR = _NoDetector()
 
 
 def alert_id(table: str, agent_id: str, detector: str, coords: Coords) -> str:
@@ -241,6 +296,7 @@ class Engine:
         self.states: OrderedDict[tuple[str, str], _AgentState] = OrderedDict()
         self.quarantined: dict[str, Quarantine] = {}
         self._released: dict[str, str] = {}  # agent id -> the alert id of its last lifted quarantine
+        self._mismatches: dict[tuple[str, str, str], None] = {}  # open identity_mismatch incidents, oldest first
         self.suppressions = tuple(suppressions)
         self.suppressed = 0  # findings not published because a suppression window covered them
         self.max_states = max_states
@@ -288,11 +344,13 @@ class Engine:
     def process(self, ch: Change, scores: list[tuple[str, float]] | None = None) -> list[Finding]:
         """Score ``ch`` with every detector of its table, then learn from it; return alert decisions."""
         tab = self.tables[ch.table]
+        if ch.op == "m":
+            return self._mismatch(tab, ch)
         key = (ch.table, ch.agent_id)
         st = self._state(tab, key)
         st.n += 1
         x = ch.x
-        w = Write(x, ch.op, ch.commit_ts_us / 1e6, ch.categories, ch.idempotency_key, ch.tx_id)
+        w = Write(x, ch.op, ch.commit_ts_us / 1e6, ch.categories, ch.idempotency_key, ch.tx_id, ch.agent_id)
         quarantine = self.quarantined.get(ch.agent_id)
         findings: list[Finding] = []
         value_anomaly = False
@@ -312,6 +370,10 @@ class Engine:
                 scores.append((p.name, score))
             limit = p.threshold if scope == "agent" else p.population_threshold
             anomalous = score >= limit and not ch.snapshot
+            if p.table_scope:
+                if self._table_wide(tab, p, ch, w, det, score, anomalous, st.n, findings):
+                    any_anomaly = True
+                continue
             mask = ((st.masks[i] << 1) | anomalous) & p.nmask
             st.masks[i] = mask
             bit = 1 << i
@@ -354,6 +416,67 @@ class Engine:
                     p.population_n[0] += 1
         return findings
 
+    def _table_wide(
+        self,
+        tab: _Table,
+        p: _Plan,
+        ch: Change,
+        w: Write,
+        det: Detector,
+        score: float,
+        anomalous: bool,
+        n: int,
+        findings: list[Finding],
+    ) -> bool:
+        """A table-wide ceiling: one incident per table, whichever (fresh) ids the writes carry."""
+        if not anomalous and isinstance(det, TableCeiling) and not det.counts(w):
+            # An insert amid a delete burst says nothing about the burst: only writes the ceiling counts may close
+            # its incident (the changes topic's partitions interleave the agents' writes in any order).
+            return False
+        p.table_mask = ((p.table_mask << 1) | anomalous) & p.nmask
+        if not anomalous:
+            if p.table_mask == 0:
+                p.table_open = False
+            return False
+        if p.table_open or p.table_mask.bit_count() < p.k:
+            return True
+        if self.suppressions and self.suppressed_by(ch, p.name) is not None:
+            self.suppressed += 1
+            return True
+        p.table_open = True
+        f = self._finding(tab, p, ch, w, det, "table", score, [Trigger(ch.coords, ch.commit_ts_us, score)], n, None)
+        findings.append(f)
+        return True
+
+    def _mismatch(self, tab: _Table, ch: Change) -> list[Finding]:
+        """The database named ``ch.agent_id`` where the writer claimed ``ch.claimed``: once per open incident."""
+        claimed = ch.claimed or ""
+        key = (ch.table, ch.agent_id, claimed)
+        if key in self._mismatches:
+            return []
+        self._mismatches[key] = None
+        while len(self._mismatches) > 10_000:  # bounded, whatever the writers claim
+            del self._mismatches[next(iter(self._mismatches))]
+        p = _Plan(
+            name=IDENTITY_MISMATCH,
+            kind=IDENTITY_MISMATCH,
+            severity="critical",
+            threshold=1.0,
+            population_threshold=1.0,
+            warmup=0,
+            k=1,
+            nmask=1,
+            learned=False,
+            make=lambda: _NO_DETECTOR,
+            population=None,
+            shared=None,
+        )
+        w = Write({}, "m", ch.commit_ts_us / 1e6, None, None, None, ch.agent_id)
+        st = self._held(tab, (ch.table, ch.agent_id))
+        trig = [Trigger(ch.coords, ch.commit_ts_us, 1.0)]
+        n = st.n if st is not None else 0
+        return [self._finding(tab, p, ch, w, _NO_DETECTOR, "agent", 1.0, trig, n, self.quarantined.get(ch.agent_id))]
+
     def _finding(
         self,
         tab: _Table,
@@ -367,8 +490,12 @@ class Engine:
         n: int,
         quarantine: Quarantine | None,
     ) -> Finding:
-        name = p.name if scope == "agent" else f"{p.name}.population"
+        name = p.name if scope != "population" else f"{p.name}.population"
         actions = tab.spec.actions.get(p.severity, ("alert",))  # type: ignore[call-overload]
+        if scope == "table" or is_reserved(ch.agent_id):
+            # No single agent is to blame for a table-wide ceiling, and a reserved identity is no agent's role:
+            # quarantining the writer at hand (or the role "<unattributed>") would stop the wrong party.
+            actions = ("alert",)
         aid = alert_id(ch.table, ch.agent_id, name, ch.coords)
         # Read the live state: two detectors firing on one event must quarantine once.
         quarantines = not QUARANTINING.isdisjoint(actions) and ch.agent_id not in self.quarantined
@@ -391,6 +518,7 @@ class Engine:
             quarantine=quarantines,
             commit_ts_us=ch.commit_ts_us,
             agent_events=n,
+            claimed=ch.claimed if ch.op == "m" else None,
         )
 
     def apply_control(
@@ -413,6 +541,8 @@ class Engine:
                 self.quarantined[agent_id] = Quarantine(alert_id, reason, at_us)
         elif state == "released":
             q = self.quarantined.pop(agent_id, None)
+            for k in [k for k in self._mismatches if k[1] == agent_id]:
+                del self._mismatches[k]
             lifted = alert_id or (q.alert_id if q is not None else None)
             if lifted is not None:
                 self._released[agent_id] = lifted

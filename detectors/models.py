@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -267,17 +268,17 @@ class RateCeiling:
         self.window = window
         self._counter = WindowCounter(window)
 
-    def _weight(self, op: str) -> int:
+    def weight(self, op: str) -> int:
         return 1
 
     def score_one(self, w: Write) -> float:
-        weight = self._weight(w.op)
+        weight = self.weight(w.op)
         if weight == 0:
             return 0.0
         return 1.0 if self._counter.count(w.t) + weight > self.max_events else 0.0
 
     def learn_one(self, w: Write) -> None:
-        weight = self._weight(w.op)
+        weight = self.weight(w.op)
         self.n += 1
         if weight:
             self._counter.add(w.t, weight)
@@ -286,7 +287,7 @@ class RateCeiling:
         return f"events_per_{self.window:g}s"
 
     def explain(self, w: Write) -> list[Contribution]:
-        count = float(self._counter.count(w.t) + self._weight(w.op))
+        count = float(self._counter.count(w.t) + self.weight(w.op))
         return [Contribution(self._label(), count, 0.0, float(self.max_events))]
 
 
@@ -306,7 +307,7 @@ class OpBurstCeiling(RateCeiling):
         super().__init__(max_events, window)
         self.ops = frozenset(ops)
 
-    def _weight(self, op: str) -> int:
+    def weight(self, op: str) -> int:
         if op not in self.ops:
             return 0
         return self.max_events + 1 if op == "t" else 1
@@ -315,14 +316,122 @@ class OpBurstCeiling(RateCeiling):
         return f"{'/'.join(sorted(self.ops))}_per_{self.window:g}s"
 
 
-class TableValues:
-    """The values a whole table has seen per categorical column, and how many writes it has seen."""
+class TableCeiling:
+    """A rate or op-burst ceiling counted over every agent of a table; it names the agents that filled it.
 
-    __slots__ = ("n", "values")
+    One instance per table: spreading writes over fresh agent ids does not escape it, as it does a per-agent one.
+
+    >>> g = TableCeiling(RateCeiling(max_events=3))
+    >>> for t, a in enumerate(["a", "b", "c"]):
+    ...     g.learn_one(Write(op="c", t=float(t), agent_id=a))
+    >>> w = Write(op="c", t=3.0, agent_id="a")
+    >>> g.score_one(w), [(c.feature, c.value) for c in g.explain(w)]
+    (1.0, [('events_per_60s', 4.0), ('agent a', 2.0), ('agent b', 1.0), ('agent c', 1.0)])
+    """
+
+    __slots__ = ("_by_agent", "_recent", "inner", "n")
+
+    TOP = 5
+
+    def __init__(self, inner: RateCeiling) -> None:
+        self.inner = inner
+        self.n = 0
+        self._recent: deque[tuple[float, str, int]] = deque()  # (t, agent, weight) within the window
+        self._by_agent: Counter[str] = Counter()
+
+    def _expire(self, t: float) -> None:
+        limit = t - self.inner.window
+        while self._recent and self._recent[0][0] <= limit:
+            _, agent, weight = self._recent.popleft()
+            self._by_agent[agent] -= weight
+            if self._by_agent[agent] <= 0:
+                del self._by_agent[agent]
+
+    def counts(self, w: Write) -> bool:
+        """Whether the ceiling counts this write at all (an op_burst ceiling counts only its ops)."""
+        return self.inner.weight(w.op) > 0
+
+    def score_one(self, w: Write) -> float:
+        return self.inner.score_one(w)
+
+    def learn_one(self, w: Write) -> None:
+        self.n += 1
+        self.inner.learn_one(w)
+        weight = self.inner.weight(w.op)
+        if weight:
+            agent = w.agent_id or "?"
+            self._recent.append((w.t, agent, weight))
+            self._by_agent[agent] += weight
+        self._expire(w.t)
+
+    def explain(self, w: Write) -> list[Contribution]:
+        self._expire(w.t)
+        top = Counter(self._by_agent)
+        if w.agent_id is not None and (weight := self.inner.weight(w.op)):
+            top[w.agent_id] += weight
+        return self.inner.explain(w) + [
+            Contribution(f"agent {a}", float(c), None, None) for a, c in top.most_common(self.TOP)
+        ]
+
+
+class TableValues:
+    """The values a whole table has seen per categorical column, and how many writes it has seen.
+
+    Each column keeps at most ``cap`` values, with how often each was written. A full column does not stop
+    learning (a frozen set would make every value that became common later score as new for every agent,
+    forever, once junk had filled it): it forgets the quarter of its values written least often, the oldest
+    first among equals, and then takes the new one. So values written once age out under a flood of them, and
+    a value that keeps being written stays known. Counts are halved at most once per ``8 * cap`` table writes,
+    when room is made, so that what was common long ago does not outrank what is common now forever. Making
+    room costs O(cap log cap) once per ``cap / 4`` new values, nothing while a column has room.
+
+    >>> t = TableValues()
+    >>> for v in ["late", "late", "damaged"] + [f"junk{i}" for i in range(100)]:
+    ...     t.learn("reason", v, cap=8)
+    >>> len(t.values["reason"]), "late" in t.values["reason"], "damaged" in t.values["reason"]
+    (8, True, False)
+    >>> "junk99" in t.values["reason"], "junk10" in t.values["reason"]
+    (True, False)
+    """
+
+    __slots__ = ("_aged", "n", "values")
+
+    COUNT_MAX = 1 << 16  # counts only rank values; a cap keeps a burst long ago from outranking years of aging
 
     def __init__(self) -> None:
-        self.values: dict[str, set[str]] = {}
+        self.values: dict[str, dict[str, int]] = {}  # column -> value -> times written (insertion order: oldest first)
         self.n = 0
+        self._aged: dict[str, int] = {}  # column -> self.n when its counts were last halved
+
+    def learn(self, col: str, v: str, cap: int) -> None:
+        """Count one write of ``v`` in ``col``; make room first if ``col`` holds ``cap`` values."""
+        table = self.values.get(col)
+        if table is None:
+            table = self.values[col] = {}
+        c = table.get(v)
+        if c is not None:
+            if c < self.COUNT_MAX:
+                table[v] = c + 1
+            return
+        if len(table) >= cap:
+            self._make_room(col, table, cap)
+        table[v] = 1
+
+    def _make_room(self, col: str, table: dict[str, int], cap: int) -> None:
+        # Free a quarter at once, so that a flood costs one sort per cap/4 new values, not one per value.
+        keep = cap - max(1, cap // 4)
+        if self.n - self._aged.get(col, 0) >= 8 * cap:
+            self._aged[col] = self.n
+            for v, c in table.items():
+                table[v] = (c + 1) // 2
+        items = list(table.items())
+        # The most often written, the newest first among equal counts; kept in their original (age) order.
+        ranked = sorted(range(len(items)), key=lambda i: (items[i][1], i), reverse=True)[:keep]
+        ranked.sort()
+        table.clear()
+        for i in ranked:
+            v, c = items[i]
+            table[v] = c
 
 
 class CategoricalNovelty:
@@ -338,6 +447,20 @@ class CategoricalNovelty:
     ...     a.learn_one(Write(categories={"reason": r}))
     >>> a.score_one(Write(categories={"reason": "late"})), a.score_one(Write(categories={"reason": "goodwill"}))
     (0.0, 1.0)
+
+    The table keeps ``16 * max_values`` values per column and keeps learning when they are full: after a flood
+    of junk values, a value that agents start to write is known again from its first write.
+
+    >>> table = TableValues()
+    >>> flood = CategoricalNovelty(["reason"], warmup=3, known=table, max_values=4)
+    >>> for i in range(1000):
+    ...     flood.learn_one(Write(categories={"reason": f"junk{i}"}))
+    >>> other = CategoricalNovelty(["reason"], warmup=3, known=table, max_values=4, agent_scope=False)
+    >>> other.score_one(Write(categories={"reason": "goodwill"}))
+    1.0
+    >>> other.learn_one(Write(categories={"reason": "goodwill"}))
+    >>> other.score_one(Write(categories={"reason": "goodwill"})), len(table.values["reason"]) <= 16 * 4
+    (0.0, True)
     """
 
     __slots__ = ("_agent_scope", "_columns", "_max", "_seen", "_table_scope", "known", "n", "warmup")
@@ -391,9 +514,7 @@ class CategoricalNovelty:
             mine = self._seen.setdefault(col, set())
             if len(mine) < self._max:
                 mine.add(v)
-            table = self.known.values.setdefault(col, set())
-            if len(table) < self._max * 16:
-                table.add(v)
+            self.known.learn(col, v, self._max * 16)
 
     def explain(self, w: Write) -> list[Contribution]:
         return [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal, Self, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -118,6 +118,26 @@ class _DetectorBase(Strict):
         """Why this detector cannot judge ``table`` (a column or feature it names is not there), or None."""
         return None
 
+    def table_wide(self) -> Self | None:
+        """The table-wide twin of this detector (one instance over all agents), when it has a table limit."""
+        return None
+
+
+class _CeilingBase(_DetectorBase):
+    table_max_events: int | None = Field(
+        None,
+        ge=1,
+        description="Also a ceiling over all agents of the table together (detector '<name>.table'), so that "
+        "spreading writes over fresh agent ids does not escape it. Its alert names the top agents; it "
+        "quarantines no one.",
+    )
+
+    def table_wide(self) -> Self | None:
+        if self.table_max_events is None:
+            return None
+        name = f"{self.name or getattr(self, 'kind', '')}.table"
+        return self.model_copy(update={"name": name, "max_events": self.table_max_events, "table_max_events": None})
+
 
 def _unknown_features(name: str, wanted: tuple[str, ...] | None, table: TableSpec) -> str | None:
     feats = {f.name for f in table.features}
@@ -202,7 +222,7 @@ class RiverModelSpec(_DetectorBase):
         return _unknown_features(detector_name(self), self.features, table)
 
 
-class RateSpec(_DetectorBase):
+class RateSpec(_CeilingBase):
     """Hard ceiling on an agent's writes per window of commit time; covers agents from their first write."""
 
     kind: Literal["rate"] = "rate"
@@ -210,10 +230,11 @@ class RateSpec(_DetectorBase):
     window_seconds: float = Field(60.0, gt=0)
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
-        return RateCeiling(self.max_events, self.window_seconds)
+        g = RateCeiling(self.max_events, self.window_seconds)
+        return g
 
 
-class OpBurstSpec(_DetectorBase):
+class OpBurstSpec(_CeilingBase):
     """Hard ceiling on destructive ops (deletes, truncates) per window; a truncate alone fires it."""
 
     kind: Literal["op_burst"] = "op_burst"
@@ -222,7 +243,8 @@ class OpBurstSpec(_DetectorBase):
     window_seconds: float = Field(60.0, gt=0)
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
-        return OpBurstCeiling(self.max_events, self.window_seconds, self.ops)
+        g = OpBurstCeiling(self.max_events, self.window_seconds, self.ops)
+        return g
 
 
 class NoveltySpec(_DetectorBase):
@@ -452,6 +474,7 @@ class TableSpec(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> TableSpec:
         names = [detector_name(d) for d in self.detectors]
+        names += [detector_name(w) for d in self.detectors if (w := d.table_wide()) is not None]
         if len(set(names)) != len(names):
             raise ValueError(f"detector names must be unique per table, got {names}")
         if len({f.name for f in self.features}) != len(self.features):

@@ -35,3 +35,4 @@ class Write(msgspec.Struct, frozen=True, gc=False):
     categories: dict[str, str] | None = None  # the table's categorical columns, as text, when it has any
     idempotency_key: str | None = None  # the table's idempotency key column, when it has one
     tx_id: str | None = None  # the source transaction, for tables whose detectors judge whole transactions
+    agent_id: str | None = None  # who wrote it: read only by table-wide ceilings, to name the top writers

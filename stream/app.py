@@ -25,13 +25,21 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from connectors.debezium import EnvelopeError
-from connectors.messages import ControlRecord, DeadLetter
+from connectors.messages import (
+    CONTROL_SIGNATURE_HEADER,
+    ControlRecord,
+    ControlRejected,
+    DeadLetter,
+    Headers,
+    sign_control,
+    verify_control,
+)
 from detectors.engine import Change, Engine, Finding, KafkaCoords
 from stream.config import Config, client_settings, make_engine
 from stream.enforce import Enforcer
 from stream.metrics import Metrics
 from stream.modelstore import ModelStore
-from stream.pipeline import SKIP_UNATTRIBUTED, Router, build_alert
+from stream.pipeline import build_alert, router_for
 
 log = logging.getLogger("writeguard.worker")
 BATCH = 500
@@ -88,6 +96,11 @@ class ControlFollower:
     def __init__(self, cfg: Config, engine: Engine, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        # With a signing key, only records signed with it (or a previous key) are applied; without one, every
+        # well-formed record is (the config allows that only when no table enforces in PostgreSQL or by webhook).
+        self.keys = cfg.control.keys() if cfg.control is not None else None
+        if self.keys is None:
+            log.warning("control topic %s: no control.signing_key, records are not authenticated", cfg.topics.control)
         self._consumer = Consumer(
             {
                 **client_settings(cfg),
@@ -107,9 +120,11 @@ class ControlFollower:
             if msg.error() or value is None:
                 continue
             try:
-                rec = ControlRecord.model_validate_json(value)
-            except ValueError:
-                log.warning("ignoring an invalid control record at offset %s", msg.offset())
+                rec = self.check(msg.key(), value, msg.headers())
+            except ControlRejected as e:
+                log.warning("ignoring control record at partition %s offset %s: %s", msg.partition(), msg.offset(), e)
+                if self.metrics is not None:
+                    self.metrics.control_rejected.labels(e.reason).inc()
                 continue
             self.engine.apply_control(
                 rec.agent_id, rec.state, rec.alert_id, rec.reason, int(rec.at.timestamp() * 1e6), rec.false_positive
@@ -118,6 +133,20 @@ class ControlFollower:
         if self.metrics is not None:
             self.metrics.quarantined_agents.set(len(self.engine.quarantined))
         return n
+
+    def check(self, key: bytes | None, value: bytes, headers: Headers) -> ControlRecord:
+        """The record to apply, or ControlRejected: unsigned, badly signed, malformed, or a stale release."""
+        if self.keys is None:
+            try:
+                rec = ControlRecord.model_validate_json(value)
+            except ValueError as e:
+                raise ControlRejected("invalid_record", str(e).splitlines()[0]) from None
+        else:
+            rec = verify_control(self.keys, key, value, headers)
+        q = self.engine.quarantined.get(rec.agent_id)
+        if rec.stale_for(q.alert_id if q is not None else None):
+            raise ControlRejected("stale_release", f"releases alert {rec.alert_id}, not the quarantine in force")
+        return rec
 
     def close(self) -> None:
         self._consumer.close()
@@ -164,7 +193,7 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
         datadir=datadir or f"{cfg.kafka.group_id}-data",
     )
     msgs = cfg.worker.agent_messages
-    router = Router(cfg.tables, message_prefix=msgs.prefix if msgs else None, hold_s=msgs.hold_s if msgs else 5.0)
+    router = router_for(cfg)
     inputs = [t.topic for t in cfg.tables] + ([msgs.topic] if msgs else [])
     cdc = app.topic(*inputs, key_serializer="raw", value_serializer="raw")
     changes = app.topic(
@@ -176,8 +205,12 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
     follower: list[ControlFollower] = []
     sample = [0]
 
+    signing_key = cfg.control.keys()[0] if cfg.control is not None else None
+
     async def send_control(rec: ControlRecord) -> None:
-        await control.send(key=rec.agent_id.encode(), value=rec.to_bytes())
+        key, value = rec.agent_id.encode(), rec.to_bytes()
+        headers = [(CONTROL_SIGNATURE_HEADER, sign_control(signing_key, key, value))] if signing_key else None
+        await control.send(key=key, value=value, headers=headers)
 
     enforcing = any(a in ("postgres", "webhook") for t in cfg.tables for acts in t.actions.values() for a in acts)
     def current(agent_id: str, alert_id: str) -> bool:
@@ -285,9 +318,7 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
     @app.timer(0.5)
     async def expire_held() -> None:
         if router.pending:
-            dropped = router.expire(time.time_ns() // 1000)
-            if dropped:
-                metrics.skipped.labels(SKIP_UNATTRIBUTED).inc(dropped)
+            router.expire(time.time_ns() // 1000)  # held rows are scored as unattributed, not dropped
         if router.ready:
             await forward_ready()
 

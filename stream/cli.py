@@ -51,14 +51,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_release(args: argparse.Namespace) -> int:
     from confluent_kafka import Producer
 
-    from connectors.messages import ControlRecord, EnforcementResult
-    from stream.enforce import read_control_state, revocation_from, undo_enforcement
+    from connectors.messages import (
+        CONTROL_SIGNATURE_HEADER,
+        ControlRecord,
+        ControlRejected,
+        EnforcementResult,
+        sign_control,
+    )
+    from stream.enforce import NotRestorable, read_control_state, revocation_to_restore, undo_enforcement
 
     cfg = _config(args)
     by = args.by or f"{getpass.getuser()}@{socket.gethostname()}"
-    last = read_control_state(cfg).get(args.agent)
+
+    def rejected(partition: int, offset: int, e: ControlRejected) -> None:
+        print(f"writeguard release: ignored the control record at {partition}:{offset}: {e}", file=sys.stderr)
+
+    # Only records that pass verification count: a forged `quarantined` record cannot name what to grant back.
+    last = read_control_state(cfg, on_reject=rejected).get(args.agent)
+    quarantined = last is not None and last.state == "quarantined"
+    if not quarantined:
+        print(f"writeguard release: {args.agent!r} has no quarantine in force: nothing to restore", file=sys.stderr)
     undone: list[EnforcementResult] = []
-    rev = revocation_from(last)
+    try:
+        rev = revocation_to_restore(cfg, args.agent, last)
+    except NotRestorable as e:
+        print(f"writeguard release: not restoring anything: {e}", file=sys.stderr)
+        undone.append(EnforcementResult(action="postgres", ok=False, detail=f"restore refused: {e}"[:2000]))
+        rev = None
     if rev is not None and (result := undo_enforcement(cfg, rev)) is not None:
         if result.ok:
             print(f"restored {result.detail}")
@@ -68,20 +87,26 @@ def cmd_release(args: argparse.Namespace) -> int:
     rec = ControlRecord(
         agent_id=args.agent,
         state="released",
-        # The quarantine it lifts: a late `quarantined` record of that alert must not put it back.
-        alert_id=last.get("alert_id") if last and last.get("state") == "quarantined" else None,
+        # The quarantine it lifts: a late `quarantined` record of that alert must not put it back, and the
+        # workers apply a release only to the quarantine it names.
+        alert_id=last.alert_id if last is not None and quarantined else None,
         reason=args.reason,
         by=by,
         enforcement=undone,
         false_positive=args.false_positive,
     )
+    key, value = args.agent.encode(), rec.to_bytes()
+    headers: dict[str, str | bytes | None] | None = None
+    if cfg.control is not None:
+        headers = {CONTROL_SIGNATURE_HEADER: sign_control(cfg.control.keys()[0], key, value)}
     # murmur2 is Java's and Faust's partitioner: the record lands where the worker's own records for this agent do.
     producer = Producer({**client_settings(cfg), "partitioner": "murmur2_random", "acks": "all"})
     errors: list[str] = []
     producer.produce(
         cfg.topics.control,
-        key=args.agent.encode(),
-        value=rec.to_bytes(),
+        key=key,
+        value=value,
+        headers=headers,
         on_delivery=lambda err, msg: errors.append(str(err)) if err else None,
     )
     if producer.flush(30) or errors:
@@ -133,6 +158,49 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 def cmd_connector_config(args: argparse.Namespace) -> int:
     print(json.dumps(load_config(args.config).connector_config(), indent=2))
+    return 0
+
+
+def cmd_identity_sql(args: argparse.Namespace) -> int:
+    from connectors.pg_identity import IdentitySqlError, render_identity_sql, script
+
+    cfg = load_config(args.config)
+    msgs = cfg.worker.agent_messages
+    if msgs is None:
+        raise ConfigError(f"{args.config}: worker.agent_messages (topic, prefix) is needed: the triggers emit there")
+    if msgs.identity != "database":
+        # Not an error: rendering first and switching the worker over once the SQL is in is the safe order.
+        print(
+            "-- note: worker.agent_messages.identity is not 'database': the worker still believes the writers",
+            file=sys.stderr,
+        )
+    pg = cfg.enforcement.postgres
+    try:
+        statements = render_identity_sql(
+            cfg.tables, pg.roles if pg else None, msgs.prefix, schema=args.schema, owner=args.owner
+        )
+    except IdentitySqlError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+    if not args.apply:
+        print(script(statements), end="")
+        return 0
+    if not args.dsn:
+        print("writeguard identity-sql: --apply needs --dsn (a superuser: it revokes on pg_catalog)", file=sys.stderr)
+        return 2
+    import psycopg
+
+    try:
+        with psycopg.connect(args.dsn) as conn, conn.transaction():
+            for st in statements:
+                conn.execute(st)
+    except psycopg.Error as e:
+        # The server's message only: the DSN (and its password) stays out of it.
+        print(
+            f"writeguard identity-sql: not applied (nothing changed): {e.diag.message_primary or type(e).__name__}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"applied: {len(cfg.tables)} tables stamped, pg_logical_emit_message revoked from PUBLIC")
     return 0
 
 
@@ -219,6 +287,21 @@ def parser() -> argparse.ArgumentParser:
     )
     with_config(cc, kafka=False)
     cc.set_defaults(func=cmd_connector_config)
+    ids = sub.add_parser(
+        "identity-sql",
+        help="print (or --apply) the SQL that makes PostgreSQL stamp the agent identity of every write",
+        description="Render the functions and triggers that make the database name the acting role's agent on every "
+        "write (INSERT, UPDATE, DELETE, TRUNCATE), through the same roles mapping as enforcement, and revoke "
+        "pg_logical_emit_message from PUBLIC and the agents. Then set worker.agent_messages.identity: database.",
+    )
+    with_config(ids, kafka=False)
+    ids.add_argument("--apply", action="store_true", help="run it in one transaction instead of printing it")
+    ids.add_argument("--dsn", help="libpq connection string of a superuser (with --apply)")
+    ids.add_argument("--schema", default="writeguard", help="schema of the functions (default: writeguard)")
+    ids.add_argument(
+        "--owner", default="writeguard_identity", help="NOLOGIN role that owns them (default: writeguard_identity)"
+    )
+    ids.set_defaults(func=cmd_identity_sql)
     return p
 
 

@@ -10,15 +10,16 @@ import os
 import re
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from connectors.debezium_connector import DebeziumSettings, connector_config
 from connectors.pg_enforce import Mode, RoleMapping
 from connectors.webhook import WebhookSettings
-from detectors.engine import Engine
+from detectors.engine import Engine, is_reserved
+from detectors.masking import ClientProperties
 from detectors.spec import DETECTOR_KINDS, Suppression, TableSpec
 from detectors.strict import Strict
 
@@ -33,8 +34,9 @@ class ConfigError(ValueError):
 class KafkaSettings(Strict):
     bootstrap_servers: str = Field("127.0.0.1:9092", alias="bootstrap.servers")
     group_id: str = Field("writeguard", alias="group.id", description="Consumer group and Faust app id.")
-    client: dict[str, str] = Field(
-        default_factory=dict,
+    # A dict, because it goes to confluent-kafka as it is; secret-looking keys are masked in repr and JSON.
+    client: ClientProperties = Field(
+        default_factory=ClientProperties,
         description="Passed to every Kafka client: security.protocol, sasl.mechanism, sasl.username, "
         "sasl.password, ssl.ca.location, ... Use ${ENV_VAR} for secrets.",
     )
@@ -59,6 +61,13 @@ class AgentMessages(Strict):
     topic: str = Field(description="Debezium's topic of logical decoding messages: '<topic.prefix>.message'.")
     prefix: str = Field("writeguard", description="The prefix argument of pg_logical_emit_message.")
     hold_s: float = Field(5.0, gt=0, description="How long a row without an agent waits for its message.")
+    identity: Literal["writer", "database"] = Field(
+        "writer",
+        description="'writer': the agent is what the row's agent column or the writer's own message says (forgeable). "
+        "'database': only the messages of `writeguard identity-sql`'s triggers name agents (from the session's "
+        "login role); the row's column is ignored, a different claimed id is alerted as identity_mismatch, and "
+        "rows whose role is no agent's are scored as '<role:NAME>'.",
+    )
 
 
 class WorkerSettings(Strict):
@@ -82,7 +91,7 @@ class WorkerSettings(Strict):
 
 
 class PostgresEnforcementSettings(Strict):
-    dsn: str = Field(description="libpq connection string of a role allowed to GRANT/REVOKE; use ${ENV_VAR}.")
+    dsn: SecretStr = Field(description="libpq connection string of a role allowed to GRANT/REVOKE; use ${ENV_VAR}.")
     roles: RoleMapping
     mode: Mode = "revoke_writes"
     terminate_sessions: bool = True
@@ -93,6 +102,23 @@ class EnforcementSettings(Strict):
     webhook: WebhookSettings | None = None
 
 
+class ControlSettings(Strict):
+    """How control records are authenticated: HMAC-SHA256 over each record's key and value, in a Kafka header."""
+
+    signing_key: SecretStr = Field(
+        description="Key that signs every control record writeguard writes, and verifies what it reads; at least "
+        "32 characters, from the environment: ${WRITEGUARD_CONTROL_KEY}.",
+        min_length=32,
+    )
+    previous_keys: tuple[SecretStr, ...] = Field(
+        (), description="Keys still accepted when verifying (never used to sign), while a key is being rotated."
+    )
+
+    def keys(self) -> tuple[bytes, ...]:
+        """Every key a record may be signed with, the signing key first."""
+        return tuple(k.get_secret_value().encode() for k in (self.signing_key, *self.previous_keys))
+
+
 class Config(Strict):
     """Top-level writeguard config."""
 
@@ -101,6 +127,11 @@ class Config(Strict):
     worker: WorkerSettings = WorkerSettings()
     debezium: DebeziumSettings | None = None
     enforcement: EnforcementSettings = EnforcementSettings()
+    control: ControlSettings | None = Field(
+        None,
+        description="Signing of the control topic's records. Required when a table's actions use postgres or "
+        "webhook; without it records are written unsigned and read unverified.",
+    )
     suppressions: tuple[Suppression, ...] = Field(
         (), description="Windows of planned work: anomalies are scored and counted but not alerted on."
     )
@@ -110,6 +141,11 @@ class Config(Strict):
     def _unique(self) -> Config:
         if not self.tables:
             raise ValueError("tables: at least one table is needed")
+        pg = self.enforcement.postgres
+        for agent in pg.roles.map if pg is not None else ():
+            if is_reserved(agent):
+                # '<...>' names writes without an agent ('<unattributed>', '<role:NAME>'): never a real agent.
+                raise ValueError(f"enforcement.postgres.roles.map: agent id {agent!r} is reserved (angle brackets)")
         names = [t.name for t in self.tables]
         if len(set(names)) != len(names):
             raise ValueError(f"table names must be unique, got {names}")
@@ -126,6 +162,22 @@ class Config(Strict):
                     f"tables.{i}.topic: Debezium writes {t.name} to '{self.debezium.topic_prefix}.{t.name}', "
                     f"not '{t.topic}'"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _control_signed_when_enforcing(self) -> Config:
+        # With enforcement a control record changes the database (release grants back what it names) and pauses
+        # or resumes agents: then anyone able to produce to the topic must not be able to write one.
+        if self.control is not None:
+            return self
+        for i, t in enumerate(self.tables):
+            used = {a for acts in t.actions.values() for a in acts}
+            for action in ("postgres", "webhook"):
+                if action in used:
+                    raise ValueError(
+                        f"control.signing_key: required because tables.{i}.actions uses '{action}' (set control: "
+                        "{signing_key: ${WRITEGUARD_CONTROL_KEY}}, a random key of at least 32 characters)"
+                    )
         return self
 
     def table_by_topic(self) -> dict[str, TableSpec]:

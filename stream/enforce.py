@@ -13,9 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
-from connectors.messages import Alert, ControlRecord, EnforcementResult
+from connectors.messages import Alert, ControlRecord, ControlRejected, EnforcementResult, verify_control
 from connectors.pg_enforce import EnforcementError, PostgresEnforcer, Revocation
 from connectors.webhook import Delivery, WebhookSender, idempotency_key
 from stream.config import Config
@@ -31,7 +30,11 @@ def postgres_enforcer(cfg: Config) -> PostgresEnforcer | None:
     if pg is None:
         return None
     return PostgresEnforcer(
-        pg.dsn, pg.roles, [t.name for t in cfg.tables], pg.mode, terminate_sessions=pg.terminate_sessions
+        pg.dsn.get_secret_value(),
+        pg.roles,
+        [t.name for t in cfg.tables],
+        pg.mode,
+        terminate_sessions=pg.terminate_sessions,
     )
 
 
@@ -180,14 +183,49 @@ class Enforcer:
         task.add_done_callback(self._tasks.discard)
 
 
-def revocation_from(record: dict[str, Any] | None) -> Revocation | None:
+def revocation_from(record: ControlRecord | None) -> Revocation | None:
     """The postgres revocation recorded in a control record, if any."""
-    if not record:
+    if record is None:
         return None
-    for r in record.get("enforcement") or []:
-        if r.get("action") == "postgres" and r.get("revocation"):
-            return Revocation.from_dict(r["revocation"])
+    for r in record.enforcement:
+        if r.action == "postgres" and r.revocation:
+            return Revocation.from_dict(r.revocation)
     return None
+
+
+class NotRestorable(ValueError):
+    """A release must not grant back what the agent's latest control record names; the message says why."""
+
+
+def revocation_to_restore(cfg: Config, agent_id: str, last: ControlRecord | None) -> Revocation | None:
+    """What ``writeguard release agent_id`` may grant back: None when there is nothing, NotRestorable when refused.
+
+    ``last`` is the agent's latest verified control record. Only a ``quarantined`` record of that agent is
+    restored from, and only for the role the config's mapping gives that agent: a record that names any other
+    role (a NOLOGIN group role, say) would otherwise hand that role whatever the record lists.
+    """
+    if last is None or last.state != "quarantined":
+        return None
+    try:
+        rev = revocation_from(last)
+    except (ValueError, EnforcementError) as e:  # from_dict is strict: a malformed revocation grants nothing
+        raise NotRestorable(f"the recorded revocation is malformed: {e}") from None
+    if rev is None:
+        return None
+    if last.agent_id != agent_id:
+        raise NotRestorable(f"the latest control record is agent {last.agent_id[:200]!r}'s, not {agent_id[:200]!r}'s")
+    pg = cfg.enforcement.postgres
+    if pg is None:
+        return None
+    try:
+        role = pg.roles.role_for(agent_id)
+    except EnforcementError as e:
+        raise NotRestorable(str(e)) from None
+    if rev.role != role:
+        raise NotRestorable(
+            f"the quarantine record names role {rev.role[:200]!r}, but agent {agent_id[:200]!r} maps to role {role!r}"
+        )
+    return rev
 
 
 def undo_enforcement(cfg: Config, rev: Revocation) -> EnforcementResult | None:
@@ -211,9 +249,15 @@ def undo_enforcement(cfg: Config, rev: Revocation) -> EnforcementResult | None:
     return EnforcementResult(action="postgres", ok=True, detail=detail, revocation=rev.to_dict())
 
 
-def read_control_state(cfg: Config, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
-    """The latest control record of every agent: the compacted control topic read from the start to its end."""
-    import json
+def read_control_state(
+    cfg: Config, timeout: float = 30.0, on_reject: Callable[[int, int, ControlRejected], None] | None = None
+) -> dict[str, ControlRecord]:
+    """The latest verified control record of every agent: the compacted control topic read from start to end.
+
+    With ``control.signing_key`` set, a record that is unsigned, badly signed, malformed, under another agent's
+    key, or a release of another quarantine than the agent's latest is skipped (``on_reject(partition, offset,
+    error)``), as the worker's follower skips it: the agent's state is the last record that passes.
+    """
     import time
     import uuid
 
@@ -221,6 +265,7 @@ def read_control_state(cfg: Config, timeout: float = 30.0) -> dict[str, dict[str
 
     from stream.config import client_settings
 
+    keys = cfg.control.keys() if cfg.control is not None else None
     c = Consumer(
         {
             **client_settings(cfg),
@@ -234,7 +279,7 @@ def read_control_state(cfg: Config, timeout: float = 30.0) -> dict[str, dict[str
         parts = c.list_topics(topic, timeout=timeout).topics[topic].partitions
         ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in parts}
         c.assign([TopicPartition(topic, p, 0) for p in parts])
-        state: dict[str, dict[str, Any]] = {}
+        state: dict[str, ControlRecord] = {}
         pending = {p for p, end in ends.items() if end > 0}
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
@@ -248,11 +293,21 @@ def read_control_state(cfg: Config, timeout: float = 30.0) -> dict[str, dict[str
                 if value is None:
                     continue
                 try:
-                    rec = json.loads(value)
-                except ValueError:
+                    if keys is None:
+                        try:
+                            rec = ControlRecord.model_validate_json(value)
+                        except ValueError as e:
+                            raise ControlRejected("invalid_record", str(e).splitlines()[0]) from None
+                    else:
+                        rec = verify_control(keys, msg.key(), value, msg.headers())
+                    prev = state.get(rec.agent_id)
+                    if rec.stale_for(prev.alert_id if prev is not None and prev.state == "quarantined" else None):
+                        raise ControlRejected("stale_release", f"releases alert {rec.alert_id}, not the latest")
+                except ControlRejected as e:
+                    if on_reject is not None:
+                        on_reject(part if part is not None else -1, off if off is not None else -1, e)
                     continue
-                if isinstance(rec, dict) and isinstance(rec.get("agent_id"), str):
-                    state[rec["agent_id"]] = rec
+                state[rec.agent_id] = rec
         return state
     finally:
         c.close()

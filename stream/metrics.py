@@ -78,6 +78,13 @@ class Metrics:
         self.active_models = Gauge(
             "writeguard_active_models", "Per-agent model sets held in memory.", ["table"], registry=r
         )
+        self.control_rejected = Counter(
+            "writeguard_control_records_rejected",
+            "Control records not applied: unsigned, badly signed, malformed, under another agent's key, "
+            "or a release of another quarantine than the one in force.",
+            ["reason"],
+            registry=r,
+        )
         self.quarantined_agents = Gauge("writeguard_quarantined_agents", "Agents currently quarantined.", registry=r)
         self._events: dict[tuple[str, str], Counter] = {}
 

@@ -14,17 +14,17 @@ import orjson
 
 from connectors.debezium import ChangeEvent, EnvelopeError, Heartbeat, Tombstone, TransactionMarker, decode
 from connectors.messages import Alert, FeatureExplanation, TriggeringEvent
-from detectors.engine import UNATTRIBUTED, Change, Coords, Finding, KafkaCoords, Trigger
+from detectors.engine import UNATTRIBUTED, Change, Coords, Finding, KafkaCoords, Trigger, is_reserved, role_identity
 from detectors.features import Extractor, identity
 from detectors.models import Contribution
 from detectors.spec import TableSpec
+from stream.config import Config
 
 # Why an input record produced no Change; each is counted, none is an error.
 SKIP_TOMBSTONE = "tombstone"
 SKIP_HEARTBEAT = "heartbeat"
 SKIP_TRANSACTION = "transaction"
 SKIP_MESSAGE = "logical_message"
-SKIP_UNATTRIBUTED = "unattributed"
 SKIP_UNWATCHED = "unwatched_table"
 SKIP_PENDING = "awaiting_transaction_agent"  # held until its transaction's agent message arrives
 
@@ -46,11 +46,31 @@ class Router:
     ``pg_logical_emit_message(true, '<prefix>', '{"agent_id": ..., "run_id": ...}')`` in the same
     transaction, which Debezium emits as an op ``m`` event with the same ``source.txId``. The message and
     the rows travel on different topics, so either may arrive first: a row without an agent waits up to
-    ``hold_s`` of commit time for its transaction's message (in ``pending``), then counts as unattributed.
-    Changes released by a late message are put in ``ready`` for the caller to take.
+    ``hold_s`` of commit time for its transaction's message (in ``pending``), then is scored as unattributed.
+    Changes released by a late message are put in ``ready`` for the caller to take. A row that names no agent
+    is scored under the reserved identity ``UNATTRIBUTED``, never dropped: otherwise a NULL agent id escapes.
+
+    With ``database_identity`` (``worker.agent_messages.identity: database``) only the messages of the triggers
+    that ``writeguard identity-sql`` installs name agents: ``{"agent_id", "role", "table", "claimed"?}``, from the
+    session's login role. The row's agent column is ignored for attribution; a role that is no agent's is scored as
+    ``<role:NAME>``; a different id claimed by the writer (the column it wrote, which the trigger reports before it
+    overwrites it, or a message of its own) becomes an op ``m`` Change with ``claimed`` set, which the engine
+    alerts as ``identity_mismatch``. A snapshot read has no transaction to join: it keeps the row's column (it is
+    learned, never alerted on).
     """
 
-    __slots__ = ("_by_source", "_by_topic", "_prefix", "_tx_agents", "hold_s", "max_tx", "pending", "ready")
+    __slots__ = (
+        "_by_source",
+        "_by_topic",
+        "_claims",
+        "_prefix",
+        "_tx_agents",
+        "database_identity",
+        "hold_s",
+        "max_tx",
+        "pending",
+        "ready",
+    )
 
     def __init__(
         self,
@@ -59,7 +79,13 @@ class Router:
         message_prefix: str | None = None,
         hold_s: float = 5.0,
         max_tx: int = 100_000,
+        database_identity: bool = False,
     ) -> None:
+        if database_identity and message_prefix is None:
+            raise ValueError("database identity needs the message prefix of the identity triggers")
+        self.database_identity = database_identity
+        # Ids a writer's own message claimed in a transaction whose database identity has not arrived yet.
+        self._claims: OrderedDict[str, list[tuple[str, int, Coords]]] = OrderedDict()
         compiled = [(t, _Watched(t.name, Extractor(t), _needs_tx(t))) for t in tables]
         self._by_topic = {t.topic: w for t, w in compiled}
         self._by_source = {t.name: w for t, w in compiled}
@@ -81,17 +107,19 @@ class Router:
             assert isinstance(ev, TransactionMarker)
             return SKIP_TRANSACTION
         if ev.op == "m":
-            return self._message(ev)
+            return self._message(ev, coords)
         hit = self._by_topic.get(topic) if topic is not None else None
         if hit is None:
             hit = self._by_source.get(f"{ev.schema}.{ev.table}")
             if hit is None:
                 return SKIP_UNWATCHED
         agent, run = hit.extractor.agent(ev.op, ev.before, ev.after)
+        if agent is not None and is_reserved(agent):
+            agent = None  # a reserved identity is never taken from a row: it would hide a writer among the unnamed
+        if self.database_identity and ev.tx_id is not None:
+            agent = None  # the database names the agent; what the row says is only checked against it
         if agent is None:
             if self._prefix is None or ev.tx_id is None:
-                if ev.op != "t":
-                    return SKIP_UNATTRIBUTED
                 return _change(ev, hit, UNATTRIBUTED, None, coords)
             known = self._tx_agents.get(ev.tx_id)
             if known is None:
@@ -103,41 +131,114 @@ class Router:
                 held.append((ev, hit, coords))
                 return SKIP_PENDING
             agent, run = known
+            if self.database_identity:
+                self._check_row(ev, hit, agent, run, coords)
         return _change(ev, hit, agent, run, coords)
 
-    def _message(self, ev: ChangeEvent) -> str:
+    def _check_row(self, ev: ChangeEvent, hit: _Watched, agent: str, run: str | None, coords: Coords) -> None:
+        """A row written (c/u) with another agent id than the database's: the identity trigger was not in place."""
+        if ev.op not in ("c", "u"):
+            return  # a delete's before image names the last writer, not a claim of this one
+        row_agent, _ = hit.extractor.agent(ev.op, ev.before, ev.after)
+        # The old image as both images: the column's value before the update, whichever image the path names.
+        if ev.op == "u" and row_agent == hit.extractor.agent("d", ev.before, ev.before)[0]:
+            return  # unchanged by this update
+        if row_agent is not None and row_agent != agent:
+            self.ready.append(_mismatch(hit.name, agent, run, row_agent, ev.commit_ts_us, coords))
+
+    def _message(self, ev: ChangeEvent, coords: Coords) -> str:
         if self._prefix is None or ev.message_prefix != self._prefix:
             return SKIP_MESSAGE
         try:
             body = orjson.loads(ev.message_content or b"")
         except orjson.JSONDecodeError:
             raise EnvelopeError("invalid_message", "writeguard message content is not JSON") from None
-        agent = identity(body.get("agent_id")) if isinstance(body, dict) else None
-        if agent is None or ev.tx_id is None:
+        if not isinstance(body, dict):
+            raise EnvelopeError("invalid_message", "writeguard message content is not a JSON object")
+        agent = identity(body.get("agent_id"))
+        if agent is not None and is_reserved(agent):
+            agent = None
+        role = identity(body.get("role")) if self.database_identity else None
+        if ev.tx_id is None or (agent is None and role is None):
             raise EnvelopeError("invalid_message", "writeguard message needs a transaction and an agent_id")
         run = identity(body.get("run_id"))
-        self._tx_agents[ev.tx_id] = (agent, run)
+        tx = ev.tx_id
+        if self.database_identity:
+            if role is None:
+                # Not the triggers' message (they always name the role): a writer emitting its own, which only a
+                # role that kept EXECUTE on pg_logical_emit_message can do. It is a claim, checked, never believed.
+                assert agent is not None
+                known = self._tx_agents.get(tx)
+                if known is None:
+                    self._claims.setdefault(tx, []).append((agent, ev.commit_ts_us, coords))
+                    if len(self._claims) > self.max_tx:
+                        self._claims.popitem(last=False)
+                elif known[0] != agent:
+                    table = self._table_of(body)
+                    self.ready.append(_mismatch(table, known[0], known[1], agent, ev.commit_ts_us, coords))
+                return SKIP_MESSAGE
+            agent = agent or role_identity(role)
+            table = self._table_of(body)
+            claimed = identity(body.get("claimed"))
+            if claimed is not None and claimed != agent:
+                self.ready.append(_mismatch(table, agent, run, claimed, ev.commit_ts_us, coords))
+            known = self._tx_agents.get(tx)
+            if known is not None:
+                # One transaction has one session, so one login role: a second identity is a forged message.
+                if known[0] != agent:
+                    self.ready.append(_mismatch(table, known[0], known[1], agent, ev.commit_ts_us, coords))
+                return SKIP_MESSAGE
+            for forged, ts, at in self._claims.pop(tx, ()):
+                if forged != agent:
+                    self.ready.append(_mismatch(table, agent, run, forged, ts, at))
+        assert agent is not None
+        self._tx_agents[tx] = (agent, run)
         if len(self._tx_agents) > self.max_tx:
             self._tx_agents.popitem(last=False)
-        for row, watched, coords in self.pending.pop(ev.tx_id, ()):
-            self.ready.append(_change(row, watched, agent, run, coords))
+        for row, watched, at in self.pending.pop(tx, ()):
+            self.ready.append(_change(row, watched, agent, run, at))
+            if self.database_identity:
+                self._check_row(row, watched, agent, run, at)
         return SKIP_MESSAGE
 
+    def _table_of(self, body: dict[str, object]) -> str:
+        """The watched table a message names; else the first one (a writer's message names none we can trust)."""
+        t = body.get("table")
+        if isinstance(t, str) and t in self._by_source:
+            return t
+        return next(iter(self._by_source))
+
     def expire(self, now_us: int) -> int:
-        """Give up on held rows whose transaction committed more than ``hold_s`` before ``now_us``."""
+        """Release held rows whose transaction committed more than ``hold_s`` before ``now_us``.
+
+        They are scored as ``UNATTRIBUTED`` (put in ``ready``), never dropped; returns how many.
+        """
         limit = now_us - int(self.hold_s * 1e6)
-        dropped = 0
+        released = 0
         while self.pending:
             tx, held = next(iter(self.pending.items()))
             if held[0][0].commit_ts_us > limit:
                 break
             del self.pending[tx]
+            self._claims.pop(tx, None)
             for row, watched, coords in held:
-                if row.op == "t":  # a truncate is never dropped: it is scored, unattributed
-                    self.ready.append(_change(row, watched, UNATTRIBUTED, None, coords))
-                else:
-                    dropped += 1
-        return dropped
+                self.ready.append(_change(row, watched, UNATTRIBUTED, None, coords))
+                released += 1
+        return released
+
+
+def _mismatch(table: str, agent: str, run: str | None, claimed: str, ts_us: int, coords: Coords) -> Change:
+    return Change(table, "m", agent, run, {}, ts_us, coords, claimed=claimed)
+
+
+def router_for(cfg: Config) -> Router:
+    """The router of a config: its tables, and how agents are named (worker.agent_messages)."""
+    msgs = cfg.worker.agent_messages
+    if msgs is None:
+        return Router(cfg.tables)
+    return Router(
+        cfg.tables, message_prefix=msgs.prefix, hold_s=msgs.hold_s, database_identity=msgs.identity == "database"
+    )
 
 
 def _needs_tx(spec: TableSpec) -> bool:
@@ -190,6 +291,11 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
     top = f.contributions[0] if f.contributions else None
     who = f"agent {f.agent_id}" + (" (judged against the table's population)" if f.scope == "population" else "")
     summary = f"{f.table}: {who}: " + (summarize(top) if top else f"score {f.score:.3f}")
+    if f.claimed is not None:
+        summary = f"{f.table}: the database names agent {f.agent_id}, the writer claimed to be {f.claimed}"
+    elif f.scope == "table":
+        tops = ", ".join(f"{c.feature.removeprefix('agent ')} {c.value:g}" for c in f.contributions[1:])
+        summary = f"{f.table}: all agents together: {summarize(top) if top else ''}; top agents: {tops}"
     return Alert(
         alert_id=f.alert_id,
         agent_id=f.agent_id,

@@ -21,7 +21,7 @@ import msgspec
 from connectors.debezium import EnvelopeError
 from detectors.engine import Change, Engine, FileCoords
 from stream.config import Config, make_engine
-from stream.pipeline import SKIP_PENDING, SKIP_UNATTRIBUTED, Router, build_alert
+from stream.pipeline import SKIP_PENDING, build_alert, router_for
 
 _enc = msgspec.json.Encoder()
 
@@ -61,8 +61,7 @@ def replay(
     engine: Engine | None = None,
 ) -> ReplayStats:
     engine = engine or make_engine(cfg)
-    msgs = cfg.worker.agent_messages
-    router = Router(cfg.tables, message_prefix=msgs.prefix if msgs else None, hold_s=msgs.hold_s if msgs else 5.0)
+    router = router_for(cfg)
     stats = ReplayStats()
     scores: list[tuple[str, float]] | None = [] if scores_out is not None else None
     name = str(path)
@@ -107,8 +106,8 @@ def replay(
                 stats.skipped[out] += 1
             else:
                 score(out)
-                if router.pending:  # commit time is replay's clock: give up on rows whose message never came
-                    stats.skipped[SKIP_UNATTRIBUTED] += router.expire(out.commit_ts_us)
+                if router.pending:  # commit time is replay's clock: rows whose message never came are unattributed
+                    router.expire(out.commit_ts_us)
             if router.ready:
                 drain()
             if progress is not None and lineno & 0xFFF == 0:
@@ -118,7 +117,7 @@ def replay(
                     progress(
                         f"replay: {lineno:,} lines, {stats.alerts} alerts, {lineno / (now - started):,.0f} events/s"
                     )
-    stats.skipped[SKIP_UNATTRIBUTED] += router.expire(2**62)
+    router.expire(2**62)
     drain()
     stats.skipped.pop(SKIP_PENDING, None)  # every held row ended up scored or unattributed
     stats.skipped = +stats.skipped

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 from confluent_kafka import Consumer, Producer
 
+from connectors.messages import ControlRejected, verify_control
 from stream.config import EXAMPLE_CONFIG, load_config
 from testbed.fleet import ORDERS, REFUNDS, TOPIC_PREFIX, Agent, Fleet, topic_of
 from testbed.process import WorkerProcess, interrupt_on_sigterm, spawn_worker
@@ -117,6 +118,7 @@ def run_demo(
             rogue_timeout_s,
             seed,
             prefix,
+            cfg.control.keys() if cfg.control is not None else None,
         )
         return _summary(clock, result)
     finally:
@@ -139,6 +141,7 @@ def _run_fleet(
     rogue_timeout_s: float,
     seed: int,
     prefix: str,
+    control_keys: tuple[bytes, ...] | None = None,
 ) -> DemoResult:
     fleet = Fleet(n_agents=n_agents, seed=seed, prefix=prefix)
     rng = random.Random(seed)
@@ -182,7 +185,7 @@ def _run_fleet(
         if mono - last_report >= 5 and not went_rogue:
             last_report = mono
             clock.say(f"fleet: {res.normal_writes:,} writes so far, no alert expected")
-        _drain(watch, alerts_topic, res, clock, stopped, rogue, rogue_commits)
+        _drain(watch, alerts_topic, res, clock, stopped, rogue, rogue_commits, control_keys)
         if rogue.agent_id in stopped and end_at is None:
             end_at = mono + 3.0
         ts, i = queue[0]
@@ -215,11 +218,19 @@ def _drain(
     stopped: set[str],
     rogue: Agent,
     rogue_commits: list[int],
+    control_keys: tuple[bytes, ...] | None = None,
 ) -> None:
     for msg in watch.consume(num_messages=100, timeout=0):
         value = msg.value()
         if msg.error() or value is None:
             continue
+        if msg.topic() != alerts_topic and control_keys is not None:
+            # The agents check a control record as the README's orchestrator does, before they obey it.
+            try:
+                verify_control(control_keys, msg.key(), value, msg.headers())
+            except ControlRejected as e:
+                clock.say(f"an agent ignored a control record at {msg.partition()}:{msg.offset()}: {e}")
+                continue
         body = json.loads(value)
         if msg.topic() == alerts_topic:
             res.alerts.append(body)

@@ -33,6 +33,8 @@ ALTER TABLE public.refunds REPLICA IDENTITY FULL;
 ALTER TABLE public.orders REPLICA IDENTITY FULL;
 """
 ROLE_PATTERN = "^agent_[a-z]+_[0-9]{2}$"
+# The control topic's HMAC key of every test stack. A literal is fine here: it guards only throwaway local topics.
+TEST_CONTROL_KEY = "testbed-control-key-not-a-secret-0123456789"
 
 
 def example_config(kafka: str, prefix: str) -> dict[str, Any]:
@@ -48,6 +50,8 @@ def example_config(kafka: str, prefix: str) -> dict[str, Any]:
         "changes": f"{prefix}.changes",
         "partitions": 3,
     }
+    # Every test stack signs its control records, as a deployment with enforcement must.
+    data["control"] = {"signing_key": TEST_CONTROL_KEY}
     for t in data["tables"]:
         t["topic"] = f"{prefix}.{t['name']}"
     return data

@@ -123,7 +123,8 @@ def dummy_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     def setenv(names: set[str]) -> None:
         for n in names:
-            monkeypatch.setenv(n, f"dummy-{n.lower()}")
+            # Long enough for the keys that have a minimum length (control.signing_key: 32 characters).
+            monkeypatch.setenv(n, f"dummy-{n.lower()}-0123456789abcdef0123456789")
 
     yield setenv
 

@@ -134,7 +134,7 @@ def test_writeguard_services_run_the_compose_config(compose: dict[str, Any], dum
     cfg = load_config(COMPOSE_CONFIG)
     assert cfg.kafka.bootstrap_servers == "kafka:9092"
     assert cfg.debezium is not None and cfg.debezium.database.hostname == "postgres"
-    assert cfg.enforcement.postgres is not None and "host=postgres" in cfg.enforcement.postgres.dsn
+    assert cfg.enforcement.postgres is not None and "host=postgres" in cfg.enforcement.postgres.dsn.get_secret_value()
     # The ports compose publishes and Prometheus scrapes are the config's.
     port = cfg.worker.metrics.port
     assert f"127.0.0.1:{port}:{port}" in s["writeguard"]["ports"]
@@ -403,6 +403,7 @@ RUNNING = {"connector": {"state": "RUNNING"}, "tasks": [{"id": 0, "state": "RUNN
 @pytest.fixture
 def register(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     monkeypatch.setenv("PG_ADMIN_PASSWORD", "dummy-pg")
+    monkeypatch.setenv("WRITEGUARD_CONTROL_KEY", "dummy-control-key-of-32-characters-or-more")
     yield _load_register()
 
 

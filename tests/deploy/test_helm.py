@@ -147,6 +147,7 @@ def test_sasl_tls_values_wire_secrets_and_files(rendered: dict[str, Rendered]) -
     assert refs["KAFKA_SASL_PASSWORD"] == {"name": "writeguard-kafka-user", "key": "password"}
     assert refs["PG_ADMIN_PASSWORD"] == {"name": "writeguard-shop-db", "key": "password"}
     assert refs["WRITEGUARD_WEBHOOK_SECRET"] == {"name": "writeguard-webhook", "key": "hmac-key"}
+    assert refs["WRITEGUARD_CONTROL_KEY"] == {"name": "writeguard-control", "key": "signing-key"}
     assert refs["ORCHESTRATOR_TOKEN"] == {"name": "orchestrator-token", "key": "token"}
     # No secret value is ever in the ConfigMap, only the variable names.
     text = r.one("ConfigMap", RELEASE)["data"]["writeguard.yaml"]

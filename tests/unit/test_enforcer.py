@@ -40,6 +40,7 @@ def _config() -> Any:
     return parse_config(
         {
             "enforcement": {"postgres": {"dsn": "host=127.0.0.1 port=1", "roles": {"template": "agent_{agent_id}"}}},
+            "control": {"signing_key": "unit-test-control-key-0123456789abcdef"},
             "tables": [
                 {
                     "name": "public.refunds",

@@ -10,7 +10,7 @@ import pytest
 from connectors.debezium import EnvelopeError
 from detectors.engine import UNATTRIBUTED, Change, KafkaCoords
 from detectors.spec import FeatureSpec, TableSpec
-from stream.pipeline import SKIP_MESSAGE, SKIP_PENDING, SKIP_UNATTRIBUTED, Router
+from stream.pipeline import SKIP_MESSAGE, SKIP_PENDING, Router
 
 # The router carries each record's coordinates along without reading them.
 MSG = KafkaCoords("shop.message", 0, 0)
@@ -79,13 +79,14 @@ def test_a_column_in_the_row_wins_over_the_message() -> None:
     assert isinstance(out, Change) and out.agent_id == "from-row"
 
 
-def test_rows_whose_message_never_comes_expire_as_unattributed_but_a_truncate_is_kept() -> None:
+def test_rows_whose_message_never_comes_are_scored_as_unattributed_not_dropped() -> None:
     r = router()
     r.route("shop.public.refunds", row("c", 20, 1_000_000), ROW)
     r.route("shop.public.refunds", row("t", 21, 1_000_000), ROW)
     assert r.expire(1_000_000 + 4_000_000) == 0  # still within hold_s
-    assert r.expire(1_000_000 + 6_000_000) == 1
-    assert [(c.op, c.agent_id) for c in r.ready] == [("t", UNATTRIBUTED)]
+    assert r.ready == []
+    assert r.expire(1_000_000 + 6_000_000) == 2
+    assert [(c.op, c.agent_id) for c in r.ready] == [("c", UNATTRIBUTED), ("t", UNATTRIBUTED)]
     assert r.pending == {}
 
 
@@ -99,10 +100,15 @@ def test_other_prefixes_are_ignored_and_bad_content_is_a_dead_letter() -> None:
         assert e.value.reason == "invalid_message"
 
 
-def test_without_a_message_prefix_rows_without_agent_are_unattributed() -> None:
+def test_without_a_message_prefix_rows_without_agent_are_scored_as_unattributed() -> None:
     r = Router([SPEC])
-    assert r.route("shop.public.refunds", row("c", 1, 5), ROW) == SKIP_UNATTRIBUTED
-    out = r.route("shop.public.refunds", row("t", 1, 5), ROW)
+    for op in ("c", "t"):
+        out = r.route("shop.public.refunds", row(op, 1, 5), ROW)
+        assert isinstance(out, Change) and (out.op, out.agent_id) == (op, UNATTRIBUTED)
+
+
+def test_a_row_cannot_take_a_reserved_identity() -> None:
+    out = Router([SPEC]).route("shop.public.refunds", row("c", 1, 5, agent="<role:app_owner>"), ROW)
     assert isinstance(out, Change) and out.agent_id == UNATTRIBUTED
 
 

@@ -69,6 +69,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $env .secretEnv (dict "name" .existingSecret "key" .secretKey) }}
 {{- end }}
 {{- end }}
+{{- with $s.control }}
+{{- if .existingSecret }}
+{{- $_ := set $env .secretEnv (dict "name" .existingSecret "key" .secretKey) }}
+{{- end }}
+{{- end }}
 {{- toJson $env }}
 {{- end }}
 
@@ -86,7 +91,7 @@ provides: the worker would refuse to start with "environment variable VAR is not
 {{- range regexFindAll "\\$\\{[A-Za-z_][A-Za-z0-9_]*\\}" $yaml -1 }}
 {{- $var := . | trimPrefix "${" | trimSuffix "}" }}
 {{- if not (has $var $provided) }}
-{{- fail (printf "config names ${%s}, but the worker would not have %s: set the matching secrets.*.existingSecret (variables %s) or add it to extraEnv" $var $var (join ", " (list $.Values.secrets.kafkaSasl.usernameEnv $.Values.secrets.kafkaSasl.passwordEnv $.Values.secrets.postgres.passwordEnv $.Values.secrets.webhook.secretEnv))) }}
+{{- fail (printf "config names ${%s}, but the worker would not have %s: set the matching secrets.*.existingSecret (variables %s) or add it to extraEnv" $var $var (join ", " (list $.Values.secrets.kafkaSasl.usernameEnv $.Values.secrets.kafkaSasl.passwordEnv $.Values.secrets.postgres.passwordEnv $.Values.secrets.webhook.secretEnv $.Values.secrets.control.secretEnv))) }}
 {{- end }}
 {{- end }}
 {{- end }}
