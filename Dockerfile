@@ -36,6 +36,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY README.md ./
 COPY stream ./stream
 COPY detectors ./detectors
+COPY undo ./undo
 COPY connectors ./connectors
 RUN pip install --no-deps . \
  && writeguard --help >/dev/null

@@ -990,6 +990,85 @@ def acceptance(sc: Score) -> list[str]:
     ]
 
 
+# -- a start on a running fleet (issue 13) -----------------------------------------------------------------
+
+
+def _percentiles(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    v = sorted(values)
+    return f"{v[len(v) // 2]:.1f} / {v[-1]:.1f}"
+
+
+def mid_stream(workdir: Path, events: Path, labels: Sequence[Label], cfg: Config, hours: float) -> list[str]:
+    """Start a fresh engine ``hours`` into the fleet's life, with no history, and report its first hour and day.
+
+    Every agent is already writing when detection starts, so every model set starts in its learning period at
+    once: what a new deployment does on its first day. An alert is on a healthy agent when the last write that
+    triggered it is a normal one (an agent is healthy until its incident starts).
+    """
+    start_us = START_US + int(hours * HOUR_S * 1e6)
+    first = next((i for i, lab in enumerate(labels) if lab.ts_us >= start_us), len(labels))
+    sub = workdir / "events-mid-stream.jsonl"
+    with events.open("rb") as src, sub.open("wb") as out:
+        for i, raw in enumerate(src):
+            if i >= first:
+                out.write(raw)
+    sub_labels = [
+        Label(j + 1, lab.scenario, lab.incident, lab.anomalous, lab.agent_id, lab.table, lab.op, lab.ts_us)
+        for j, lab in enumerate(labels[first:])
+    ]
+    buf = io.BytesIO()
+    replay(sub, cfg, alerts_out=buf)
+    sub.unlink(missing_ok=True)
+    raw_alerts = [orjson.loads(r) for r in buf.getvalue().splitlines() if r.strip()]
+    refs = read_alerts(buf.getvalue().splitlines())
+    sc = score(sub_labels, refs)
+    on_healthy = [not ref.lines or not sub_labels[max(ref.lines) - 1].anomalous for ref in refs]
+
+    def window(seconds: float) -> str:
+        end = start_us + int(seconds * 1e6)
+        times = [datetime.fromisoformat(a["commit_ts"]).timestamp() * 1e6 for a in raw_alerts]
+        inside = [a for a, t in zip(raw_alerts, times, strict=True) if t < end]
+        agents = {(lab.table, lab.agent_id) for lab in sub_labels if lab.ts_us < end}
+        healthy = [a for a, t, h in zip(raw_alerts, times, on_healthy, strict=True) if t < end and h]
+        learning = [a for a in healthy if a.get("learning")]
+        per10 = len(learning) / (len(agents) / 10) if agents else 0.0
+        return (f"{len(inside)} alerts ({sum(bool(a.get('learning')) for a in inside)} learning); on healthy agents: "
+                f"{len(healthy)} alerts, {len(learning)} learning ({per10:.2f} per 10 model sets), "
+                f"{sum(bool(a['quarantined']) for a in healthy)} quarantines (target 0)")
+
+    # When each (table, agent) model set leaves its learning period: its table's writes AND seconds, both passed.
+    specs = {t.name: t for t in cfg.tables}
+    seen: dict[tuple[str, str], list[int]] = {}
+    for lab in sub_labels:
+        seen.setdefault((lab.table, lab.agent_id), []).append(lab.ts_us)
+    leave_h: list[float] = []
+    never = 0
+    for (table, _), ts in seen.items():
+        spec = specs.get(table)
+        if spec is None:
+            continue
+        need = max(spec.learning.writes, 1)
+        if len(ts) < need:
+            never += 1
+            continue
+        at = max(ts[need - 1], ts[0] + int(spec.learning.seconds * 1e6))
+        leave_h.append((at - start_us) / (HOUR_S * 1e6))
+    gross = [r for r in sc.incidents if r.scenario in GROSS]
+    fast = [r for r in gross if r.delay_events is not None and r.delay_events <= 5]
+    return [
+        f"start mid-stream ({hours:g} h into the fleet's life, no history; {len(sub_labels):,} events, "
+        f"{len(seen)} model sets):",
+        *format_table(sc),
+        f"  first hour: {window(HOUR_S)}",
+        f"  first day : {window(DAY_S)}",
+        f"  model sets leaving their learning period, hours after the start p50/max: {_percentiles(leave_h)}"
+        f" ({never} still learning at the end: too few writes)",
+        f"  gross incidents after the start detected within 5 anomalous events: {len(fast)}/{len(gross)}",
+    ]
+
+
 # -- commands --------------------------------------------------------------------------------------------
 
 
@@ -1106,6 +1185,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                          + ", ".join(f"{s}/{d} {n}" for (s, d), n in sorted(sc.false_alarms_by.items())))
         if cli is not None and cli.summary:
             lines.append(f"  CLI summary: {cli.summary}")
+        if args.start_mid_stream >= 0:
+            log(f"replay in process from {args.start_mid_stream:g} h on, on a fresh engine ...")
+            lines += ["", *mid_stream(data, events, labels, cfg, args.start_mid_stream)]
         lines.append(f"  total wall time {time.monotonic() - wall0:.0f} s on {os.cpu_count()} cores"
                      + (f"; data kept in {data}" if tmp is None else ""))
         print("\n".join(lines), flush=True)
@@ -1158,6 +1240,10 @@ def parser() -> argparse.ArgumentParser:
                    help="measure bytes per (table, agent) with tracemalloc over a fresh engine fed the first N "
                    "events (100,000; tracing slows replay about 5x); 0: all of them; -1: skip")
     r.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    r.add_argument("--start-mid-stream", type=float, metavar="HOURS", default=36.0,
+                   help="also start a fresh engine HOURS into the fleet's life (no warm-up history) and report "
+                   "its first hour and day: alerts, quarantines of healthy agents, when models leave learning "
+                   "(36: Tuesday noon, the fleet in full swing; a negative value skips it)")
     r.set_defaults(func=cmd_run)
     return p
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from undo.models import Plan, Scope
+
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -68,6 +70,11 @@ class Alert(_Message):
     agent_events: int = Field(description="Events seen from this agent on this table, this one included.")
     actions: list[Literal["alert", "quarantine", "postgres", "webhook"]]
     quarantined: bool = Field(description="True when this alert quarantined the agent.")
+    learning: bool = Field(
+        False,
+        description="The model that judged is still in its learning period (too few writes or too little time "
+        "since its first): severity at most warning, and it never quarantines. Deterministic guards never learn.",
+    )
 
 
 class EnforcementResult(BaseModel):
@@ -216,4 +223,7 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "alert": Alert,
     "control-record": ControlRecord,
     "dead-letter": DeadLetter,
+    # Files rather than topics (`writeguard scope --json`, `writeguard undo plan -o`), published all the same.
+    "undo-scope": Scope,
+    "undo-plan": Plan,
 }

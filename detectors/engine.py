@@ -16,7 +16,15 @@ from functools import partial
 import msgspec
 
 from detectors.features import Extractor
-from detectors.models import CategoricalNovelty, Contribution, Detector, RateCeiling, TableCeiling, TableValues
+from detectors.models import (
+    CategoricalNovelty,
+    Contribution,
+    Detector,
+    RateCeiling,
+    TableCeiling,
+    TableValues,
+    ZScore,
+)
 from detectors.spec import QUARANTINING, SEVERITY_RANK, AnyDetector, Suppression, TableSpec, detector_name
 from detectors.write import Op, Write
 
@@ -127,6 +135,8 @@ class Finding:
     commit_ts_us: int
     agent_events: int
     claimed: str | None = None  # identity_mismatch: the id the writer claimed (agent_id is the database's)
+    # The model that judged is in its learning period: severity at most warning, and it never quarantines.
+    learning: bool = False
 
 
 @dataclass(slots=True)
@@ -159,6 +169,27 @@ class _Plan:
     table_scope: bool = False
     table_mask: int = 0
     table_open: bool = False
+    # The learning period (detectors.spec.Learning): a statistical detector's findings only warn until its
+    # model has seen learn_writes writes and learn_us of commit time since its first one.
+    learns: bool = False
+    ceiling: float = float("inf")  # scores at or above it are the detector's hard ceiling: never learning
+    learn_writes: int = 0
+    learn_us: int = 0
+    population_agents: int = 0  # the population's own warm-up, before it judges anyone
+    population_writes: int = 0
+    population_first_us: int | None = None
+    population_seen: set[str] = field(default_factory=set)  # agents it learned from, until population_agents
+
+    def learning(self, n: int, first_us: int, now_us: int) -> bool:
+        return self.learns and (n < self.learn_writes or now_us - first_us < self.learn_us)
+
+    def population_ready(self) -> bool:
+        n = self.population_n[0]
+        return n >= self.warmup and n >= self.population_writes and len(self.population_seen) >= self.population_agents
+
+    def population_learning(self, now_us: int) -> bool:
+        first = self.population_first_us
+        return first is None or self.learning(self.population_n[0], first, now_us)
 
 
 @dataclass(slots=True)
@@ -167,18 +198,35 @@ class _Table:
     extractor: Extractor
     plans: list[_Plan]
     known: TableValues
+    # The longest learning period of its statistical detectors: a model set learns until all of them have passed.
+    learn_writes: int = 0
+    learn_us: int = 0
+    learning: int = 0  # model sets of this table still learning (in memory or checkpointed)
+    last_us: int = 0  # the latest commit time seen, for the population models' learning period
 
 
 class _AgentState:
-    __slots__ = ("dets", "masks", "n", "open", "recent")
+    __slots__ = ("dets", "first_us", "learning", "lopen", "masks", "n", "open", "recent")
 
     def __init__(self, plans: list[_Plan]) -> None:
         # A table-level detector is not copied per agent: its slot points at the shared instance.
         self.dets: list[Detector] = [p.shared if p.shared is not None else p.make() for p in plans]
         self.masks = [0] * len(plans)
         self.open = 0  # bit i set: an incident is open for detector i, so further anomalies do not re-alert
+        self.lopen = 0  # bit i set: that incident was opened by a learning finding (a later full one may follow)
         self.recent: list[list[Trigger]] | None = None
         self.n = 0
+        self.first_us = 0
+        self.learning = False
+        _link_priors(self, plans)
+
+
+def _link_priors(st: _AgentState, plans: list[_Plan]) -> None:
+    """Point each agent zscore at its table's population model, whose pooled spread is its prior."""
+    for i, p in enumerate(plans):
+        det = st.dets[i]
+        if isinstance(det, ZScore) and p.shared is None and isinstance(p.population, ZScore):
+            det.prior = p.population
 
 
 def _plan(table: TableSpec, d: AnyDetector, known: TableValues, table_scope: bool = False) -> _Plan:
@@ -186,6 +234,7 @@ def _plan(table: TableSpec, d: AnyDetector, known: TableValues, table_scope: boo
     make: Callable[[], Detector] = partial(d.build, table, known)
     if table_scope:
         make = partial(_table_ceiling, make)
+    learning = s.learning or table.learning
     return _Plan(
         name=detector_name(d),
         kind=d.kind,
@@ -200,6 +249,12 @@ def _plan(table: TableSpec, d: AnyDetector, known: TableValues, table_scope: boo
         population=make() if s.population else None,
         shared=make() if s.per_table or table_scope else None,
         table_scope=table_scope,
+        learns=s.learns and not table_scope,
+        ceiling=s.ceiling if s.ceiling is not None else float("inf"),
+        learn_writes=learning.writes,
+        learn_us=int(learning.seconds * 1e6),
+        population_agents=s.population_agents,
+        population_writes=s.population_writes,
     )
 
 
@@ -216,7 +271,15 @@ def compile_table(spec: TableSpec) -> _Table:
         plans.append(_plan(spec, d, known))
         if (wide := d.table_wide()) is not None:
             plans.append(_plan(spec, wide, known, table_scope=True))
-    return _Table(spec, Extractor(spec), plans, known)
+    learners = [p for p in plans if p.learns]
+    return _Table(
+        spec,
+        Extractor(spec),
+        plans,
+        known,
+        learn_writes=max((p.learn_writes for p in learners), default=0),
+        learn_us=max((p.learn_us for p in learners), default=0),
+    )
 
 
 def _store_key(key: tuple[str, str]) -> str:
@@ -231,6 +294,8 @@ def _detached(st: _AgentState, tab: _Table) -> _AgentState:
             st.dets[i] = None  # type: ignore[call-overload]
         elif isinstance(det, CategoricalNovelty):
             det.known = None  # type: ignore[assignment]
+        elif isinstance(det, ZScore):
+            det.prior = None
     return st
 
 
@@ -241,6 +306,7 @@ def _relink(st: _AgentState, tab: _Table) -> None:
             st.dets[i] = p.shared
         elif isinstance(det, CategoricalNovelty):
             det.known = tab.known
+    _link_priors(st, tab.plans)
 
 
 class _NoDetector:
@@ -268,10 +334,12 @@ def alert_id(table: str, agent_id: str, detector: str, coords: Coords) -> str:
 class Engine:
     """Per-(table, agent) detectors, a population model per table, and the quarantine state.
 
-    >>> from detectors.spec import TableSpec, FeatureSpec, ZScoreSpec
+    A model set in its learning period (200 writes and a day by default) only warns; this one has none:
+
+    >>> from detectors.spec import TableSpec, FeatureSpec, Learning, ZScoreSpec
     >>> spec = TableSpec(name="public.refunds", topic="shop.public.refunds",
     ...                  features=(FeatureSpec(name="amount", column="amount", transform="log"),),
-    ...                  detectors=(ZScoreSpec(warmup=20),))
+    ...                  detectors=(ZScoreSpec(warmup=20),), learning=Learning(writes=0, seconds=0))
     >>> eng = Engine([spec])
     >>> def change(i: int, amount: float) -> Change:
     ...     return Change("public.refunds", "c", "a1", None, {"amount": amount}, i, KafkaCoords("t", 0, i))
@@ -320,6 +388,9 @@ class Engine:
             self.restored += 1
         else:
             st = _AgentState(tab.plans)
+            if tab.learn_writes > 0 or tab.learn_us > 0:
+                st.learning = True
+                tab.learning += 1
         self.states[key] = st
         if self.max_states is not None and len(self.states) > self.max_states:
             self._evict()
@@ -349,6 +420,14 @@ class Engine:
         key = (ch.table, ch.agent_id)
         st = self._state(tab, key)
         st.n += 1
+        now = ch.commit_ts_us
+        if st.n == 1:
+            st.first_us = now
+        if now > tab.last_us:
+            tab.last_us = now
+        if st.learning and st.n >= tab.learn_writes and now - st.first_us >= tab.learn_us:
+            st.learning = False
+            tab.learning -= 1
         x = ch.x
         w = Write(x, ch.op, ch.commit_ts_us / 1e6, ch.categories, ch.idempotency_key, ch.tx_id, ch.agent_id)
         quarantine = self.quarantined.get(ch.agent_id)
@@ -362,7 +441,7 @@ class Engine:
                 if not x:
                     continue
                 if det.n < p.warmup:
-                    if p.population is None or p.population_n[0] < p.warmup:
+                    if p.population is None or not p.population_ready():
                         continue
                     det, scope = p.population, "population"
             score = det.score_one(w)
@@ -393,7 +472,16 @@ class Engine:
             recent.append(Trigger(ch.coords, ch.commit_ts_us, score, w if p.learned else None))
             if len(recent) > 64:
                 del recent[0]
-            if st.open & bit or mask.bit_count() < p.k:
+            if mask.bit_count() < p.k:
+                continue
+            learning = p.learns and score < p.ceiling
+            if learning:
+                if scope == "population":
+                    learning = p.population_learning(now)
+                else:
+                    learning = p.learning(st.n, st.first_us, now)
+            # An incident opened while the model learned is alerted again once a full finding may be made.
+            if st.open & bit and (learning or not st.lopen & bit):
                 continue
             if self.suppressions and self.suppressed_by(ch, p.name) is not None:
                 # Planned work: scored and counted, never alerted on. The incident stays closed, so an anomaly
@@ -401,7 +489,13 @@ class Engine:
                 self.suppressed += 1
                 continue
             st.open |= bit
-            findings.append(self._finding(tab, p, ch, w, det, scope, score, list(recent), st.n, quarantine))
+            if learning:
+                st.lopen |= bit
+            else:
+                st.lopen &= ~bit
+            findings.append(
+                self._finding(tab, p, ch, w, det, scope, score, list(recent), st.n, quarantine, learning=learning)
+            )
         if quarantine is not None:
             quarantine.events_after += 1
             quarantine.anomalous_after += any_anomaly
@@ -414,6 +508,10 @@ class Engine:
                 if p.population is not None:
                     p.population.learn_one(w)
                     p.population_n[0] += 1
+                    if p.population_first_us is None:
+                        p.population_first_us = now
+                    if len(p.population_seen) < p.population_agents:
+                        p.population_seen.add(ch.agent_id)
         return findings
 
     def _table_wide(
@@ -489,10 +587,17 @@ class Engine:
         triggers: list[Trigger],
         n: int,
         quarantine: Quarantine | None,
+        learning: bool = False,
     ) -> Finding:
         name = p.name if scope != "population" else f"{p.name}.population"
+        severity = p.severity
+        if learning and SEVERITY_RANK[severity] > SEVERITY_RANK["warning"]:
+            severity = "warning"
         actions = tab.spec.actions.get(p.severity, ("alert",))  # type: ignore[call-overload]
-        if scope == "table" or is_reserved(ch.agent_id):
+        if learning:
+            # A model still learning has not seen enough to take an agent's writes away: it only tells.
+            actions = ("alert",)
+        elif scope == "table" or is_reserved(ch.agent_id):
             # No single agent is to blame for a table-wide ceiling, and a reserved identity is no agent's role:
             # quarantining the writer at hand (or the role "<unattributed>") would stop the wrong party.
             actions = ("alert",)
@@ -509,7 +614,7 @@ class Engine:
             detector=name,
             kind=p.kind,
             scope=scope,
-            severity=p.severity,
+            severity=severity,
             score=score,
             threshold=p.threshold if scope == "agent" else p.population_threshold,
             contributions=det.explain(w)[:5],
@@ -519,6 +624,7 @@ class Engine:
             commit_ts_us=ch.commit_ts_us,
             agent_events=n,
             claimed=ch.claimed if ch.op == "m" else None,
+            learning=learning,
         )
 
     def apply_control(
@@ -561,6 +667,7 @@ class Engine:
                                 if p.population is not None:
                                     p.population.learn_one(trig.write)
                 st.open = 0
+                st.lopen = 0
                 st.masks = [0] * len(st.masks)
                 st.recent = None
 
@@ -574,6 +681,21 @@ class Engine:
     @property
     def active_models(self) -> int:
         return len(self.states)
+
+    def learning_models(self) -> Mapping[str, int]:
+        """Model sets still in their learning period, by table: agents' (until their next write after it ends,
+        in memory or checkpointed) and the table's population models."""
+        counts: dict[str, int] = {}
+        for name, tab in self.tables.items():
+            pops = sum(
+                1
+                for p in tab.plans
+                if p.population is not None
+                and p.learns
+                and (not p.population_ready() or p.population_learning(tab.last_us))
+            )
+            counts[name] = tab.learning + pops
+        return counts
 
     def models_by_table(self) -> Mapping[str, int]:
         counts: dict[str, int] = dict.fromkeys(self.tables, 0)

@@ -57,6 +57,28 @@ def signed_expm1(v: float) -> float:
     return math.copysign(math.expm1(abs(v)), v)
 
 
+# The 0.999 quantile of the standard normal: the level at which a Student-t range is compared with it.
+_Z999 = 3.090232306167813
+
+
+def t_over_z(df: int) -> float:
+    """How much wider a Student-t range with ``df`` degrees of freedom is than the normal one, at the 0.999 level.
+
+    The Cornish-Fisher expansion of the t quantile (Abramowitz and Stegun 26.7.5): within 2% of the exact
+    quantile from df = 5 on and 0.3% from df = 9; below 5 it understates the width, still far above 1.
+
+    >>> round(t_over_z(29), 2), round(t_over_z(100_000), 3)
+    (1.1, 1.0)
+    """
+    if df >= 100_000:
+        return 1.0
+    z = _Z999
+    nu = float(max(df, 1))
+    t = z + (z**3 + z) / (4 * nu) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * nu**2)
+    t += (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * nu**3)
+    return t / z
+
+
 class ZScore:
     """Per-feature running mean and variance; the score is the largest |z| squashed into [0, 1].
 
@@ -76,7 +98,7 @@ class ZScore:
     'amount'
     """
 
-    __slots__ = ("_log", "_min_count", "_min_std", "_only", "_stats", "half_z", "n")
+    __slots__ = ("_log", "_min_count", "_min_std", "_only", "_prior_writes", "_stats", "half_z", "n", "prior", "spread")
 
     def __init__(
         self,
@@ -85,6 +107,7 @@ class ZScore:
         half_z: float = 4.0,
         min_std: float = 0.05,
         min_count: int = 2,
+        prior_writes: float = 0.0,
     ) -> None:
         self._only = frozenset(features) if features is not None else None
         self._log = frozenset(log_features)
@@ -94,26 +117,57 @@ class ZScore:
         self._min_count = max(min_count, 2)
         self._stats: dict[str, stats.Var] = {}
         self.n = 0
+        self._prior_writes = prior_writes
+        # The table's population model (set by the engine): where an agent with few writes borrows its spread.
+        self.prior: ZScore | None = None
+        # On a population model: each agent's deviations from its own running mean, pooled over the fleet. That is
+        # the typical within-agent spread, tails included, which the fleet-wide variance (agents' levels differ)
+        # would overstate.
+        self.spread: dict[str, stats.Var] = {}
 
     def _value(self, name: str, v: float) -> float:
         return signed_log1p(v) if name in self._log else v
+
+    def _std(self, name: str, s: stats.Var) -> float:
+        n = s.mean.n
+        var = max(s.get(), 0.0)
+        prior = self.prior
+        if prior is not None and self._prior_writes > 0:
+            pooled = prior.spread.get(name)
+            # Only a prior from a good many deviations: a handful from the first agents says little more.
+            if pooled is not None and pooled.mean.n >= 4 * self._prior_writes:
+                # Shrinkage: with n0 = prior_writes, the estimate is the fleet's until n0 writes, then the agent's.
+                w0 = self._prior_writes / (self._prior_writes + n)
+                var = w0 * max(pooled.get(), 0.0) + (1 - w0) * var
+        # The predictive range of a new value from n observations: Student-t with n-1 degrees of freedom, and
+        # the mean's own uncertainty (1 + 1/n), so that 30 writes give a wider range than 3,000.
+        widen = t_over_z(int(n) - 1) * math.sqrt(1 + 1 / n)
+        return max(math.sqrt(var) * widen, self._min_std)
 
     def _z(self, name: str, v: float) -> float | None:
         s = self._stats.get(name)
         if s is None or s.mean.n < self._min_count:
             return None
-        std = max(math.sqrt(max(s.get(), 0.0)), self._min_std)
-        return (self._value(name, v) - s.mean.get()) / std
+        return (self._value(name, v) - s.mean.get()) / self._std(name, s)
 
     def learn_one(self, w: Write) -> None:
         only = self._only
+        prior = self.prior
         for name, v in w.x.items():
             if only is not None and name not in only:
                 continue
             s = self._stats.get(name)
             if s is None:
                 s = self._stats[name] = stats.Var()
-            s.update(self._value(name, v))
+            x = self._value(name, v)
+            if prior is not None and s.mean.n >= 2:
+                # A deviation from the agent's own mean (scaled so that its variance is the agent's variance).
+                d = (x - s.mean.get()) * math.sqrt(s.mean.n / (s.mean.n + 1))
+                pooled = prior.spread.get(name)
+                if pooled is None:
+                    pooled = prior.spread[name] = stats.Var()
+                pooled.update(d)
+            s.update(x)
         self.n += 1
 
     def score_one(self, w: Write) -> float:
@@ -136,7 +190,7 @@ class ZScore:
             if z is None or s is None:
                 continue
             mean = s.mean.get()
-            std = max(math.sqrt(max(s.get(), 0.0)), self._min_std)
+            std = self._std(name, s)
             lo, hi = mean - 3 * std, mean + 3 * std
             if name in self._log:
                 lo, hi = signed_expm1(lo), signed_expm1(hi)

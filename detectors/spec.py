@@ -84,6 +84,18 @@ class Debounce(Strict):
         return self
 
 
+class Learning(Strict):
+    """A model's learning period: until both have passed, its findings only warn (``learning: true``).
+
+    The defaults cover a daily cycle: 200 writes give a few hundred values to estimate from, and 24 hours of
+    commit time since the model's first write mean it has seen a night, a morning peak and any nightly job
+    before it may quarantine anyone. ``{writes: 0, seconds: 0}`` turns it off.
+    """
+
+    writes: int = Field(200, ge=0, description="Writes the model set must have learned from.")
+    seconds: float = Field(86_400.0, ge=0, description="Commit time since the model's first write.")
+
+
 # A guard's incident stays open until 16 writes in a row are back under its limit.
 _GUARD_DEBOUNCE = Debounce(k=1, n=16)
 
@@ -101,6 +113,16 @@ class Scoring:
     population: bool = False  # agents still in warm-up are scored against one model of the whole table
     population_threshold: float | None = None  # defaults to threshold
     per_table: bool = False  # one detector for the whole table, shared by its agents, instead of one per agent
+    # A statistical detector (it judges against what it learned): its findings only warn during its learning
+    # period. Deterministic guards (ceilings, rules, duplicates) leave it False and keep their full severity.
+    learns: bool = False
+    # Scores at or above it come from the detector's hard ceiling (volume max_events, op_mix max_rows_per_tx):
+    # deterministic, so full severity even while the rest of the detector learns.
+    ceiling: float | None = None
+    learning: Learning | None = None  # the detector's own learning period; None: its table's
+    population_agents: int = 0  # the population model judges no one before it has learned from this many agents
+    population_writes: int = 0  # ... and this many writes
+    prior_writes: float = 0.0  # n0: weight, in writes, of the population's spread in an agent's own zscore
 
 
 class _DetectorBase(Strict):
@@ -163,6 +185,19 @@ class ZScoreSpec(_DetectorBase):
         description="Threshold for the population model (default: threshold). Agents differ more from each other "
         "than from themselves, so a first-day rogue may need a lower one.",
     )
+    population_agents: int = Field(
+        20, ge=1, description="Agents the population model must have learned from before it judges anyone."
+    )
+    population_writes: int = Field(
+        1000, ge=1, description="Writes the population model must have learned from before it judges anyone."
+    )
+    prior_writes: float = Field(
+        30.0,
+        ge=0,
+        description="n0: an agent's own variance is shrunk toward the fleet's typical within-agent variance "
+        "with weight n0/(n0+n), so that a range learned from few writes is not narrower than the data warrants.",
+    )
+    learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
         # The warm-up counts per feature too: one seen only on some ops (an update's delta) is scored later.
@@ -172,6 +207,7 @@ class ZScoreSpec(_DetectorBase):
             half_z=self.half_z,
             min_std=self.min_std,
             min_count=self.warmup,
+            prior_writes=self.prior_writes,
         )
 
     def scoring(self) -> Scoring:
@@ -182,6 +218,11 @@ class ZScoreSpec(_DetectorBase):
             warmup=self.warmup,
             population=self.population,
             population_threshold=self.population_threshold,
+            learns=True,
+            learning=self.learning,
+            population_agents=self.population_agents,
+            population_writes=self.population_writes,
+            prior_writes=self.prior_writes,
         )
 
     def conflict(self, table: TableSpec) -> str | None:
@@ -201,6 +242,7 @@ class RiverModelSpec(_DetectorBase):
     threshold: float = Field(0.9, gt=0)
     warmup: int = Field(100, ge=1)
     debounce: Debounce = Debounce()
+    learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
 
     @field_validator("model")
     @classmethod
@@ -216,7 +258,14 @@ class RiverModelSpec(_DetectorBase):
         return RiverModel(self.model, self.params, self.scaler, self.features, table.log_features())
 
     def scoring(self) -> Scoring:
-        return Scoring(threshold=self.threshold, debounce=self.debounce, learned=True, warmup=self.warmup)
+        return Scoring(
+            threshold=self.threshold,
+            debounce=self.debounce,
+            learned=True,
+            warmup=self.warmup,
+            learns=True,
+            learning=self.learning,
+        )
 
     def conflict(self, table: TableSpec) -> str | None:
         return _unknown_features(detector_name(self), self.features, table)
@@ -260,6 +309,7 @@ class NoveltySpec(_DetectorBase):
     max_values: int = Field(256, ge=1, description="Values remembered per column and agent (memory bound).")
     severity: Severity = "warning"
     debounce: Debounce = Debounce(k=1, n=16)
+    learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
         return CategoricalNovelty(
@@ -272,7 +322,7 @@ class NoveltySpec(_DetectorBase):
         )
 
     def scoring(self) -> Scoring:
-        return Scoring(debounce=self.debounce)
+        return Scoring(debounce=self.debounce, learns=True, learning=self.learning)
 
     def conflict(self, table: TableSpec) -> str | None:
         bad = [c for c in self.columns if c not in table.categories]
@@ -309,9 +359,13 @@ class DriftSpec(_DetectorBase):
     delta: float = Field(0.002, gt=0, lt=1, description="ADWIN's confidence: smaller is more conservative.")
     warmup: int = Field(100, ge=1)
     severity: Severity = "info"
+    learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
         return LevelDrift(self.feature, self.delta, self.warmup, log=self.feature in table.log_features())
+
+    def scoring(self) -> Scoring:
+        return Scoring(learns=True, learning=self.learning)
 
     def conflict(self, table: TableSpec) -> str | None:
         if self.feature not in {f.name for f in table.features}:
@@ -331,12 +385,17 @@ class VolumeSpec(_DetectorBase):
     max_events: int | None = Field(None, ge=1, description="Hard ceiling per window (score 1).")
     severity: Severity = "warning"
     debounce: Debounce = Debounce()
+    learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
         return Volume(self.window_seconds, self.warmup, self.half_z, self.alpha, self.max_events)
 
     def scoring(self) -> Scoring:
-        return Scoring(threshold=self.threshold, debounce=self.debounce)
+        # Volume scores its hard ceiling 1.0 and its baseline's z below 1.
+        ceiling = 1.0 if self.max_events is not None else None
+        return Scoring(
+            threshold=self.threshold, debounce=self.debounce, learns=True, learning=self.learning, ceiling=ceiling
+        )
 
 
 class OpMixSpec(_DetectorBase):
@@ -354,12 +413,17 @@ class OpMixSpec(_DetectorBase):
     )
     severity: Severity = "critical"
     debounce: Debounce = Debounce(k=1, n=16)
+    learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
         return OpMix(self.ops, self.window_seconds, self.warmup, self.min_events, self.half_z, self.max_rows_per_tx)
 
     def scoring(self) -> Scoring:
-        return Scoring(threshold=self.threshold, debounce=self.debounce)
+        # A mass change in one transaction scores 1.0 (a guard); the share's z scores below 1 (learned).
+        ceiling = 1.0 if self.max_rows_per_tx is not None else None
+        return Scoring(
+            threshold=self.threshold, debounce=self.debounce, learns=True, learning=self.learning, ceiling=ceiling
+        )
 
 
 class Condition(Strict):
@@ -441,6 +505,16 @@ def _default_actions() -> dict[Severity, tuple[Action, ...]]:
     return {"info": ("alert",), "warning": ("alert",), "critical": ("alert", "quarantine")}
 
 
+class SoftDelete(Strict):
+    """A table whose rows are deleted by marking a column: undo then marks or clears it instead of deleting.
+
+    ``timestamp``: NULL means live, a time means deleted (undo sets ``now()``). ``boolean``: false means live.
+    """
+
+    column: str = Field(description="The soft-delete column, e.g. 'deleted_at'.")
+    kind: Literal["timestamp", "boolean"] = Field("timestamp", description="How the column marks a deleted row.")
+
+
 class TableSpec(Strict):
     """How one watched table is read and judged."""
 
@@ -455,6 +529,18 @@ class TableSpec(Strict):
     actions: dict[Severity, tuple[Action, ...]] = Field(
         default_factory=_default_actions,
         description="What each severity does. Every alert is published; 'quarantine' also stops the agent.",
+    )
+    key_columns: tuple[str, ...] | None = Field(
+        None,
+        min_length=1,
+        description="Undo: the columns that identify a row, when the change events' message keys are not available "
+        "(a file of message values) or are not the primary key (debezium.key_by_agent).",
+    )
+    soft_delete: SoftDelete | None = Field(None, description="Undo: the table's soft-delete column, if it has one.")
+    learning: Learning = Field(
+        default_factory=Learning,
+        description="Learning period of the table's statistical models (each agent's, and the population's): "
+        "their findings only warn until it has passed. A detector's own 'learning' overrides it.",
     )
 
     @field_validator("agent_id", "run_id")

@@ -326,6 +326,8 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
     async def gauges() -> None:
         for table, n in engine.models_by_table().items():
             metrics.active_models.labels(table).set(n)
+        for table, n in engine.learning_models().items():
+            metrics.learning_models.labels(table).set(n)
         metrics.quarantined_agents.set(len(engine.quarantined))
         metrics.suppressed.set(engine.suppressed)
         metrics.evicted_models.set(engine.evicted)

@@ -85,6 +85,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.learning_models = Gauge(
+            "writeguard_learning_models",
+            "Model sets still in their learning period (their findings only warn): each agent's on a table "
+            "and the table's population models.",
+            ["table"],
+            registry=r,
+        )
         self.quarantined_agents = Gauge("writeguard_quarantined_agents", "Agents currently quarantined.", registry=r)
         self._events: dict[tuple[str, str], Counter] = {}
 

@@ -290,6 +290,8 @@ def summarize(c: Contribution) -> str:
 def build_alert(f: Finding, detected_at_us: int) -> Alert:
     top = f.contributions[0] if f.contributions else None
     who = f"agent {f.agent_id}" + (" (judged against the table's population)" if f.scope == "population" else "")
+    if f.learning:
+        who += " (learning)"
     summary = f"{f.table}: {who}: " + (summarize(top) if top else f"score {f.score:.3f}")
     if f.claimed is not None:
         summary = f"{f.table}: the database names agent {f.agent_id}, the writer claimed to be {f.claimed}"
@@ -326,4 +328,5 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
         agent_events=f.agent_events,
         actions=list(f.actions),
         quarantined=f.quarantine,
+        learning=f.learning,
     )

@@ -54,6 +54,12 @@ def example_config(kafka: str, prefix: str) -> dict[str, Any]:
     data["control"] = {"signing_key": TEST_CONTROL_KEY}
     for t in data["tables"]:
         t["topic"] = f"{prefix}.{t['name']}"
+        # A test stack runs a handful of agents for seconds: its population model judges from its 30th write,
+        # where a deployment's waits for 20 agents and 1,000 writes (ZScoreSpec.population_agents/_writes).
+        for d in t["detectors"]:
+            if d.get("kind") == "zscore":
+                d.setdefault("population_agents", 1)
+                d.setdefault("population_writes", 30)
     return data
 
 

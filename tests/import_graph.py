@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRODUCT = ("stream", "detectors", "connectors")
+PRODUCT = ("stream", "detectors", "undo", "connectors")
 FIRST_PARTY = (*PRODUCT, "testbed", "tests", "benchmarks")
 
 

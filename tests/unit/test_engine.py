@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from detectors.engine import ALERT_NAMESPACE, Change, Engine, FileCoords, Finding, KafkaCoords, alert_id
-from detectors.spec import Debounce, FeatureSpec, OpBurstSpec, RateSpec, TableSpec, ZScoreSpec
+from detectors.spec import Debounce, FeatureSpec, Learning, OpBurstSpec, RateSpec, TableSpec, ZScoreSpec
 
 T = "public.refunds"
 TOPIC = "shop.public.refunds"
@@ -21,6 +21,8 @@ def normal(i: int) -> float:
 
 
 def table(*detectors, **kw) -> TableSpec:
+    # These tests are about scoring, debounce and quarantine: no learning period (tests/unit/test_learning.py).
+    kw.setdefault("learning", NO_LEARNING)
     return TableSpec(name=T, topic=TOPIC, features=(FeatureSpec(name="amount", column="amount", transform="log"),),
                      detectors=detectors, **kw)
 
@@ -28,9 +30,13 @@ def table(*detectors, **kw) -> TableSpec:
 def zscore(**kw) -> ZScoreSpec:
     kw.setdefault("threshold", 0.6)
     kw.setdefault("warmup", 30)
+    # The population judges from its 30th write (its own warm-up in agents and writes: test_learning.py).
+    kw.setdefault("population_agents", 1)
+    kw.setdefault("population_writes", 1)
     return ZScoreSpec(**kw)
 
 
+NO_LEARNING = Learning(writes=0, seconds=0)
 ALERT_ONLY = {"info": ("alert",), "warning": ("alert",), "critical": ("alert",)}
 
 

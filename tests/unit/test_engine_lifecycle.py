@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from detectors.engine import Change, Engine, Finding, KafkaCoords
-from detectors.spec import FeatureSpec, Suppression, TableSpec, ZScoreSpec
+from detectors.spec import FeatureSpec, Learning, Suppression, TableSpec, ZScoreSpec
 from stream.config import EXAMPLE_CONFIG, load_config, make_engine
 from stream.pipeline import Router
 from testbed.fleet import Fleet
@@ -22,6 +22,7 @@ SPEC = TableSpec(
     topic="shop.public.refunds",
     features=(FeatureSpec(name="amount", column="amount", transform="log"),),
     detectors=(ZScoreSpec(warmup=20),),
+    learning=Learning(writes=0, seconds=0),  # these tests are about the lifecycle, not the learning period
 )
 T0 = 1_800_000_000  # seconds
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,6 +15,7 @@ from detectors.engine import FileCoords, Finding, KafkaCoords, Trigger
 from detectors.models import Contribution
 from stream import cli
 from stream.pipeline import build_alert
+from undo.models import Plan, Scope
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "schemas"
@@ -111,7 +112,13 @@ def test_schema_files_match_the_models() -> None:
     assert files, f"{SCHEMAS} has no *.schema.json; run `writeguard schemas --write`"
     generated = cli.all_schemas()
     assert set(generated) == {"config", *PUBLISHED}
-    assert PUBLISHED == {"alert": Alert, "control-record": ControlRecord, "dead-letter": DeadLetter}
+    assert PUBLISHED == {
+        "alert": Alert,
+        "control-record": ControlRecord,
+        "dead-letter": DeadLetter,
+        "undo-scope": Scope,
+        "undo-plan": Plan,
+    }
     missing = sorted(set(generated) - set(files))
     extra = sorted(set(files) - set(generated))
     assert not missing and not extra, f"schemas/: missing {missing}, extra {extra}; run `writeguard schemas --write`"
@@ -131,6 +138,8 @@ def test_schemas_write_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[
         "config.schema.json",
         "control-record.schema.json",
         "dead-letter.schema.json",
+        "undo-plan.schema.json",
+        "undo-scope.schema.json",
     ]
     assert cli.main(["schemas", "--check", "--dir", str(folder)]) == 0
     alert = folder / "alert.schema.json"

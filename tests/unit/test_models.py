@@ -16,6 +16,7 @@ from detectors.models import (
     ZScore,
     signed_expm1,
     signed_log1p,
+    t_over_z,
 )
 from detectors.spec import ZScoreSpec
 from detectors.write import Write
@@ -77,7 +78,8 @@ def test_zscore_score_is_z_over_z_plus_half_z():
     m = ZScore(half_z=4.0)
     m.learn_one(Write({"x": 0.0}))
     m.learn_one(Write({"x": 2.0}))  # mean 1, sample variance 2
-    std = math.sqrt(2.0)
+    # The predictive std of a new value: the sample's, widened for n = 2 (Student-t with 1 df, and 1 + 1/n).
+    std = math.sqrt(2.0) * t_over_z(1) * math.sqrt(1.5)
     assert m.score_one(Write({"x": 1.0 + 4.0 * std})) == pytest.approx(0.5)
     assert m.score_one(Write({"x": 1.0 - 12.0 * std})) == pytest.approx(12.0 / 16.0)
 
@@ -134,8 +136,8 @@ def test_zscore_explain_orders_by_abs_z_with_range_in_original_units():
         m.learn_one(Write({"amount": a, "items": i}))
 
     logs = [math.log1p(a) for a in amounts]
-    mu, sd = statistics.fmean(logs), statistics.stdev(logs)
-    imu, isd = statistics.fmean(items), statistics.stdev(items)
+    mu, sd = statistics.fmean(logs), statistics.stdev(logs) * t_over_z(299) * math.sqrt(1 + 1 / 300)
+    imu, isd = statistics.fmean(items), statistics.stdev(items) * t_over_z(299) * math.sqrt(1 + 1 / 300)
 
     amount_big = m.explain(Write({"items": 4.0, "amount": 1000.0}))
     assert [c.feature for c in amount_big] == ["amount", "items"]

@@ -164,3 +164,17 @@ def test_scorer_refuses_labels_that_skip_a_line():
 def test_help_lists_both_commands():
     text = sc.parser().format_help()
     assert "generate" in text and "run" in text
+
+
+def test_a_mid_stream_start_replays_only_the_events_after_it_and_reports_its_first_hour_and_day(small, tmp_path):
+    gen, _, labels = small
+    cfg = sc.load_config(gen.config)
+    out = sc.mid_stream(tmp_path, gen.events, labels, cfg, 36.0)
+    after = sum(1 for lab in labels if lab.ts_us >= sc.START_US + 36 * 3_600_000_000)
+    assert 0 < after < len(labels)
+    assert out[0].startswith(f"start mid-stream (36 h into the fleet's life, no history; {after:,} events")
+    hour = next(line for line in out if line.startswith("  first hour: "))
+    day = next(line for line in out if line.startswith("  first day : "))
+    assert "quarantines (target 0)" in hour and "quarantines (target 0)" in day
+    assert any("leaving their learning period" in line for line in out)
+    assert not (tmp_path / "events-mid-stream.jsonl").exists()
