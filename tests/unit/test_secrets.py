@@ -5,11 +5,9 @@ Every secret the config can hold is set to a distinct value; each test then look
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
-import time
 from typing import Any
 
 import psycopg
@@ -19,12 +17,13 @@ from faust.types.auth import AuthProtocol, SASLMechanism
 
 from connectors.debezium_connector import DebeziumDatabase
 from connectors.pg_enforce import EnforcementError, PostgresEnforcer, RoleMapping, connect_error_text
-from connectors.webhook import Delivery, WebhookSender, verify_headers
+from connectors.webhook import verify_headers
 from detectors.masking import MASK, ClientProperties, HttpHeaders
 from stream.app import _credentials
 from stream.config import Config, client_settings, parse_config
 from stream.enforce import postgres_enforcer
 from testbed.stack import example_config
+from tests.unit.test_webhook import deliver_once
 
 SECRETS = {
     "dsn": "pg-dsn-pw-7f3a",
@@ -186,40 +185,8 @@ def test_the_webhook_secret_and_bearer_reach_the_request() -> None:
     """The fake receiver sees the real Authorization header, and the HMAC verifies with the real secret."""
     wh = config().enforcement.webhook
     assert wh is not None
-    sent: list[tuple[dict[str, str], bytes]] = []
-
-    class Response:
-        status = 200
-        headers: dict[str, str] = {}
-
-        async def __aenter__(self) -> Response:
-            return self
-
-        async def __aexit__(self, *exc: object) -> None:
-            return None
-
-    class Session:
-        def post(self, url: str, *, data: bytes, headers: dict[str, str], **kw: Any) -> Response:
-            sent.append((headers, data))
-            return Response()
-
-        async def close(self) -> None:
-            return None
-
-    results: list[Delivery] = []
-
-    async def main() -> None:
-        sender = WebhookSender(wh, on_result=results.append, session_factory=Session)  # type: ignore[arg-type]
-        await sender.start()
-        assert sender.submit("a1:webhook", {"agent_id": "bot"})
-        deadline = time.monotonic() + 60
-        while not results:
-            assert time.monotonic() < deadline, "no outcome within 60 s"
-            await asyncio.sleep(0.01)
-        await sender.stop()
-
-    asyncio.run(main())
-    [(headers, body)] = sent
+    results, headers, body = deliver_once(wh, "a1:webhook", {"agent_id": "bot"})
+    assert [r.delivered for r in results] == [True]
     assert headers["Authorization"] == f"Bearer {SECRETS['bearer']}" and headers["X-Api-Key"] == SECRETS["api_key"]
     secret = SECRETS["webhook"].encode()
     assert verify_headers(secret, headers, body)

@@ -308,8 +308,10 @@ def test_verify_headers_returns_false_on_missing_duplicate_or_malformed_headers(
     assert result is False
 
 
-def test_the_sender_signs_the_idempotency_key_it_sends() -> None:
-    """What WebhookSender puts on the wire verifies, and only under the Idempotency-Key it sent."""
+def deliver_once(
+    wh: WebhookSettings, key: str, payload: dict[str, Any]
+) -> tuple[list[Delivery], dict[str, str], bytes]:
+    """One delivery through a real WebhookSender to a fake HTTP session: (outcomes, headers sent, body sent)."""
     sent: list[tuple[dict[str, str], bytes]] = []
 
     class Response:
@@ -333,9 +335,9 @@ def test_the_sender_signs_the_idempotency_key_it_sends() -> None:
     results: list[Delivery] = []
 
     async def main() -> None:
-        sender = WebhookSender(settings(), on_result=results.append, session_factory=Session)  # type: ignore[arg-type]
+        sender = WebhookSender(wh, on_result=results.append, session_factory=Session)  # type: ignore[arg-type]
         await sender.start()
-        assert sender.submit("a9:webhook", {"agent_id": "agent-9"})
+        assert sender.submit(key, payload)
         deadline = time.monotonic() + 60
         while not results:
             assert time.monotonic() < deadline, "no outcome within 60 s"
@@ -343,8 +345,14 @@ def test_the_sender_signs_the_idempotency_key_it_sends() -> None:
         await sender.stop()
 
     asyncio.run(main())
-    assert [r.delivered for r in results] == [True]
     [(headers, body)] = sent
+    return results, headers, body
+
+
+def test_the_sender_signs_the_idempotency_key_it_sends() -> None:
+    """What WebhookSender puts on the wire verifies, and only under the Idempotency-Key it sent."""
+    results, headers, body = deliver_once(settings(), "a9:webhook", {"agent_id": "agent-9"})
+    assert [r.delivered for r in results] == [True]
     assert headers["Idempotency-Key"] == "a9:webhook"
     assert verify_headers(SECRET, headers, body)
     assert headers["X-Writeguard-Signature"] == raw_signature(headers["X-Writeguard-Timestamp"], "a9:webhook", body)
