@@ -8,7 +8,7 @@ SYSTEM_PYTHON ?= /usr/bin/python3
 SYSVENV ?= .venv-system
 
 .PHONY: system-deps install demo demo-postgres test lint unit integration bench schemas clean quality bench-postgres \
-	test-system-python
+	test-system-python bench-undo
 
 system-deps:
 	bash scripts/system-deps
@@ -66,6 +66,11 @@ bench: system-deps install
 bench-postgres: system-deps install
 	$(PY) benchmarks/bench_postgres.py
 
+# Undo: scope of one agent's last hour on a 1,000,000-event CDC topic, then apply of a 10,000-row plan.
+bench-undo: system-deps install
+	$(PY) benchmarks/bench_undo.py
+	$(PY) benchmarks/bench_undo_apply.py
+
 schemas: install
 	$(PY) -m stream.cli schemas --write
 
@@ -73,4 +78,4 @@ clean:
 	rm -rf $(VENV) $(SYSVENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
 quality: install
-	$(PY) benchmarks/scenarios.py run
+	$(PY) benchmarks/scenarios.py run --mid-stream-seeds 8,9

@@ -39,7 +39,10 @@ Benign scenarios, labelled ``anomalous: false`` (an alert there is a false alarm
 
 - ``benign_burst``: an agent doubles its rate for an hour, with normal values (``agents/25`` of them);
 - ``new_agent``: an agent appears mid-run with normal values (``agents/20``); its first day is labelled;
-- ``traffic_spike``: the whole fleet writes x3 for an hour (day 2, 10:00-11:00 UTC).
+- ``traffic_spike``: the whole fleet writes x3 for an hour (day 2, 10:00-11:00 UTC);
+- ``nightly_batch``: an orders agent (``agents/40``, at least 2) that besides its daytime writes runs a batch
+  every night from the first on, at its own time between 01:00 and 03:00 UTC (+/- 5 minutes): 150-300 updates
+  of paid orders to shipped within 20 minutes, its first write of the night a burst of updates.
 
 Incidents, ``--per-kind`` of each (3), each in its own agent, from day 1 on (after every agent's warm-up).
 An incident agent writes nothing after its incident (in production the quarantine stops it):
@@ -119,7 +122,7 @@ SLICE_S = 300.0  # the rate is constant within a slice of commit time
 GROSS = ("amount_inflation", "mass_delete", "retry_duplicates", "first_day_rogue")
 SUBTLE = ("slow_drift", "new_category")
 INCIDENT_KINDS = GROSS + SUBTLE
-BENIGN = ("traffic_spike", "benign_burst", "new_agent")
+BENIGN = ("traffic_spike", "benign_burst", "new_agent", "nightly_batch")
 NORMAL = "normal"
 SCENARIOS = INCIDENT_KINDS + BENIGN + (NORMAL,)
 
@@ -250,6 +253,7 @@ class _Agent:
     new_id: str | None = None
     new_until: float = -1.0
     retired: bool = False
+    batch: str | None = None  # nightly_batch: its id
 
 
 _Write = tuple[str, dict[str, Any] | None, dict[str, Any] | None]  # op, before, after
@@ -295,6 +299,16 @@ class Generator:
         for k, a in enumerate(rng.sample(quiet, min(n_bursts, len(quiet)))):
             b0 = SLICE_S * int(rng.uniform(0.5 * DAY_S, self.horizon - HOUR_S) // SLICE_S)
             a.burst = (b0, b0 + HOUR_S, f"benign_burst-{k + 1}")
+        batchers = [a for a in quiet if a.table == ORDERS and a.burst is None and not a.wide]
+        for k, a in enumerate(rng.sample(batchers, min(max(2, p.agents // 40), len(batchers)))):
+            a.batch = f"nightly_batch-{k + 1}"
+            at = rng.uniform(1.0, 3.0) * HOUR_S
+            for night in range(int(self.horizon // DAY_S) + 1):
+                t0 = night * DAY_S + at + rng.uniform(-300.0, 300.0)
+                n = rng.randint(150, 300)
+                for t in sorted(t0 + rng.uniform(0.0, 1200.0) for _ in range(n)):
+                    if t < self.horizon:
+                        self._push_scripted(t, ("batch", _Incident(a.batch, "nightly_batch", a, t0), None))
 
     # -- setup --
 
@@ -401,6 +415,8 @@ class Generator:
                    "start_us": ts(a.burst[0]), "end_us": ts(a.burst[1])} for a in self.agents if a.burst),
                 *({"id": a.new_id, "scenario": "new_agent", "agent_id": a.agent_id, "table": a.table,
                    "start_us": ts(a.start_s), "labelled_until_us": ts(a.new_until)} for a in self.agents if a.new_id),
+                *({"id": a.batch, "scenario": "nightly_batch", "agent_id": a.agent_id, "table": a.table}
+                  for a in self.agents if a.batch),
             ],
         }
 
@@ -512,13 +528,13 @@ class Generator:
         self._keep(a, row)
         return "c", None, row
 
-    def _old_row(self, a: _Agent) -> dict[str, Any]:
+    def _old_row(self, a: _Agent, status: str = "delivered") -> dict[str, Any]:
         """A row of ``a``'s written before the run started (a mass delete may reach past its recent rows)."""
         self._legacy_id += 1
         if a.table == ORDERS:
             items = 1 + min(int(self.rng.expovariate(0.6)), 9)
             return {"id": self._legacy_id, "customer_id": self.rng.randint(1, 90_000),
-                    "total": round(self._amount(a) * items, 2), "items": items, "status": "delivered",
+                    "total": round(self._amount(a) * items, 2), "items": items, "status": status,
                     **self._prov(a)}
         return {"id": self._legacy_id, "customer_id": self.rng.randint(1, 90_000),
                 "category": self.rng.choices(CATEGORIES, a.mix)[0], "priority": 2, "credit": self._amount(a),
@@ -572,6 +588,9 @@ class Generator:
         if action == "retry":
             assert row is not None
             return "c", None, {**row, "id": self._next_id(a.table)}
+        if action == "batch":  # the nightly job ships paid orders, older than the run
+            before = self._old_row(a, status="paid")
+            return "u", before, {**before, "status": "shipped"}
         return "d", a.live.pop() if a.live else self._old_row(a), None
 
     def events(self) -> Iterator[tuple[bytes, Label]]:
@@ -599,7 +618,7 @@ class Generator:
                 what = self._scripted.pop(seq)
                 a = what[1].agent
                 op, before, after = self._script(what)
-                scenario, iid, anomalous = what[1].kind, what[1].id, True
+                scenario, iid, anomalous = what[1].kind, what[1].id, what[0] != "batch"
             line += 1
             ts_us = us + int(t * 1e6)
             value = self._wal.value(a.table, op, before, after, ts_us)
@@ -1188,6 +1207,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.start_mid_stream >= 0:
             log(f"replay in process from {args.start_mid_stream:g} h on, on a fresh engine ...")
             lines += ["", *mid_stream(data, events, labels, cfg, args.start_mid_stream)]
+            for seed in args.mid_stream_seeds:
+                log(f"seed {seed}: generating, then a fresh engine from {args.start_mid_stream:g} h on ...")
+                other = Path(tempfile.mkdtemp(prefix=f"scenarios-seed{seed}-"))
+                try:
+                    g = generate_to(other, Params(seed=seed, events=args.events, agents=args.agents,
+                                                  days=args.days, per_kind=args.per_kind), cfg_path)
+                    block = mid_stream(other, g.events, read_labels(g.labels), cfg, args.start_mid_stream)
+                    lines += ["", f"seed {seed}: " + block[0], *block[-4:]]
+                finally:
+                    shutil.rmtree(other, ignore_errors=True)
         lines.append(f"  total wall time {time.monotonic() - wall0:.0f} s on {os.cpu_count()} cores"
                      + (f"; data kept in {data}" if tmp is None else ""))
         print("\n".join(lines), flush=True)
@@ -1244,6 +1273,9 @@ def parser() -> argparse.ArgumentParser:
                    help="also start a fresh engine HOURS into the fleet's life (no warm-up history) and report "
                    "its first hour and day: alerts, quarantines of healthy agents, when models leave learning "
                    "(36: Tuesday noon, the fleet in full swing; a negative value skips it)")
+    r.add_argument("--mid-stream-seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                   metavar="S1,S2", help="also generate these seeds' fleets and report their start mid-stream "
+                   "(make quality: 8,9, so that the start-up figures cover three seeds)")
     r.set_defaults(func=cmd_run)
     return p
 

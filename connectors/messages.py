@@ -75,6 +75,11 @@ class Alert(_Message):
         description="The model that judged is still in its learning period (too few writes or too little time "
         "since its first): severity at most warning, and it never quarantines. Deterministic guards never learn.",
     )
+    undo_command: str | None = Field(
+        None,
+        description="On a quarantine: the `writeguard undo plan` command that computes the compensation of what the "
+        "agent wrote since its incident began (CONFIG stands for the worker's config file).",
+    )
 
 
 class EnforcementResult(BaseModel):
@@ -227,3 +232,64 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "undo-scope": Scope,
     "undo-plan": Plan,
 }
+
+
+UNDO_AGENT = "writeguard-undo"
+"""The agent that the logical decoding message of every ``writeguard undo apply`` transaction names."""
+
+
+def undo_signed_bytes(plan_id: str, tx_id: int | str) -> bytes:
+    """What an undo message's signature covers: the plan id and the transaction's 32-bit xid.
+
+    The xid is Debezium's ``source.txId``: PostgreSQL's 32-bit transaction id (``pg_current_xact_id()::xid``).
+    ``txid_current()`` and ``pg_current_xact_id()`` add the xid epoch in the high 32 bits, which is dropped: on a
+    cluster with epoch 7, Debezium 3.6.1 reported txId 728 for the transaction whose txid_current() was
+    30064771800 (7 * 2**32 + 728). Binding it makes a copied message worthless in any other transaction.
+
+    >>> undo_signed_bytes("p1", 728) == undo_signed_bytes("p1", 7 * 2**32 + 728)
+    True
+    """
+    return b"writeguard-undo-v1\n%d\n" % (int(tx_id) % 2**32) + plan_id.encode()
+
+
+def undo_signature(key: bytes, plan_id: str, tx_id: int | str) -> str:
+    """The ``signature`` of the undo message of plan ``plan_id`` in transaction ``tx_id``: ``v1=`` and hex HMAC."""
+    return "v1=" + hmac.new(key, undo_signed_bytes(plan_id, tx_id), hashlib.sha256).hexdigest()
+
+
+def verify_undo_message(keys: Sequence[bytes], body: Mapping[str, Any] | bytes | str, tx_id: int | str) -> str | None:
+    """The plan id, when ``body`` is an undo message that one of ``keys`` signed for transaction ``tx_id``; else None.
+
+    ``body`` is the message's content (JSON bytes or text, or already parsed), ``tx_id`` the transaction id of the
+    change events it came with (Debezium's ``source.txId``). Never raises, whatever the input.
+
+    >>> k = b"k" * 32
+    >>> body = {"agent_id": UNDO_AGENT, "run_id": "p1", "undo": {"plan_id": "p1", "batch": 1,
+    ...         "signature": undo_signature(k, "p1", 728)}}
+    >>> verify_undo_message([k], body, 728), verify_undo_message([k], body, 729), verify_undo_message([b"x"], body, 728)
+    ('p1', None, None)
+    """
+    import json  # here, not at the top: this block of functions is all this module adds for the undo
+
+    if isinstance(body, bytes | str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return None
+    if not isinstance(body, Mapping) or body.get("agent_id") != UNDO_AGENT:
+        return None
+    undo = body.get("undo")
+    if not isinstance(undo, Mapping):
+        return None
+    plan_id, sig = undo.get("plan_id"), undo.get("signature")
+    if not isinstance(plan_id, str) or not plan_id or not isinstance(sig, str) or body.get("run_id") != plan_id:
+        return None
+    try:
+        signed = undo_signed_bytes(plan_id, tx_id)
+    except (TypeError, ValueError):
+        return None
+    for key in keys:
+        expected = "v1=" + hmac.new(key, signed, hashlib.sha256).hexdigest()
+        if hmac.compare_digest(expected.encode(), sig.encode("utf-8", "replace")):
+            return plan_id
+    return None

@@ -71,6 +71,8 @@ class Extractor:
     ('a1', 'r9')
     >>> ex.features("u", {"amount": 10}, {"amount": 25})
     {'amount': 25.0, 'amount_change': 15.0}
+    >>> ex.features("u", {"amount": 10}, {"amount": 10})  # unchanged: no delta
+    {'amount': 10.0}
     >>> ex.categories("u", None, {"reason": "late"}) is None  # the spec names no categorical column
     True
     """
@@ -108,7 +110,9 @@ class Extractor:
             if f.delta:
                 a = as_number(lookup(after, keys))
                 b = as_number(lookup(before, keys))
-                if a is not None and b is not None and math.isfinite(d := a - b):
+                # An update that left the column as it was says nothing about the size of a change: learned as
+                # zeros, a job's thousands of status-only updates would make every real change look extreme.
+                if a is not None and b is not None and math.isfinite(d := a - b) and d != 0:
                     out[f.name] = d
                 continue
             v = as_number(lookup(row, keys))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -79,6 +80,19 @@ def t_over_z(df: int) -> float:
     return t / z
 
 
+def _widen_exact(n: int) -> float:
+    return t_over_z(n - 1) * math.sqrt(1 + 1 / n)
+
+
+# Precomputed for the first writes, where it matters and where every agent's model is scored: a table at import.
+_WIDEN = tuple(_widen_exact(n) for n in range(1, 4097))
+
+
+def _widen(n: int) -> float:
+    """Student-t over normal width at ``n`` observations, with the mean's own uncertainty: on every score."""
+    return _WIDEN[n - 1] if 0 < n <= 4096 else _widen_exact(max(n, 1))
+
+
 class ZScore:
     """Per-feature running mean and variance; the score is the largest |z| squashed into [0, 1].
 
@@ -141,7 +155,7 @@ class ZScore:
                 var = w0 * max(pooled.get(), 0.0) + (1 - w0) * var
         # The predictive range of a new value from n observations: Student-t with n-1 degrees of freedom, and
         # the mean's own uncertainty (1 + 1/n), so that 30 writes give a wider range than 3,000.
-        widen = t_over_z(int(n) - 1) * math.sqrt(1 + 1 / n)
+        widen = _widen(int(n))
         return max(math.sqrt(var) * widen, self._min_std)
 
     def _z(self, name: str, v: float) -> float | None:
@@ -765,16 +779,21 @@ class _Windows:
         self._index = -1
         self._counts: dict[str, int] = {}
 
-    def roll(self, t: float, on_close: Callable[[dict[str, int]], None], max_gap: int = 3) -> None:
+    def roll(self, t: float, on_close: Callable[[dict[str, int], float], None], max_gap: int = 3) -> None:
+        """Close the current window if ``t`` is past it: ``on_close(counts, window start)``."""
         idx = int(t // self.width)
         if self._index < 0:
             self._index = idx
         elif idx > self._index:
-            on_close(self._counts)
-            for _ in range(min(idx - self._index - 1, max_gap)):  # quiet windows are part of the baseline
-                on_close({})
+            on_close(self._counts, self._index * self.width)
+            for k in range(1, min(idx - self._index - 1, max_gap) + 1):  # quiet windows are part of the baseline
+                on_close({}, (self._index + k) * self.width)
             self._counts = {}
             self._index = idx
+
+    def start(self) -> float:
+        """Commit time (s) at which the current window began."""
+        return max(self._index, 0) * self.width
 
     def add(self, key: str) -> None:
         self._counts[key] = self._counts.get(key, 0) + 1
@@ -820,6 +839,58 @@ class EWMeanVar:
         self.var = (1 - a) * (self.var + a * d * d)
 
 
+class DailyProfile:
+    """A window statistic per hour of the day (UTC): what the agent does at this time on previous days.
+
+    ``Volume`` and ``OpMix`` judge a window against their overall baseline and, once this hour has been seen,
+    against the same hour of previous days, and call it anomalous only when it stands out from both. So a
+    nightly batch job is judged by its own previous runs, not by its daytime behaviour; its first run falls in
+    the model's learning period (which covers a day) and only warns. An hour counts from the day after its first
+    window: until then it holds only today. The same weighting as ``EWMeanVar``, kept in one flat array (24 x
+    n, mean, var, first day, as float32): about 450 bytes per detector.
+
+    >>> d = DailyProfile(alpha=0.05)
+    >>> d.update(2 * 3600.0, 300.0)
+    >>> d.get(2 * 3600.0 + 60) is None  # the same day: not yet a previous run
+    True
+    >>> for day in (1, 2):
+    ...     d.update(day * 86_400 + 2 * 3600.0, 300.0 + day)
+    >>> n, mean, var = d.get(3 * 86_400 + 2 * 3600.0 + 60)
+    >>> n, mean, round(var, 3)
+    (3.0, 301.0, 0.667)
+    """
+
+    __slots__ = ("_s", "alpha")
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self._s: array[float] | None = None  # allocated at the first closed window
+
+    @staticmethod
+    def _slot(t: float) -> int:
+        return int(t % 86_400 // 3_600) * 4
+
+    def update(self, t: float, v: float) -> None:
+        s = self._s
+        if s is None:
+            s = self._s = array("f", bytes(4 * 96))
+        i = self._slot(t)
+        if s[i] == 0:
+            s[i + 3] = t // 86_400
+        n = s[i] + 1
+        a = max(self.alpha, 1.0 / n)
+        d = v - s[i + 1]
+        s[i], s[i + 1], s[i + 2] = n, s[i + 1] + a * d, (1 - a) * (s[i + 2] + a * d * d)
+
+    def get(self, t: float) -> tuple[float, float, float] | None:
+        """(windows seen, mean, variance) at this hour of the day, or None before the first."""
+        s = self._s
+        if s is None:
+            return None
+        i = self._slot(t)
+        return None if s[i] == 0 or t // 86_400 <= s[i + 3] else (s[i], s[i + 1], s[i + 2])
+
+
 class Volume:
     """An agent's writes per window against its own learned baseline (a slowly moving mean and variance).
 
@@ -838,7 +909,7 @@ class Volume:
     True
     """
 
-    __slots__ = ("_baseline", "_win", "half_z", "max_events", "n", "warmup")
+    __slots__ = ("_baseline", "_daily", "_win", "half_z", "max_events", "n", "warmup")
 
     def __init__(
         self,
@@ -847,24 +918,34 @@ class Volume:
         half_z: float = 4.0,
         alpha: float = 0.05,
         max_events: int | None = None,
+        daily: bool = True,
     ) -> None:
         self._win = _Windows(window)
         # alpha: the weight of each closed window, so that the baseline follows daily seasonality slowly.
         self._baseline = EWMeanVar(alpha)
+        self._daily = DailyProfile(alpha) if daily else None
         self.warmup = warmup
         self.half_z = half_z
         self.max_events = max_events
         self.n = 0
 
-    def _close(self, counts: dict[str, int]) -> None:
-        self._baseline.update(float(sum(counts.values())))
+    def _close(self, counts: dict[str, int], start: float) -> None:
+        total = float(sum(counts.values()))
+        self._baseline.update(total)
+        if self._daily is not None:
+            self._daily.update(start, total)
 
     def _std(self) -> float:
         b = self._baseline
         return max(math.sqrt(b.var), math.sqrt(max(b.mean, 0.0)), 1.0)
 
     def _z(self, count: int) -> float:
-        return (count - self._baseline.mean) / self._std()
+        z = (count - self._baseline.mean) / self._std()
+        day = self._daily.get(self._win.start()) if self._daily is not None else None
+        if day is not None:
+            _, mean, var = day
+            z = min(z, (count - mean) / max(math.sqrt(var), math.sqrt(max(mean, 0.0)), 1.0))
+        return z
 
     def score_one(self, w: Write) -> float:
         self._win.roll(w.t, self._close)
@@ -885,6 +966,12 @@ class Volume:
         count = self._win.total() + 1
         high = self._baseline.mean + 3 * self._std()
         return [Contribution(f"writes_per_{self._win.width:g}s", float(count), 0.0, high, self._z(count))]
+
+
+def _share_z(share: float, mean: float, var: float, total: int) -> float:
+    # Binomial noise at this window's size, so small windows do not look extreme.
+    noise = math.sqrt(max(mean * (1 - mean), 0.01) / total)
+    return (share - mean) / max(math.sqrt(var), noise)
 
 
 class OpMix:
@@ -909,6 +996,7 @@ class OpMix:
 
     __slots__ = (
         "_baseline",
+        "_daily",
         "_tx",
         "_tx_rows",
         "_win",
@@ -929,10 +1017,12 @@ class OpMix:
         half_z: float = 4.0,
         max_rows_per_tx: int | None = None,
         alpha: float = 0.05,
+        daily: bool = True,
     ) -> None:
         self.ops = frozenset(ops)
         self._win = _Windows(window)
         self._baseline = EWMeanVar(alpha)  # of the destructive share, over windows of at least min_events
+        self._daily = DailyProfile(alpha) if daily else None
         self.warmup = warmup
         self.min_events = min_events
         self.half_z = half_z
@@ -941,11 +1031,14 @@ class OpMix:
         self._tx_rows = 0
         self.n = 0
 
-    def _close(self, counts: dict[str, int]) -> None:
+    def _close(self, counts: dict[str, int], start: float) -> None:
         total = sum(counts.values())
         if total < self.min_events:
             return  # too few writes to say anything about a share
-        self._baseline.update(counts.get("destructive", 0) / total)
+        share = counts.get("destructive", 0) / total
+        self._baseline.update(share)
+        if self._daily is not None:
+            self._daily.update(start, share)
 
     def _share_z(self, op: str) -> float:
         total = self._win.total() + 1
@@ -953,9 +1046,11 @@ class OpMix:
         if total < self.min_events or b.n < self.warmup:
             return 0.0
         share = (self._win.get("destructive") + (op in self.ops)) / total
-        # Binomial noise at this window's size, so small windows do not look extreme.
-        noise = math.sqrt(max(b.mean * (1 - b.mean), 0.01) / total)
-        return (share - b.mean) / max(math.sqrt(b.var), noise)
+        z = _share_z(share, b.mean, b.var, total)
+        day = self._daily.get(self._win.start()) if self._daily is not None else None
+        if day is not None:
+            z = min(z, _share_z(share, day[1], day[2], total))
+        return z
 
     def score_one(self, w: Write) -> float:
         self._win.roll(w.t, self._close)

@@ -64,7 +64,11 @@ class FeatureSpec(Strict):
     transform: Literal["none", "log"] = Field(
         "none", description="'log' = sign(x)*log1p(|x|): money and counts are heavy-tailed."
     )
-    delta: bool = Field(False, description="Use after - before on updates instead of the value.")
+    delta: bool = Field(
+        False,
+        description="Use after - before on updates instead of the value; an update that leaves the column "
+        "unchanged has no such feature.",
+    )
     divide_by: str | None = Field(
         None, description="Another column to divide by, e.g. total / items = a unit price (skipped when 0)."
     )
@@ -383,12 +387,17 @@ class VolumeSpec(_DetectorBase):
     half_z: float = Field(4.0, gt=0)
     alpha: float = Field(0.05, gt=0, le=1, description="Weight of each closed window in the baseline.")
     max_events: int | None = Field(None, ge=1, description="Hard ceiling per window (score 1).")
+    daily: bool = Field(
+        True,
+        description="Also compare each window with the same hour of previous days, and alert only when it stands "
+        "out from both: a nightly job is judged by its own previous runs, not by the agent's daytime behaviour.",
+    )
     severity: Severity = "warning"
     debounce: Debounce = Debounce()
     learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
-        return Volume(self.window_seconds, self.warmup, self.half_z, self.alpha, self.max_events)
+        return Volume(self.window_seconds, self.warmup, self.half_z, self.alpha, self.max_events, self.daily)
 
     def scoring(self) -> Scoring:
         # Volume scores its hard ceiling 1.0 and its baseline's z below 1.
@@ -411,12 +420,25 @@ class OpMixSpec(_DetectorBase):
     max_rows_per_tx: int | None = Field(
         None, ge=1, description="Rows one transaction may update or delete before it counts as a mass change."
     )
+    daily: bool = Field(
+        True,
+        description="Also compare each window with the same hour of previous days, and alert only when it stands "
+        "out from both: a nightly job is judged by its own previous runs, not by the agent's daytime behaviour.",
+    )
     severity: Severity = "critical"
     debounce: Debounce = Debounce(k=1, n=16)
     learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
-        return OpMix(self.ops, self.window_seconds, self.warmup, self.min_events, self.half_z, self.max_rows_per_tx)
+        return OpMix(
+            self.ops,
+            self.window_seconds,
+            self.warmup,
+            self.min_events,
+            self.half_z,
+            self.max_rows_per_tx,
+            daily=self.daily,
+        )
 
     def scoring(self) -> Scoring:
         # A mass change in one transaction scores 1.0 (a guard); the share's z scores below 1 (learned).

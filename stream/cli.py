@@ -130,11 +130,16 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def all_schemas() -> dict[str, dict[str, object]]:
+    from connectors.corrections import Correction
     from connectors.messages import PUBLISHED
+    from undo.models import ApplyReport
 
     out: dict[str, dict[str, object]] = {"config": config_json_schema()}
     for name, model in PUBLISHED.items():
         out[name] = model.model_json_schema()
+    # The undo's correction records (topic undo.corrections.topic) and `undo apply --report` files.
+    out["undo-correction"] = Correction.model_json_schema()
+    out["undo-apply-report"] = ApplyReport.model_json_schema()
     return out
 
 

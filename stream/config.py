@@ -119,6 +119,39 @@ class ControlSettings(Strict):
         return tuple(k.get_secret_value().encode() for k in (self.signing_key, *self.previous_keys))
 
 
+class UndoCorrections(Strict):
+    """Correction records of ``writeguard undo apply``: one per applied step, keyed by the row's key."""
+
+    topic: str = Field("writeguard.corrections", description="Created if missing, with topics.partitions.")
+    downstream_groups: tuple[str, ...] = Field(
+        (),
+        description="Consumer groups that read the corrections (a billing sync, a search index): `writeguard undo "
+        "status` reports a plan's fix complete once each has committed past its last correction.",
+    )
+
+
+class UndoSettings(Strict):
+    """Where ``writeguard undo apply`` writes: the database of the watched tables, its ledger, and the corrections."""
+
+    dsn: SecretStr | None = Field(
+        None,
+        description="libpq connection string of a role allowed to write the watched tables and to create the "
+        "ledger; use ${WRITEGUARD_UNDO_DSN}. `--dsn` overrides it.",
+    )
+    ledger: str = Field(
+        "writeguard.undo_ledger",
+        pattern=r"^[^.]+\.[^.]+$",
+        description="'<schema>.<table>' of the ledger, created if missing: one row per plan step and outcome.",
+    )
+    batch_size: int = Field(500, ge=1, le=10_000, description="Steps per transaction.")
+    lock_timeout_s: float = Field(
+        30.0, gt=0, description="How long a batch waits for a row another transaction holds before it fails."
+    )
+    corrections: UndoCorrections | None = Field(
+        None, description="Publish correction records after each committed batch; none: no corrections."
+    )
+
+
 class Config(Strict):
     """Top-level writeguard config."""
 
@@ -131,6 +164,9 @@ class Config(Strict):
         None,
         description="Signing of the control topic's records. Required when a table's actions use postgres or "
         "webhook; without it records are written unsigned and read unverified.",
+    )
+    undo: UndoSettings = Field(
+        default_factory=UndoSettings, description="`writeguard undo apply` and `undo status`: database, ledger."
     )
     suppressions: tuple[Suppression, ...] = Field(
         (), description="Windows of planned work: anomalies are scored and counted but not alerted on."

@@ -6,6 +6,7 @@ run the very same detection code.
 
 from __future__ import annotations
 
+import shlex
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ from datetime import UTC, datetime
 import orjson
 
 from connectors.debezium import ChangeEvent, EnvelopeError, Heartbeat, Tombstone, TransactionMarker, decode
-from connectors.messages import Alert, FeatureExplanation, TriggeringEvent
+from connectors.messages import UNDO_AGENT, Alert, FeatureExplanation, TriggeringEvent, verify_undo_message
 from detectors.engine import UNATTRIBUTED, Change, Coords, Finding, KafkaCoords, Trigger, is_reserved, role_identity
 from detectors.features import Extractor, identity
 from detectors.models import Contribution
@@ -27,6 +28,8 @@ SKIP_TRANSACTION = "transaction"
 SKIP_MESSAGE = "logical_message"
 SKIP_UNWATCHED = "unwatched_table"
 SKIP_PENDING = "awaiting_transaction_agent"  # held until its transaction's agent message arrives
+# A row of a `writeguard undo apply` transaction (its signed message): compensation, neither scored nor learned.
+SKIP_UNDO = "undo"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,8 @@ class Router:
         "_claims",
         "_prefix",
         "_tx_agents",
+        "_undo_keys",
+        "_undo_tx",
         "database_identity",
         "hold_s",
         "max_tx",
@@ -80,6 +85,7 @@ class Router:
         hold_s: float = 5.0,
         max_tx: int = 100_000,
         database_identity: bool = False,
+        undo_keys: tuple[bytes, ...] = (),
     ) -> None:
         if database_identity and message_prefix is None:
             raise ValueError("database identity needs the message prefix of the identity triggers")
@@ -95,6 +101,10 @@ class Router:
         self._tx_agents: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
         self.pending: OrderedDict[str, list[tuple[ChangeEvent, _Watched, Coords]]] = OrderedDict()
         self.ready: list[Change] = []
+        # The control signing keys: an undo message counts only with their HMAC over its plan and transaction, so
+        # an agent cannot pass its own writes off as an undo's.
+        self._undo_keys = undo_keys
+        self._undo_tx: OrderedDict[str, str] = OrderedDict()  # txId -> plan id
 
     def route(self, topic: str | None, value: bytes | None, coords: Coords) -> Change | str:
         """A Change, or the reason (SKIP_*) it is not one. Raises EnvelopeError for malformed input."""
@@ -113,6 +123,8 @@ class Router:
             hit = self._by_source.get(f"{ev.schema}.{ev.table}")
             if hit is None:
                 return SKIP_UNWATCHED
+        if ev.tx_id is not None and ev.tx_id in self._undo_tx:
+            return SKIP_UNDO
         agent, run = hit.extractor.agent(ev.op, ev.before, ev.after)
         if agent is not None and is_reserved(agent):
             agent = None  # a reserved identity is never taken from a row: it would hide a writer among the unnamed
@@ -155,6 +167,15 @@ class Router:
             raise EnvelopeError("invalid_message", "writeguard message content is not JSON") from None
         if not isinstance(body, dict):
             raise EnvelopeError("invalid_message", "writeguard message content is not a JSON object")
+        if self._undo_keys and ev.tx_id is not None and body.get("agent_id") == UNDO_AGENT:
+            plan = verify_undo_message(self._undo_keys, body, ev.tx_id)
+            if plan is not None:
+                self._undo_tx[ev.tx_id] = plan
+                if len(self._undo_tx) > self.max_tx:
+                    self._undo_tx.popitem(last=False)
+                self.pending.pop(ev.tx_id, None)  # its rows, held for an agent: compensation, not scored
+                return SKIP_MESSAGE
+            # Unsigned or signed for another transaction: a writer claiming to be the undo. Scored as what it is.
         agent = identity(body.get("agent_id"))
         if agent is not None and is_reserved(agent):
             agent = None
@@ -234,10 +255,15 @@ def _mismatch(table: str, agent: str, run: str | None, claimed: str, ts_us: int,
 def router_for(cfg: Config) -> Router:
     """The router of a config: its tables, and how agents are named (worker.agent_messages)."""
     msgs = cfg.worker.agent_messages
+    keys = cfg.control.keys() if cfg.control is not None else ()
     if msgs is None:
-        return Router(cfg.tables)
+        return Router(cfg.tables, undo_keys=keys)
     return Router(
-        cfg.tables, message_prefix=msgs.prefix, hold_s=msgs.hold_s, database_identity=msgs.identity == "database"
+        cfg.tables,
+        message_prefix=msgs.prefix,
+        hold_s=msgs.hold_s,
+        database_identity=msgs.identity == "database",
+        undo_keys=keys,
     )
 
 
@@ -298,6 +324,9 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
     elif f.scope == "table":
         tops = ", ".join(f"{c.feature.removeprefix('agent ')} {c.value:g}" for c in f.contributions[1:])
         summary = f"{f.table}: all agents together: {summarize(top) if top else ''}; top agents: {tops}"
+    undo = undo_command(f) if f.quarantine else None
+    if undo is not None:
+        summary += f"; quarantined: plan its undo with `{undo}`"
     return Alert(
         alert_id=f.alert_id,
         agent_id=f.agent_id,
@@ -329,4 +358,13 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
         actions=list(f.actions),
         quarantined=f.quarantine,
         learning=f.learning,
+        undo_command=undo,
     )
+
+
+def undo_command(f: Finding) -> str:
+    """The command that plans the undo of what the agent wrote since its incident began, shell-quoted: the agent
+    id comes from the data."""
+    first = min((t.commit_ts_us for t in f.triggers), default=f.commit_ts_us)
+    since = _ts(first).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return f"writeguard undo plan -c CONFIG --agent {shlex.quote(f.agent_id)} --since {since} -o undo-plan.json"

@@ -84,7 +84,13 @@ def run_demo(
             bootstrap_servers = broker.bootstrap_servers
             clock.say(f"Kafka ready: bootstrap.servers={bootstrap_servers}")
             broker.create_topics({topic_of(REFUNDS): 3, topic_of(ORDERS): 3})
-            config_path, prefix = EXAMPLE_CONFIG, TOPIC_PREFIX
+            # The example config, but without its day-long learning period: the demo's fleet writes for a
+            # minute, and its rogue must be stopped (the README's "A calm start" says what a deployment does).
+            data = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+            for t in data["tables"]:
+                t["learning"] = {"writes": 0, "seconds": 0}
+            config_path, prefix = workdir / "writeguard.yaml", TOPIC_PREFIX
+            config_path.write_text(yaml.safe_dump(data))
         else:
             from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 

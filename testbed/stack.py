@@ -54,6 +54,9 @@ def example_config(kafka: str, prefix: str) -> dict[str, Any]:
     data["control"] = {"signing_key": TEST_CONTROL_KEY}
     for t in data["tables"]:
         t["topic"] = f"{prefix}.{t['name']}"
+        # A test stack's fleet writes for seconds, and its rogue must be stopped: no learning period (a
+        # deployment's is a day, see the example config), unless a test asks for one.
+        t["learning"] = {"writes": 0, "seconds": 0}
         # A test stack runs a handful of agents for seconds: its population model judges from its 30th write,
         # where a deployment's waits for 20 agents and 1,000 writes (ZScoreSpec.population_agents/_writes).
         for d in t["detectors"]:

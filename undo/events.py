@@ -15,9 +15,9 @@ True
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+import msgspec
 import orjson
 
 RowOp = Literal["c", "u", "d"]
@@ -37,13 +37,15 @@ def is_placeholder(value: object) -> bool:
     return isinstance(value, str) and value in (TOAST_PLACEHOLDER, TOAST_PLACEHOLDER_B64)
 
 
-@dataclass(frozen=True, slots=True)
-class RowEvent:
+class RowEvent(msgspec.Struct, frozen=True, gc=False):
     """One committed row change (insert, update or delete) by a known writer.
 
     ``agent_id`` is None for a writer that named no agent (a human, a batch job); ``position`` says where the event
     was read (``file:line`` or ``topic/partition/offset``), for people. ``meta`` holds what the writer's logical
     decoding message said besides agent and run (an agent version, a model name), for the scope's runs.
+
+    A msgspec Struct rather than a dataclass: a scan makes one per change event, and a Struct is made in a tenth
+    of the time (gc=False: it only holds decoded JSON, which forms no cycles).
     """
 
     table: str
@@ -57,7 +59,7 @@ class RowEvent:
     run_id: str | None = None
     position: str = ""
     lsn: int | None = None
-    meta: Mapping[str, str] = field(default_factory=dict)
+    meta: Mapping[str, str] = msgspec.field(default_factory=dict)
 
     def row_id(self) -> tuple[str, str]:
         """(table, canonical key JSON): the same row whatever the key dict's order."""
@@ -70,7 +72,7 @@ def canonical_key(key: Mapping[str, Any]) -> str:
     >>> canonical_key({"b": 1, "a": "x"})
     '{"a":"x","b":1}'
     """
-    return orjson.dumps(dict(key), option=orjson.OPT_SORT_KEYS).decode()
+    return orjson.dumps(key if type(key) is dict else dict(key), option=orjson.OPT_SORT_KEYS).decode()
 
 
 def key_of(
@@ -88,13 +90,16 @@ def key_of(
     """
     if key_columns:
         row = before if op == "d" else after
-        if row is None or any(c not in row for c in key_columns):
+        if row is None:
             return None
-        return {c: row[c] for c in key_columns}
-    if isinstance(message_key, Mapping):
+        try:
+            return {c: row[c] for c in key_columns}
+        except KeyError:
+            return None
+    if type(message_key) is dict or isinstance(message_key, Mapping):
         # JsonConverter's envelope is exactly these two names; a table's own key column may be called "payload".
-        enveloped = set(message_key) == {"schema", "payload"}
+        enveloped = len(message_key) == 2 and "schema" in message_key and "payload" in message_key
         payload = message_key["payload"] if enveloped else message_key
-        if isinstance(payload, Mapping) and payload:
+        if (type(payload) is dict or isinstance(payload, Mapping)) and payload:
             return dict(payload)
     return None

@@ -199,3 +199,43 @@ class Plan(Strict):
         description="Rows the selection created and deleted again, or updated back to what they held: no step."
     )
     steps: list[Step]
+
+
+ApplyOutcome = Literal["applied", "already_applied", "precondition_failed", "key_taken", "skipped", "conflict"]
+"""What applying a step did: ``already_applied`` means an earlier run did it (the ledger says so)."""
+
+
+class StepOutcome(Strict):
+    """One step of one ``writeguard undo apply`` run."""
+
+    n: int
+    table: str
+    key: Row
+    action: Action
+    outcome: ApplyOutcome
+    detail: str | None = Field(None, description="Why a step was not applied, for people.")
+    batch: int = Field(description="The run's batch (one transaction) that took the step; 0 when it ran none.")
+
+
+class ApplyReport(Strict):
+    """What one ``writeguard undo apply`` run did (``--dry-run``: would do) to each step of a plan."""
+
+    schema_version: Literal[1] = 1
+    plan_id: str
+    dry_run: bool = Field(description="Every batch ran and was rolled back: nothing changed, the ledger neither.")
+    ledger: str
+    applied_by: str
+    started_at: datetime
+    finished_at: datetime
+    batches: int = Field(description="Transactions that ran (committed, or rolled back in a dry run).")
+    outcomes: dict[str, int] = Field(description="Outcome -> steps, over the whole plan.")
+    tables: dict[str, dict[str, int]] = Field(description="Table -> outcome -> steps.")
+    rolled_back: bool = Field(
+        False, description="An all-or-nothing plan had a step that could not be applied: nothing was committed."
+    )
+    corrections_published: int = Field(0, description="Correction records confirmed by Kafka in this run.")
+    steps: list[StepOutcome]
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()

@@ -13,15 +13,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+import orjson
+
 from detectors.engine import UNATTRIBUTED
 from detectors.features import as_number, lookup
 from detectors.spec import TableSpec
-from undo.events import RowEvent, is_placeholder
+from undo.events import TOAST_PLACEHOLDER, TOAST_PLACEHOLDER_B64, RowEvent, is_placeholder
 from undo.models import OpCounts, Row, RowScope, RunScope, Scope, Selection, TableScope, Write
 
 
@@ -70,6 +74,34 @@ def _merge(after: Mapping[str, Any], prev: Mapping[str, Any] | None) -> dict[str
     return out
 
 
+# Rows whose last image (by writers outside the selection) the scan remembers: ~0.5 KB each as compact JSON.
+MAX_KNOWN = 100_000
+_PLACEHOLDERS = (TOAST_PLACEHOLDER.encode(), TOAST_PLACEHOLDER_B64.encode())
+Packed = bytes | None
+_encode = msgspec.json.Encoder().encode
+
+
+def _pack(after: Mapping[str, Any], prev: Packed) -> Packed:
+    """An after image as compact JSON (a third of a dict's memory), TOAST placeholders filled from ``prev``.
+
+    msgspec rather than orjson: orjson's bytes keep their 4 KB output buffer allocated.
+
+    >>> _pack({"id": 1, "body": TOAST_PLACEHOLDER}, _pack({"id": 1, "body": "long"}, None))
+    b'{"id":1,"body":"long"}'
+    """
+    raw = _encode(after)
+    if any(p in raw for p in _PLACEHOLDERS):
+        raw = _encode(_merge(after, _unpack(prev)))
+    return raw
+
+
+def _unpack(packed: Packed) -> dict[str, Any] | None:
+    if packed is None:
+        return None
+    image: dict[str, Any] = orjson.loads(packed)
+    return image
+
+
 def changed_columns(first_before: Mapping[str, Any] | None, last_after: Mapping[str, Any] | None) -> list[str]:
     """The columns an update left with another value than it found, in the after image's order.
 
@@ -114,54 +146,106 @@ def _before_problems(
     return problems
 
 
-def build_scope(events: Iterable[RowEvent], selection: Selection, tables: Sequence[TableSpec]) -> Scope:
+def us_of(t: datetime) -> int:
+    """µs since the epoch of a time (UTC when it names no zone), as :meth:`Selection.matches` counts them.
+
+    >>> us_of(datetime(2026, 1, 1, 0, 0, 1, 5, tzinfo=UTC))
+    1767225601000005
+    """
+    t = t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+    return int(t.timestamp()) * 1_000_000 + t.microsecond
+
+
+def window_us(selection: Selection) -> tuple[int, int]:
+    """The selection's commit-time range in µs, [since, until): unbounded ends as the extreme integers."""
+    since = -(2**63) if selection.since is None else us_of(selection.since)
+    until = 2**63 if selection.until is None else us_of(selection.until)
+    return since, until
+
+
+def matcher(selection: Selection) -> Callable[[str | None, str | None, int], bool]:
+    """:meth:`Selection.matches`, compiled: sets and µs bounds computed once, not per event.
+
+    >>> m = matcher(Selection(agents=("a1",), until=ts(2_000)))
+    >>> m("a1", None, 1_999), m("a1", None, 2_000), m("a2", None, 1_000)
+    (True, False, False)
+    """
+    agents = frozenset(selection.agents)
+    runs = frozenset(selection.runs)
+    since, until = window_us(selection)
+    if agents and not runs:
+        return lambda agent, run, at: agent in agents and since <= at < until
+    return lambda agent, run, at: (not agents or agent in agents) and (not runs or run in runs) and since <= at < until
+
+
+def build_scope(
+    events: Iterable[RowEvent], selection: Selection, tables: Sequence[TableSpec], max_known: int = MAX_KNOWN
+) -> Scope:
     """The rows the selected writes touched, each with what others wrote to it afterwards.
 
-    ``events`` are every change of the watched tables over the window, selected or not (others' writes are how
-    conflicts are found), in commit order; they are sorted by commit time (stably, so a transaction's rows keep
-    their order) in case they were merged from several topics.
+    ``events`` are every change of the watched tables, selected or not (others' writes are how conflicts are
+    found), in commit order; an iterator is consumed once, as it comes. State is kept for the rows the selection
+    writes (their writes, images and later writes) and, for changes inside the selection's time range, the last
+    image of at most ``max_known`` rows others wrote, the most recently written, as compact JSON: when the selection
+    later writes such a row, its prior image fills in a TOAST value the agent's after image left out and checks
+    the before image. A change before ``since`` leaves nothing behind: the scan's history starts where the
+    selection does, as a Kafka read that starts at ``since`` sees it; a row without a prior image is planned from
+    its own before image, as it would be then.
     """
     specs = {t.name: t for t in tables}
-    ordered = sorted(events, key=lambda e: e.commit_ts_us)
+    match = matcher(selection)
+    since, until = window_us(selection)
     columns: dict[str, set[str]] = {}
-    known: dict[tuple[str, str], dict[str, Any] | None] = {}  # last image of rows seen outside the selection
+    known: OrderedDict[tuple[str, str], Packed] = OrderedDict()  # others' rows' last images, the recent ones
     rows: dict[tuple[str, str], _Row] = {}
-    counts: dict[str, OpCounts] = {}
+    counts: dict[str, dict[str, int]] = {}
     runs: dict[tuple[str | None, str | None], list[Any]] = {}
     selected = 0
     first: int | None = None
     last: int | None = None
-    for n, ev in enumerate(ordered):
+    n = -1
+    for n, ev in enumerate(events):
+        at = ev.commit_ts_us
+        after = ev.after
+        if at >= since and after is not None:
+            cols = columns.get(ev.table)
+            if cols is None:
+                cols = columns[ev.table] = set()
+            cols.update(after)
         rid = ev.row_id()
-        cols = columns.setdefault(ev.table, set())
-        if ev.after is not None:
-            cols.update(ev.after)
         row = rows.get(rid)
-        if not selection.matches(ev.agent_id, ev.run_id, ev.commit_ts_us):
+        if not match(ev.agent_id, ev.run_id, at):
             if row is not None:
                 row.later.append(write_of(ev))
-            else:
-                known[rid] = None if ev.after is None else _merge(ev.after, known.get(rid))
+            elif since <= at < until:
+                prev = known.pop(rid, None)  # re-inserted: the order is the order rows were last written
+                known[rid] = None if after is None else _pack(after, prev)
+                if len(known) > max_known:
+                    known.popitem(last=False)
             continue
         selected += 1
-        first = ev.commit_ts_us if first is None else first
-        last = ev.commit_ts_us
-        c = counts.get(ev.table, OpCounts())
-        counts[ev.table] = c.model_copy(update={ev.op: getattr(c, ev.op) + 1})
-        run = runs.setdefault((ev.agent_id, ev.run_id), [0, ev.commit_ts_us, ev.commit_ts_us, {}])
+        first = at if first is None else first
+        last = at
+        c = counts.get(ev.table)
+        if c is None:
+            c = counts[ev.table] = {"c": 0, "u": 0, "d": 0}
+        c[ev.op] += 1
+        run = runs.get((ev.agent_id, ev.run_id))
+        if run is None:
+            run = runs[(ev.agent_id, ev.run_id)] = [0, at, at, {}]
         run[0] += 1
-        run[2] = ev.commit_ts_us
+        run[2] = at
         run[3].update(ev.meta)
         if row is None:
-            prior = known.get(rid)
+            prior = _unpack(known.pop(rid, None))  # from here on the row's writes are the scope's: no second copy
             row = rows[rid] = _Row(ev.table, dict(ev.key), existed_before=ev.op != "c", first=ev, prior=prior)
             if ev.op != "c" and ev.before is not None:
                 row.first_before = dict(ev.before)
             row.last_after = row.first_before if prior is None else prior
         row.last_event = n
         row.writes.append(write_of(ev))
-        if ev.after is not None:
-            row.last_after = _merge(ev.after, row.last_after if row.last_after is not None else ev.before)
+        if after is not None:
+            row.last_after = _merge(after, row.last_after if row.last_after is not None else ev.before)
         else:
             row.last_after = None
         row.exists_after = ev.op != "d"
@@ -180,16 +264,19 @@ def build_scope(events: Iterable[RowEvent], selection: Selection, tables: Sequen
         )
         for r in rows.values()
     ]
+    by_table: dict[str, list[RowScope]] = {}
+    for r in scoped:
+        by_table.setdefault(r.table, []).append(r)
     return Scope(
         selection=selection,
-        events_read=len(ordered),
+        events_read=n + 1,
         events_selected=selected,
         first_commit=None if first is None else ts(first),
         last_commit=None if last is None else ts(last),
-        tables=[_table_scope(t, n, [r for r in scoped if r.table == t], specs.get(t)) for t, n in counts.items()],
+        tables=[_table_scope(t, OpCounts(**c), by_table.get(t, []), specs.get(t)) for t, c in counts.items()],
         runs=[
-            RunScope(run_id=run_id, agent_id=agent, events=n, first_commit=ts(a), last_commit=ts(b), metadata=meta)
-            for (agent, run_id), (n, a, b, meta) in runs.items()
+            RunScope(run_id=run_id, agent_id=agent, events=k, first_commit=ts(a), last_commit=ts(b), metadata=meta)
+            for (agent, run_id), (k, a, b, meta) in runs.items()
         ],
         rows=scoped,
     )

@@ -111,7 +111,7 @@ def test_schema_files_match_the_models() -> None:
     files = {p.name.removesuffix(".schema.json"): p for p in sorted(SCHEMAS.glob("*.schema.json"))}
     assert files, f"{SCHEMAS} has no *.schema.json; run `writeguard schemas --write`"
     generated = cli.all_schemas()
-    assert set(generated) == {"config", *PUBLISHED}
+    assert set(generated) == {"config", *PUBLISHED, "undo-correction", "undo-apply-report"}
     assert PUBLISHED == {
         "alert": Alert,
         "control-record": ControlRecord,
@@ -138,6 +138,8 @@ def test_schemas_write_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[
         "config.schema.json",
         "control-record.schema.json",
         "dead-letter.schema.json",
+        "undo-apply-report.schema.json",
+        "undo-correction.schema.json",
         "undo-plan.schema.json",
         "undo-scope.schema.json",
     ]
@@ -199,7 +201,7 @@ def test_build_alert_replay_coords_go_to_source(path: str, line: int, source: st
 
 
 def test_summary_names_feature_value_and_expected_range() -> None:
-    summary = build_alert(finding(), DETECTED_US).summary
+    summary = build_alert(finding(), DETECTED_US).summary.split("; quarantined: ")[0]
     assert summary == ("public.refunds: agent refund-agent-00: amount = 1,410.65 (expected 16.43 to 147.33, z=+9.3)")
 
 
@@ -222,11 +224,27 @@ def test_summary_of_a_guard_shows_the_ceiling() -> None:
         threshold=1.0,
         contributions=[Contribution("events_per_60s", 1201.0, 0.0, 1200.0)],
     )
-    assert build_alert(f, DETECTED_US).summary.endswith("events_per_60s = 1,201.00 (ceiling 1,200.00)")
+    summary = build_alert(f, DETECTED_US).summary.split("; quarantined: ")[0]
+    assert summary.endswith("events_per_60s = 1,201.00 (ceiling 1,200.00)")
 
 
 def test_summary_without_contributions_shows_the_score() -> None:
     f = finding(contributions=[])
     alert = build_alert(f, DETECTED_US)
-    assert alert.summary == "public.refunds: agent refund-agent-00: score 0.740"
+    assert alert.summary.split("; quarantined: ")[0] == "public.refunds: agent refund-agent-00: score 0.740"
     assert alert.explanation == []
+
+
+def test_a_quarantine_alert_names_the_undo_command_with_the_agent_id_shell_quoted() -> None:
+    import shlex
+
+    hostile = "evil'; rm -rf / #"
+    alert = build_alert(finding(agent_id=hostile), DETECTED_US)
+    assert alert.undo_command is not None and f"`{alert.undo_command}`" in alert.summary
+    argv = shlex.split(alert.undo_command)
+    assert argv[:3] == ["writeguard", "undo", "plan"]
+    assert argv[argv.index("--agent") + 1] == hostile
+    first = min(t.commit_ts_us for t in finding().triggers)
+    since = datetime.fromisoformat(argv[argv.index("--since") + 1])
+    assert int(since.timestamp() * 1_000_000) == first
+    assert build_alert(finding(quarantine=False), DETECTED_US).undo_command is None

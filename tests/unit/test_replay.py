@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from connectors.messages import Alert
 from stream.config import EXAMPLE_CONFIG, load_config
@@ -17,7 +18,16 @@ from stream.replay import replay
 from testbed.fleet import REFUNDS, Fleet
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = EXAMPLE_CONFIG
+
+def without_learning(tmp: Path) -> Path:
+    """The example config without its day-long learning period: these runs last minutes of commit time."""
+    data = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    for t in data["tables"]:
+        t["learning"] = {"writes": 0, "seconds": 0}
+    path = tmp / "writeguard.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
 START_US = 1_700_000_000_000_000
 NORMAL_EVENTS = 4000
 ROGUE_EVENTS = 60
@@ -26,6 +36,7 @@ ROGUE_EVENTS = 60
 @dataclass
 class Run:
     events: Path
+    config: Path
     lines: list[bytes]
     rogue: str
     rogue_lines: list[int]  # 1-based input lines written by the rogue agent while rogue
@@ -40,6 +51,7 @@ class Run:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Run:
     tmp = tmp_path_factory.mktemp("replay")
+    config = without_learning(tmp)
     fleet = Fleet(n_agents=12, seed=7)
     stream = fleet.stream(10**6, START_US)
     lines = [next(stream).value for _ in range(NORMAL_EVENTS)]
@@ -60,13 +72,13 @@ def run(tmp_path_factory) -> Run:
 
     alerts_path, scores_path = tmp / "alerts.jsonl", tmp / "scores.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "replay", str(events), "--config", str(CONFIG),
+        [sys.executable, "-m", "stream.cli", "replay", str(events), "--config", str(config),
          "--alerts", str(alerts_path), "--scores", str(scores_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     alert_lines = alerts_path.read_bytes().splitlines() if alerts_path.exists() else []
     scores = [json.loads(x) for x in scores_path.read_bytes().splitlines()] if scores_path.exists() else []
-    return Run(events, lines, agent.agent_id, rogue_lines, bad, tomb, proc,
+    return Run(events, config, lines, agent.agent_id, rogue_lines, bad, tomb, proc,
                [Alert.model_validate_json(x) for x in alert_lines], [json.loads(x) for x in alert_lines], scores)
 
 
@@ -126,7 +138,7 @@ def test_summary_mentions_the_undecodable_line(run):
 
 def test_in_process_replay_gives_the_same_alert_ids(run):
     out = io.BytesIO()
-    stats = replay(str(run.events), load_config(CONFIG), alerts_out=out)
+    stats = replay(str(run.events), load_config(run.config), alerts_out=out)
     alerts = [Alert.model_validate_json(x) for x in out.getvalue().splitlines()]
     assert [a.alert_id for a in alerts] == [a.alert_id for a in run.alerts]
     assert [(a.detector, a.triggering_events) for a in alerts] == [
@@ -135,3 +147,13 @@ def test_in_process_replay_gives_the_same_alert_ids(run):
     assert stats.alerts == len(run.alerts) and stats.quarantined == [run.rogue]
     assert dict(stats.dead_letters) == {"invalid_json": 1}
     assert dict(stats.skipped) == {"tombstone": 1}
+
+
+def test_with_the_default_learning_period_the_rogue_only_warns(run: Run) -> None:
+    """The example config as shipped: 4,000 writes over minutes are all in the models' learning period, so the
+    rogue is still alerted, as learning and at most a warning, and nobody is quarantined."""
+    out = io.BytesIO()
+    replay(str(run.events), load_config(EXAMPLE_CONFIG), alerts_out=out)
+    alerts = [Alert.model_validate_json(x) for x in out.getvalue().splitlines()]
+    assert {a.agent_id for a in alerts} == {run.rogue}, [a.summary for a in alerts]
+    assert all(a.learning and a.severity in ("info", "warning") and not a.quarantined for a in alerts), alerts

@@ -118,3 +118,48 @@ def test_memory_is_bounded_whatever_the_input() -> None:
         r.route("shop.public.refunds", row("c", tx, 5), ROW)
         r.route("shop.message", message(1000 + tx, 5, {"agent_id": "a"}), MSG)
     assert len(r.pending) <= 10 and len(r._tx_agents) <= 10
+
+
+UNDO_KEY = b"u" * 32
+
+
+def undo_body(plan: str, tx: int, key: bytes = UNDO_KEY) -> dict[str, object]:
+    from connectors.messages import UNDO_AGENT, undo_signature
+
+    return {"agent_id": UNDO_AGENT, "run_id": plan, "undo": {"plan_id": plan, "batch": 1,
+            "signature": undo_signature(key, plan, tx)}}
+
+
+def undo_router() -> Router:
+    return Router([SPEC], message_prefix="writeguard", hold_s=5.0, undo_keys=(UNDO_KEY,))
+
+
+def test_rows_of_a_signed_undo_transaction_are_neither_scored_nor_held() -> None:
+    from stream.pipeline import SKIP_UNDO
+
+    r = undo_router()
+    # A row that names no agent arrives first and waits; the undo's message then drops it.
+    assert r.route("shop.public.refunds", row("u", 41, 1_000), ROW1) == SKIP_PENDING
+    assert r.route("shop.message", message(41, 1_000, undo_body("plan-1", 41)), MSG) == SKIP_MESSAGE
+    assert not r.pending and r.ready == []
+    # Later rows of the same transaction, whatever agent their images name (a restored agent column).
+    assert r.route("shop.public.refunds", row("d", 41, 1_000, agent="rogue"), ROW2) == SKIP_UNDO
+    # Another transaction is scored as usual.
+    out = r.route("shop.public.refunds", row("c", 42, 2_000, agent="a1"), ROW)
+    assert isinstance(out, Change) and out.agent_id == "a1"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        undo_body("plan-1", 41, key=b"x" * 32),  # another key: forged
+        undo_body("plan-1", 40),  # signed for another transaction: copied
+        {"agent_id": "writeguard-undo", "run_id": "plan-1"},  # no signature at all
+    ],
+)
+def test_an_undo_message_without_a_valid_signature_exempts_nothing(body: dict[str, object]) -> None:
+    r = undo_router()
+    assert r.route("shop.message", message(41, 1_000, body), MSG) == SKIP_MESSAGE
+    out = r.route("shop.public.refunds", row("c", 41, 1_000), ROW)
+    # Scored, under the name it claimed: an agent hiding behind the undo's name is judged like any other.
+    assert isinstance(out, Change) and out.agent_id == "writeguard-undo"
