@@ -8,7 +8,7 @@ SYSTEM_PYTHON ?= /usr/bin/python3
 SYSVENV ?= .venv-system
 
 .PHONY: system-deps install demo demo-postgres test lint unit integration bench schemas clean quality bench-postgres \
-	test-system-python bench-undo
+	test-system-python bench-undo bench-failover
 
 system-deps:
 	bash scripts/system-deps
@@ -56,7 +56,7 @@ test-system-python: system-deps $(SYSVENV)/.installed
 	$(SYSVENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/integration/test_worker_smoke.py
 
 .PHONY: deploy-check
-deploy-check: install
+deploy-check: system-deps install
 	bash scripts/deploy-tools
 	$(PY) -m pytest -q tests/deploy
 
@@ -65,6 +65,10 @@ bench: system-deps install
 
 bench-postgres: system-deps install
 	$(PY) benchmarks/bench_postgres.py
+
+# Failover: SIGKILL of one of two workers to the first event the survivor scores from its partitions.
+bench-failover: system-deps install
+	$(PY) benchmarks/bench_failover.py
 
 # Undo: scope of one agent's last hour on a 1,000,000-event CDC topic, then apply of a 10,000-row plan.
 bench-undo: system-deps install

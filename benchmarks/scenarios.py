@@ -53,8 +53,12 @@ An incident agent writes nothing after its incident (in production the quarantin
   of its refunds 10-240 s later (same idempotency_key, order, amount; a new id). The duplicates are the
   anomalous events; the originals around them are labelled with the incident but not anomalous;
 - ``first_day_rogue`` (gross): a brand-new agent whose first 20-40 writes are x20 what its profile says;
+- ``multiplied_update`` (gross): an orders agent updates 10-20 of its orders, multiplying their total by 10
+  (an ordinary update ships an order, a fifth of them with a 2-15% discount);
 - ``slow_drift`` (subtle): for 24 hours the agent's amounts rise 1-3% per hour (compounded); every insert
   in that day is anomalous (so the delay counts from the drift's first, still tiny, step);
+- ``sustained_shift`` (subtle): a "wide" agent (per-write sigma 0.8-1.1) whose next 40-60 writes are x20: about
+  +3 of its own standard deviations each, so no single write stands out, but 50 in a row are unmistakable;
 - ``new_category`` (subtle): 10-30 inserts with a value the table never saw (``reason: goodwill`` or
   ``currency: USDT`` on refunds, ``category: vip_override`` on tickets), normal amounts.
 
@@ -119,8 +123,8 @@ DAY_S = 86_400.0
 HOUR_S = 3_600.0
 SLICE_S = 300.0  # the rate is constant within a slice of commit time
 
-GROSS = ("amount_inflation", "mass_delete", "retry_duplicates", "first_day_rogue")
-SUBTLE = ("slow_drift", "new_category")
+GROSS = ("amount_inflation", "mass_delete", "retry_duplicates", "first_day_rogue", "multiplied_update")
+SUBTLE = ("slow_drift", "new_category", "sustained_shift")
 INCIDENT_KINDS = GROSS + SUBTLE
 BENIGN = ("traffic_spike", "benign_burst", "new_agent", "nightly_batch")
 NORMAL = "normal"
@@ -332,11 +336,11 @@ class Generator:
             wide=wide,
         )
 
-    def _pick(self, table: str, *, busy: bool = False) -> _Agent:
+    def _pick(self, table: str, *, busy: bool = False, wide: bool = False) -> _Agent:
         cands = [
             a
             for a in self.agents
-            if a.table == table and a.start_s == 0.0 and a.incident is None and a.new_id is None and not a.wide
+            if a.table == table and a.start_s == 0.0 and a.incident is None and a.new_id is None and a.wide == wide
         ]
         if busy:  # a mass delete needs rows to delete; retries need writes to retry
             cands.sort(key=lambda a: -a.weight)
@@ -378,6 +382,16 @@ class Generator:
                 self.agents.append(a)
                 inc = _Incident(iid, kind, a, a.start_s, factor=20.0, target=rng.randint(20, 40))
                 inc.params = {"factor": 20, "writes": inc.target}
+            elif kind == "sustained_shift":
+                a = self._pick(TABLES[n % 3], wide=True)
+                inc = _Incident(iid, kind, a, rng.uniform(DAY_S, h - 8 * HOUR_S), factor=20.0,
+                                target=rng.randint(40, 60))
+                inc.params = {"factor": 20, "writes": inc.target, "sigma": round(a.sigma, 2)}
+            elif kind == "multiplied_update":
+                a = self._pick(ORDERS, busy=True)
+                inc = _Incident(iid, kind, a, rng.uniform(DAY_S, h - 12 * HOUR_S), factor=10.0,
+                                target=rng.randint(10, 20))
+                inc.params = {"factor": 10, "writes": inc.target}
             elif kind == "slow_drift":
                 a = self._pick(TABLES[n % 3])
                 start = rng.uniform(DAY_S, h - DAY_S - HOUR_S)
@@ -557,7 +571,7 @@ class Generator:
             scenario, iid = self._benign(a, t)
             return self._write(a), scenario, iid, False
         kind = inc.kind
-        if kind in ("amount_inflation", "first_day_rogue"):
+        if kind in ("amount_inflation", "first_day_rogue", "sustained_shift"):
             w = self._write(a, mult=inc.factor, create=True)
             inc.made += 1
             a.retired = inc.made >= inc.target
@@ -568,6 +582,16 @@ class Generator:
         if kind == "slow_drift":
             w = self._write(a, mult=(1.0 + inc.factor) ** ((t - inc.start_s) / HOUR_S))
             return w, kind, inc.id, w[0] == "c"
+        if kind == "multiplied_update":
+            if not a.live:
+                return self._write(a), kind, inc.id, False
+            idx = self.rng.randrange(len(a.live))
+            before = a.live[idx]
+            after = {**before, "total": round(before["total"] * inc.factor, 2)}
+            a.live[idx] = after
+            inc.made += 1
+            a.retired = inc.made >= inc.target
+            return ("u", before, after), kind, inc.id, True
         if kind == "retry_duplicates":
             w = self._write(a)
             if w[2] is not None and self.rng.random() < inc.dup_q:

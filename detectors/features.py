@@ -6,6 +6,7 @@ skipped rather than guessed at.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -51,12 +52,38 @@ def pick(path: FieldPath, op: str, before: Row | None, after: Row | None) -> Any
     return lookup(before if op == "d" else after, path.keys)
 
 
-def identity(v: Any, limit: int = 256) -> str | None:
-    """An id as text, bounded so that a hostile 10 MB value cannot become a metric label or a key."""
+ID_LIMIT = 256
+DIGEST_MARK = "~sha256:"
+# How much shorter than ``limit`` an over-long id's readable prefix is: its digest form is then ``limit + 16`` long.
+_PREFIX_CUT = len(DIGEST_MARK) + 64 - 16
+
+
+def identity(v: Any, limit: int = ID_LIMIT) -> str | None:
+    """An id as text, bounded so that a hostile 10 MB value cannot become a key, yet never merged with another.
+
+    An id longer than ``limit`` becomes its readable prefix (``limit - 56`` characters), ``~sha256:`` and the hex
+    SHA-256 of the whole id. That form is longer than ``limit``, so it equals no id kept as it is (nor the form
+    of another id, short of a SHA-256 collision), and a writer who sends it gets it digested again.
+
+    >>> identity("agent-7"), identity(42), identity(""), identity(None), identity({"a": 1})
+    ('agent-7', '42', None, None, None)
+    >>> a, b = identity("x" * 300), identity("x" * 299 + "y")
+    >>> a[:3], a[200:208], len(a), a == identity("x" * 300), a == b, identity(a) == a
+    ('xxx', '~sha256:', 272, True, False, False)
+    """
     if v is None or isinstance(v, dict | list):
         return None
-    s = v if isinstance(v, str) else str(v)
-    return s[:limit] if s else None
+    try:
+        s = v if isinstance(v, str) else str(v)
+    except ValueError:  # an integer beyond Python's 4,300-digit limit for str(): no id anyone could use
+        return None
+    if not s:
+        return None
+    if len(s) <= limit:
+        return s
+    # surrogatepass: a lone surrogate (valid in a JSON string) must digest, not raise.
+    digest = hashlib.sha256(s.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{s[: max(limit - _PREFIX_CUT, 0)]}{DIGEST_MARK}{digest}"
 
 
 class Extractor:
@@ -73,6 +100,10 @@ class Extractor:
     {'amount': 25.0, 'amount_change': 15.0}
     >>> ex.features("u", {"amount": 10}, {"amount": 10})  # unchanged: no delta
     {'amount': 10.0}
+    >>> raise_ = Extractor(TableSpec(name="public.t", topic="t", features=(
+    ...     FeatureSpec(name="limit_ratio", column="limit", relative=True, ops=("u",)),)))
+    >>> round(raise_.features("u", {"limit": 5_000}, {"limit": 50_000})["limit_ratio"], 2)  # x10
+    2.3
     >>> ex.categories("u", None, {"reason": "late"}) is None  # the spec names no categorical column
     True
     """
@@ -106,6 +137,14 @@ class Extractor:
                 # meaning for a model, and inf would not survive the JSON of the changes topic either.
                 if num is not None and den and math.isfinite(q := num / den):
                     out[f.name] = q
+                continue
+            if f.relative:
+                a = as_number(lookup(after, keys))
+                b = as_number(lookup(before, keys))
+                if a is not None and b is not None and a != b:
+                    r = math.copysign(math.log1p(abs(a)), a) - math.copysign(math.log1p(abs(b)), b)
+                    if math.isfinite(r):
+                        out[f.name] = r
                 continue
             if f.delta:
                 a = as_number(lookup(after, keys))

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from detectors.models import (
     CategoricalNovelty,
+    Cusum,
     Detector,
     DuplicateKey,
     LevelDrift,
@@ -69,10 +70,22 @@ class FeatureSpec(Strict):
         description="Use after - before on updates instead of the value; an update that leaves the column "
         "unchanged has no such feature.",
     )
+    relative: bool = Field(
+        False,
+        description="On updates, how many times the value was multiplied: sign(x)*log1p(|x|) of after minus that "
+        "of before, about log(after/before) for values well above 1, defined at 0 and across signs; a x10 raise "
+        "is 2.3 whatever the row's size. An update that leaves the column unchanged has no such feature.",
+    )
     divide_by: str | None = Field(
         None, description="Another column to divide by, e.g. total / items = a unit price (skipped when 0)."
     )
     ops: tuple[RowOp, ...] = Field(("c", "u", "r", "d"), description="Ops whose row image gives this feature.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> FeatureSpec:
+        if self.relative and (self.delta or self.divide_by is not None or self.transform != "none"):
+            raise ValueError("relative: already a log ratio; it takes no delta, divide_by or transform")
+        return self
 
 
 class Debounce(Strict):
@@ -377,6 +390,35 @@ class DriftSpec(_DetectorBase):
         return None
 
 
+class CusumSpec(_DetectorBase):
+    """A sustained shift of one feature (two-sided CUSUM on the agent's standardised values): many writes a few
+    standard deviations off, none of them extreme on its own."""
+
+    kind: Literal["cusum"] = "cusum"
+    feature: str
+    k: float = Field(1.0, gt=0, description="Allowance in standard deviations: shifts above about 2k are sought.")
+    h: float = Field(10.0, gt=0, description="Decision level: the summed excess that alerts.")
+    warmup: int = Field(30, ge=2, description="The agent's writes with the feature before it may alert.")
+    rebase: int = Field(
+        200, ge=1, description="Writes in a row past h after which the shift is the agent's new level (re-baseline)."
+    )
+    severity: Severity = "critical"
+    debounce: Debounce = Debounce(k=1, n=16)
+    learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
+
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        log = self.feature in table.log_features()
+        return Cusum(self.feature, self.k, self.h, self.warmup, log=log, rebase=self.rebase)
+
+    def scoring(self) -> Scoring:
+        return Scoring(threshold=1.0, debounce=self.debounce, learns=True, learning=self.learning)
+
+    def conflict(self, table: TableSpec) -> str | None:
+        if self.feature not in {f.name for f in table.features}:
+            return f"detector {detector_name(self)!r} names unknown feature {self.feature!r}"
+        return None
+
+
 class VolumeSpec(_DetectorBase):
     """An agent's writes per window against its own learned baseline, with an optional hard ceiling."""
 
@@ -482,6 +524,7 @@ AnyDetector = (
     | NoveltySpec
     | DuplicateSpec
     | DriftSpec
+    | CusumSpec
     | RuleSpec
     | VolumeSpec
     | OpMixSpec

@@ -37,6 +37,8 @@ from connectors.messages import (
 from detectors.engine import Change, Engine, Finding, KafkaCoords
 from stream.config import Config, client_settings, make_engine
 from stream.enforce import Enforcer
+from stream.logs import install as install_log_filters
+from stream.logs import kafka_logging, printable
 from stream.metrics import Metrics
 from stream.modelstore import ModelStore
 from stream.pipeline import build_alert, router_for
@@ -50,7 +52,7 @@ _decode_change = msgspec.json.Decoder(Change).decode
 
 def ensure_topics(cfg: Config, timeout: float = 30.0) -> None:
     """Create writeguard's own topics; the control topic is compacted so the latest state per agent wins."""
-    admin = AdminClient(client_settings(cfg))
+    admin = AdminClient(kafka_logging(client_settings(cfg)))
     t = cfg.topics
     wanted = [
         NewTopic(t.alerts, t.partitions, 1),
@@ -103,7 +105,7 @@ class ControlFollower:
             log.warning("control topic %s: no control.signing_key, records are not authenticated", cfg.topics.control)
         self._consumer = Consumer(
             {
-                **client_settings(cfg),
+                **kafka_logging(client_settings(cfg)),
                 "group.id": f"writeguard-control-{uuid.uuid4()}",  # never committed: every worker reads it all
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -122,7 +124,8 @@ class ControlFollower:
             try:
                 rec = self.check(msg.key(), value, msg.headers())
             except ControlRejected as e:
-                log.warning("ignoring control record at partition %s offset %s: %s", msg.partition(), msg.offset(), e)
+                at = (msg.partition(), msg.offset())
+                log.warning("ignoring control record at partition %s offset %s: %s", *at, printable(e))
                 if self.metrics is not None:
                     self.metrics.control_rejected.labels(e.reason).inc()
                 continue
@@ -185,6 +188,11 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
         key_serializer="raw",
         web_enabled=False,
         broker_commit_interval=cfg.worker.commit_interval_s,
+        # A dead worker's partitions move after the session timeout; a stopped one's at once (aiokafka's
+        # consumer sends LeaveGroup when Faust stops it on SIGTERM or SIGINT).
+        broker_session_timeout=cfg.worker.session_timeout_s,
+        broker_heartbeat_interval=cfg.worker.heartbeat_interval_s,
+        broker_rebalance_timeout=cfg.worker.rebalance_timeout_s,
         topic_partitions=cfg.topics.partitions,
         consumer_auto_offset_reset="earliest",
         consumer_metadata_max_age_ms=10_000,
@@ -226,7 +234,7 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
             await alerts.send(key=f.agent_id.encode(), value=alert.to_bytes())
             metrics.alerts.labels(f.table, f.detector, f.severity).inc()
             metrics.detection_lag.labels(f.table).observe(alert.lag_ms / 1000.0)
-            log.warning("ALERT %s", alert.summary)
+            log.warning("ALERT %s", printable(alert.summary))  # the summary quotes the agent id: data
             if f.quarantine:
                 await send_control(ControlRecord.quarantine(alert))
                 metrics.quarantines.labels(f.table).inc()
@@ -368,8 +376,17 @@ def run_worker(
     store = ModelStore(os.path.join(datadir, "agent-models.sqlite"))
     engine = make_engine(cfg, store)
     metrics = Metrics()
+    metrics.prime(cfg)
     port = metrics.serve(cfg.worker.metrics.host, cfg.worker.metrics.port if metrics_port is None else metrics_port)
     print(f"writeguard worker: metrics on http://{cfg.worker.metrics.host}:{port}/metrics", flush=True)
     app = build_app(cfg, engine, metrics, datadir=datadir)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker = _Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
+
+
+class _Worker(faust.Worker):
+    """Faust's worker, whose log handlers escape data and rate-limit the Kafka clients' repeated errors."""
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        super().on_setup_root_logger(logger, level)
+        install_log_filters(logger)  # mode has just replaced the root handlers: the filters go on the new ones

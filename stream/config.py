@@ -88,6 +88,38 @@ class WorkerSettings(Strict):
     fetch_max_wait_ms: int = Field(
         20, ge=1, le=1500, description="Longest a consumer fetch waits for data; bounds detection lag when idle."
     )
+    # A killed worker keeps its partitions until the group coordinator stops hearing from it: Faust's 60 s
+    # default session made a minute with nobody scoring them (measured 59.6-59.9 s).
+    session_timeout_s: float = Field(
+        6.0,
+        ge=1,
+        le=90,
+        description="Kafka session.timeout.ms, in seconds: how long the group coordinator waits without a "
+        "heartbeat before it gives a silent worker's partitions to the others. The broker accepts values "
+        "between its group.min.session.timeout.ms (6 s by default) and group.max.session.timeout.ms.",
+    )
+    heartbeat_interval_s: float = Field(
+        1.5,
+        gt=0,
+        description="Kafka heartbeat.interval.ms, in seconds: how often a worker tells the coordinator it is alive, "
+        "and so how soon it hears of a rebalance. Below session_timeout_s; Kafka advises at most a third of it.",
+    )
+    rebalance_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Kafka's rebalance timeout (rebalance.timeout.ms of the JoinGroup request), in seconds: how "
+        "long the coordinator waits for live workers to rejoin in a rebalance. A dead worker is dropped after "
+        "session_timeout_s, whatever this says.",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> WorkerSettings:
+        if self.heartbeat_interval_s >= self.session_timeout_s:
+            raise ValueError(
+                f"worker.heartbeat_interval_s ({self.heartbeat_interval_s}) must be below worker.session_timeout_s "
+                f"({self.session_timeout_s}), or the coordinator drops live workers"
+            )
+        return self
 
 
 class PostgresEnforcementSettings(Strict):

@@ -6,7 +6,12 @@ and dead-letter reasons); agent ids never become labels, so cardinality stays bo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, get_args
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from stream.config import Config
 
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -104,3 +109,33 @@ class Metrics:
     def serve(self, host: str, port: int) -> int:
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return int(server.server_port)
+
+    def prime(self, cfg: Config) -> None:
+        """Create every label set the config can produce, at 0.
+
+        A labelled series appears at its first increment, already at 1, and ``increase()`` or ``rate()`` cannot
+        see that increment: the first alert or dead letter of a kind would read as 0 on a dashboard. Known at
+        start: the tables and their detectors, the ops, the fixed reasons, the configured enforcement actions.
+        """
+        from connectors.debezium import Reason
+        from detectors.spec import detector_name
+        from stream import pipeline
+
+        for t in cfg.tables:
+            for op in ("c", "u", "d", "r", "t"):
+                self.events.labels(t.name, op)
+            for d in t.detectors:
+                for severity in ("info", "warning", "critical"):
+                    self.alerts.labels(t.name, detector_name(d), severity)
+            self.quarantines.labels(t.name)
+            self.quarantined_events.labels(t.name)
+            self.detection_lag.labels(t.name)
+        for reason in (*get_args(Reason), "internal_error", "invalid_change"):
+            self.dead_letters.labels(reason)
+        for name in dir(pipeline):
+            if name.startswith("SKIP_"):
+                self.skipped.labels(getattr(pipeline, name))
+        actions = {a for t in cfg.tables for acts in t.actions.values() for a in acts if a in ("postgres", "webhook")}
+        for action in sorted(actions):
+            for outcome in ("ok", "failed"):
+                self.enforcement.labels(action, outcome)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -203,3 +204,115 @@ def test_op_mix_flags_a_mass_update_in_one_transaction_through_the_router() -> N
         found += engine.process(ch)
     assert [f.detector for f in found] == ["op_mix"]
     assert found[0].contributions[-1].feature == "rows_changed_in_transaction"
+
+
+# --- cusum: a sustained shift -----------------------------------------------------------------------
+
+
+def _cusum_run(values: list[float], c: object) -> list[float]:
+    from detectors.models import Cusum
+
+    assert isinstance(c, Cusum)
+    out = []
+    for v in values:
+        w = Write({"amount": v})
+        out.append(c.score_one(w))
+        c.learn_one(w)
+    return out
+
+
+def test_cusum_catches_a_sustained_x20_that_no_single_write_shows_for_a_wide_agent() -> None:
+    import random
+
+    from detectors.models import Cusum, ZScore
+
+    rng = random.Random(3)
+    normal = [math.exp(rng.gauss(math.log(50), 1.0)) for _ in range(400)]  # a wide agent: sigma 1 in log space
+    shifted = [math.exp(rng.gauss(math.log(50 * 20), 1.0)) for _ in range(53)]  # x20 = +3 sigma in log space
+    z, c = ZScore(log_features={"amount"}), Cusum("amount", log=True)
+    for v in normal:
+        w = Write({"amount": v})
+        z.learn_one(w)
+    assert max(_cusum_run(normal, c)[30:]) < 1.0
+    zscores = [z.score_one(Write({"amount": v})) for v in shifted]
+    assert sum(s >= 0.6 for s in zscores) < 3  # the zscore at its example threshold (6 std) barely sees it
+    scores = _cusum_run(shifted, c)
+    assert 1.0 in scores[:10], scores[:10]
+
+
+def test_cusum_stays_quiet_on_a_long_normal_stream_and_rebases_after_a_lasting_shift() -> None:
+    import random
+
+    from detectors.models import Cusum
+
+    rng = random.Random(11)
+    c = Cusum("amount", rebase=50)
+    quiet = _cusum_run([rng.gauss(100.0, 10.0) for _ in range(20_000)], c)
+    assert max(quiet) < 1.0
+    lasting = _cusum_run([rng.gauss(150.0, 10.0) for _ in range(300)], c)
+    first = lasting.index(1.0)
+    assert first < 10
+    # After `rebase` writes past h the new level is the agent's normal: the alarm ends and stays off.
+    assert max(lasting[first + 60 :]) < 1.0, lasting[first + 60 :]
+
+
+def test_cusum_is_a_detector_kind_of_the_config() -> None:
+    spec = TableSpec.model_validate(
+        {**SPEC, "detectors": [{"kind": "cusum", "feature": "amount"}]}
+    )
+    assert spec.detectors[0].kind == "cusum"
+    with pytest.raises(ValidationError, match="unknown feature"):
+        TableSpec.model_validate({**SPEC, "detectors": [{"kind": "cusum", "feature": "nope"}]})
+
+
+# --- periodic jobs: a nightly batch judged by its own previous runs ---------------------------------
+
+
+def _nights_then_a_day_burst(
+    m: object, kind: str, days: int = 8, batch_from: int = 3
+) -> tuple[dict[int, float], float]:
+    """An agent that creates 20 rows an hour and, from day ``batch_from`` on, updates 200 rows between 02:00 and
+    02:20 every night; then, at 14:00 of day ``days``, 40 writes in ten minutes (updates for op_mix, creates for
+    volume). Returns each night's score (at the batch's 100th update) and the daytime burst's last score."""
+    from detectors.models import OpMix, Volume
+
+    assert isinstance(m, OpMix | Volume)
+    nights: dict[int, float] = {}
+    for day in range(days):
+        base = day * 86_400.0
+        for hour in range(24):
+            if hour == 2 and day >= batch_from:
+                for i in range(200):
+                    w = Write(op="u", t=base + 2 * 3600 + i * 6.0)
+                    if i == 100:
+                        nights[day] = m.score_one(w)
+                    m.learn_one(w)
+            for i in range(20):
+                m.learn_one(Write(op="c", t=base + hour * 3600 + 1_800 + i * 60.0))
+    burst = 0.0
+    for i in range(40):
+        w = Write(op="u" if kind == "op_mix" else "c", t=days * 86_400.0 + 14 * 3600 + i * 15.0)
+        burst = m.score_one(w)
+        m.learn_one(w)
+    return nights, burst
+
+
+@pytest.mark.parametrize("kind", ["op_mix", "volume"])
+def test_a_nightly_batch_is_judged_by_its_previous_runs(kind: str) -> None:
+    from detectors.models import OpMix, Volume
+
+    def make(daily: bool) -> OpMix | Volume:
+        if kind == "op_mix":
+            return OpMix(window=3600.0, warmup=24, min_events=10, daily=daily)
+        return Volume(window=3600.0, warmup=24, daily=daily)
+
+    nights, burst = _nights_then_a_day_burst(make(True), kind)
+    flat_nights, flat_burst = _nights_then_a_day_burst(make(False), kind)
+    # The job's first night stands out either way (in a deployment the learning period covers it).
+    assert nights[3] > 0.7 and flat_nights[3] > 0.7
+    # From the second night on it is compared with its own runs.
+    assert all(nights[d] < 0.4 for d in range(4, 8)), nights
+    # Without the hour-of-day profile the job looks half-anomalous every night.
+    assert all(flat_nights[d] > nights[d] + 0.1 for d in range(4, 8)), (flat_nights, nights)
+    # A daytime burst is still judged against the agent's whole day, nights included: no better, no worse.
+    assert burst == pytest.approx(flat_burst, abs=0.05), (burst, flat_burst)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -136,12 +137,12 @@ def test_huge_json_integer_is_skipped():
 # --- hostile agent ids --------------------------------------------------------------------------
 
 
-def test_huge_agent_id_is_truncated_to_256_chars():
+def test_huge_agent_id_is_bounded_and_keeps_its_digest():
     ex = Extractor(spec())
     huge = "A" * 5_000 + "B" * 5_240  # 10 KB
     agent, run = ex.agent("c", None, {"agent_id": huge, "run_id": "r" * 1000})
-    assert agent == "A" * 256
-    assert run == "r" * 256
+    assert agent == "A" * 200 + "~sha256:" + hashlib.sha256(huge.encode()).hexdigest()
+    assert run == "r" * 200 + "~sha256:" + hashlib.sha256(b"r" * 1000).hexdigest()
 
 
 @pytest.mark.parametrize("value", [{"id": "a1"}, ["a1"], [], {}, None, ""])
@@ -157,4 +158,56 @@ def test_unicode_agent_ids_are_kept(value):
 def test_scalar_agent_ids_become_text():
     assert identity(42) == "42"
     assert identity(4.5) == "4.5"
-    assert identity("x" * 300, limit=10) == "x" * 10
+    assert identity("x" * 300, limit=10) == "~sha256:" + hashlib.sha256(b"x" * 300).hexdigest()
+
+
+# --- relative change (how many times an update multiplied a column) ---------------------------------
+
+RATIO = spec(features=(FeatureSpec(name="total_ratio", column="total", relative=True, ops=("u",)),))
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (5_000.0, 50_000.0, math.log(10)),  # x10 is about log(10), whatever the size
+        (50.0, 500.0, math.log1p(500) - math.log1p(50)),
+        (0.0, 9.0, math.log1p(9)),  # from zero: defined
+        (-4.0, 4.0, 2 * math.log1p(4)),  # across signs: defined
+    ],
+)
+def test_relative_change_is_a_log_ratio_defined_at_zero_and_across_signs(
+    before: float, after: float, expected: float
+) -> None:
+    got = Extractor(RATIO).features("u", {"total": before}, {"total": after})["total_ratio"]
+    assert got == pytest.approx(expected, rel=0.01)
+
+
+def test_relative_change_skips_unchanged_columns_and_other_ops() -> None:
+    ex = Extractor(RATIO)
+    assert ex.features("u", {"total": 7.0}, {"total": 7.0}) == {}
+    assert ex.features("c", None, {"total": 7.0}) == {}
+
+
+@pytest.mark.parametrize("extra", [{"delta": True}, {"divide_by": "items"}, {"transform": "log"}])
+def test_relative_takes_no_other_transformation(extra: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="relative"):
+        FeatureSpec(name="r", column="total", relative=True, **extra)
+
+
+def test_a_tenfold_update_stands_out_where_the_raw_delta_does_not() -> None:
+    """An agent that updates rows of every size: a x10 raise of a small row is an ordinary delta, not a ratio."""
+    from detectors.models import ZScore
+    from detectors.write import Write
+
+    both = spec(features=(
+        FeatureSpec(name="total_change", column="total", delta=True, ops=("u",)),
+        FeatureSpec(name="total_ratio", column="total", relative=True, ops=("u",)),
+    ))
+    ex = Extractor(both)
+    delta, ratio = ZScore(features=["total_change"]), ZScore(features=["total_ratio"])
+    for i in range(200):
+        size = 10.0 ** (1 + i % 4)  # rows of 10 to 10,000
+        x = ex.features("u", {"total": size}, {"total": size * 0.9})  # a 10% discount
+        delta.learn_one(Write(x)), ratio.learn_one(Write(x))
+    raised = Write(ex.features("u", {"total": 20.0}, {"total": 200.0}))  # a small row, x10
+    assert delta.score_one(raised) < 0.5 < 0.6 < ratio.score_one(raised)
