@@ -31,6 +31,7 @@ class FeatureExplanation(BaseModel):
     expected_low: float | None = Field(None, description="Low end of what the model expected.")
     expected_high: float | None = Field(None, description="High end of what the model expected.")
     z: float | None = Field(None, description="Standard deviations from the agent's mean, where defined.")
+    text: str | None = Field(None, description="The finding in words, in the column's own units (the summary's).")
 
 
 class TriggeringEvent(BaseModel):

@@ -22,6 +22,7 @@ Each batch of ``batch_size`` steps is one transaction:
 6. ``pg_logical_emit_message(true, <prefix>, <json>)`` names the agent ``writeguard-undo`` and the plan, with an
    HMAC over the plan id and the transaction's 32-bit xid (:func:`connectors.messages.undo_signature`): the
    compensating writes reach Kafka attributed to the undo, and the worker can tell a genuine undo transaction.
+   It is emitted before step 3, so that it precedes the batch's rows in the WAL and in Debezium's output.
 
 Then COMMIT, or ROLLBACK in a dry run (which therefore reports exactly what would change and changes nothing, not
 even the ledger). After each commit the batch's corrections are published (:mod:`connectors.corrections`), and
@@ -580,16 +581,18 @@ def _in_transaction(run: _Run, batch: int, steps: Sequence[Step], pipelined: boo
             todo.append(s)
     if len(done) == len(steps):
         return _Batch(outcomes, None)  # nothing left to do or record
+    row = conn.execute("SELECT pg_current_xact_id()::xid::text::bigint").fetchone()
+    assert row is not None
+    tx_id = int(row[0])
+    # The message before the rows: in the WAL, so in Debezium's output and in every reader that goes in commit and
+    # LSN order (scope's merge), the transaction is known as the undo's before its first row arrives.
+    _emit(run, batch, steps, tx_id)
     present = _lock_rows(run, todo)
     outcomes.update(_execute(run, batch, todo, present, pipelined))
     if plan.all_or_nothing and any(outcomes[s.n][0] in _NOT_APPLIED for s in todo):
         raise _AllOrNothing(outcomes)
     found = _found(run, [s for s in todo if outcomes[s.n][0] in _NOT_APPLIED and s.n in present])
-    row = conn.execute("SELECT pg_current_xact_id()::xid::text::bigint").fetchone()
-    assert row is not None
-    tx_id = int(row[0])
     _record(run, batch, [s for s in steps if s.n not in done], outcomes, found, tx_id)
-    _emit(run, batch, steps, tx_id)
     return _Batch(outcomes, tx_id)
 
 

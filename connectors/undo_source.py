@@ -31,6 +31,7 @@ import msgspec
 import orjson
 
 from connectors.debezium import ChangeEvent, Decoded, EnvelopeError, decode
+from connectors.messages import UNDO_AGENT, verify_undo_message
 from detectors.engine import is_reserved
 from detectors.features import identity, lookup
 from detectors.spec import FieldPath, TableSpec
@@ -132,12 +133,16 @@ class UndoReader:
     # How long (commit time) a row without an agent waits for its transaction's message: worker.agent_messages.
     hold_s: float = 5.0
     max_held: int = 100_000  # rows held and transactions remembered: bounded, whatever the input
+    # The control signing keys: a transaction whose writeguard-undo message they signed is the undo's, whatever
+    # its rows' agent columns say (an undo restores them to the values of their earlier writer).
+    undo_keys: tuple[bytes, ...] = ()
     skipped: Counter[str] = field(default_factory=Counter)
     out_of_order: int = 0  # row changes that came after a later commit: the input was not in commit order
     first_out_of_order: str | None = None
     ready: list[RowEvent] = field(default_factory=list)
     _tables: dict[str, _Table] = field(default_factory=dict)
     _tx: OrderedDict[str, tuple[str, str | None, Mapping[str, str], int]] = field(default_factory=OrderedDict)
+    _undo: OrderedDict[str, str] = field(default_factory=OrderedDict)  # txId -> plan id
     _held: deque[_Held] = field(default_factory=deque)
     _waiting: dict[str, list[_Held]] = field(default_factory=dict)
     _now: int = -(2**63)  # the latest commit time fed
@@ -191,13 +196,15 @@ class UndoReader:
             )
         agent: str | None = None
         run: str | None = None
+        tx = ev.tx_id
         if not self.database_identity:
             agent, run = t.agent(op, before, after), t.run(op, before, after)
             if agent is not None and is_reserved(agent):
                 agent, run = None, None  # a reserved identity is never taken from a row
+        if tx is not None and self._undo and (plan := self._undo.get(tx)) is not None:
+            agent, run = UNDO_AGENT, plan
         meta = _NO_META
         wait = False
-        tx = ev.tx_id
         if agent is None and tx is not None and self.message_prefix is not None:
             known = self._tx.get(tx)
             if known is None:
@@ -226,6 +233,16 @@ class UndoReader:
             raise EnvelopeError("invalid_message", "writeguard message content is not JSON") from None
         if not isinstance(body, dict):
             raise EnvelopeError("invalid_message", "writeguard message content is not a JSON object")
+        if self.undo_keys and body.get("agent_id") == UNDO_AGENT:
+            plan = verify_undo_message(self.undo_keys, body, ev.tx_id)
+            if plan is not None:
+                self._undo[ev.tx_id] = plan
+                while len(self._undo) > self.max_held:
+                    self._undo.popitem(last=False)
+                self._tx[ev.tx_id] = (UNDO_AGENT, plan, {}, ev.commit_ts_us)
+                for h in self._waiting.pop(ev.tx_id, ()):
+                    h.event = _row_event(h, UNDO_AGENT, plan, _NO_META)
+                return
         if self.database_identity and "role" not in body:
             self.skipped["claimed_identity"] += 1  # a writer's own message: a claim, never believed
             return

@@ -32,6 +32,25 @@ class Contribution:
     expected_low: float | None
     expected_high: float | None
     z: float | None = None
+    text: str | None = None  # the finding in words and the column's units, where the numbers alone mislead
+
+
+def num(v: float) -> str:
+    """A number for people: integers without decimals, thousands separated, huge ones in exponent form.
+
+    >>> num(1201.0), num(16.4321), num(-0.5), num(3.2e9)
+    ('1,201', '16.43', '-0.50', '3.2e+09')
+    """
+    if abs(v) >= 1e6:
+        return f"{v:.3g}"
+    return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.2f}"
+
+
+OP_NAMES = {"c": "inserts", "u": "updates", "d": "deletes", "t": "truncates", "r": "snapshot reads"}
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.0f}%"
 
 
 class Detector(Protocol):
@@ -354,9 +373,13 @@ class RateCeiling:
     def _label(self) -> str:
         return f"events_per_{self.window:g}s"
 
+    def _what(self) -> str:
+        return "writes"
+
     def explain(self, w: Write) -> list[Contribution]:
         count = float(self._counter.count(w.t) + self.weight(w.op))
-        return [Contribution(self._label(), count, 0.0, float(self.max_events))]
+        text = f"{num(count)} {self._what()} in {num(self.window)} s (ceiling {num(self.max_events)})"
+        return [Contribution(self._label(), count, 0.0, float(self.max_events), text=text)]
 
 
 class OpBurstCeiling(RateCeiling):
@@ -382,6 +405,9 @@ class OpBurstCeiling(RateCeiling):
 
     def _label(self) -> str:
         return f"{'/'.join(sorted(self.ops))}_per_{self.window:g}s"
+
+    def _what(self) -> str:
+        return " and ".join(OP_NAMES.get(op, op) for op in sorted(self.ops))
 
 
 class TableCeiling:
@@ -585,10 +611,15 @@ class CategoricalNovelty:
             self.known.learn(col, v, self._max * 16)
 
     def explain(self, w: Write) -> list[Contribution]:
-        return [
-            Contribution(f"{col}={v!r} (new)", float(len(self._seen.get(col, ()))), None, None)
-            for col, v in self._new(w.categories)
-        ]
+        out = []
+        for col, v in self._new(w.categories):
+            mine = len(self._seen.get(col, ()))
+            if v not in self.known.values.get(col, ()):
+                text = f"{col}={v!r}: a value no agent of the table ever wrote"
+            else:
+                text = f"{col}={v!r}: a value this agent never wrote (it wrote {mine} other{'s' if mine != 1 else ''})"
+            out.append(Contribution(f"{col}={v!r} (new)", float(mine), None, None, text=text))
+        return out
 
 
 def _key_hash(key: str) -> int:
@@ -645,7 +676,9 @@ class DuplicateKey:
     def explain(self, w: Write) -> list[Contribution]:
         seen = self._first_seen(w)
         age = w.t - seen if seen is not None else 0.0
-        return [Contribution("seconds_since_first_use_of_key", age, self.horizon, None)]
+        ago = num(round(age, 1))
+        text = f"idempotency key applied again {ago} s after its first use (horizon {num(self.horizon)} s)"
+        return [Contribution("seconds_since_first_use_of_key", age, self.horizon, None, text=text)]
 
 
 class LevelDrift:
@@ -694,7 +727,8 @@ class LevelDrift:
         now, was = float(self._adwin.estimation), self._before
         if self._log:
             now, was = signed_expm1(now), signed_expm1(was)
-        return [Contribution(f"{self.feature}_level", now, was, was)]
+        text = f"{self.feature}: its level moved from about {num(was)} to {num(now)} (ADWIN)"
+        return [Contribution(f"{self.feature}_level", now, was, was, text=text)]
 
 
 class Cusum:
@@ -796,7 +830,11 @@ class Cusum:
         x = w.x.get(self.feature)
         nxt = self._next(self._x(w) or 0.0) if x is not None else None
         s = max(nxt) if nxt is not None else 0.0
-        return [Contribution(f"{self.feature} (sustained shift)", float(x or 0.0), lo, hi, s)]
+        text = (
+            f"{self.feature} = {num(float(x or 0.0))}, one of a run of writes off its usual {num(lo)} to {num(hi)} "
+            f"(sustained shift: summed excess {s:.1f} std, alerts at {self.h:g})"
+        )
+        return [Contribution(f"{self.feature} (sustained shift)", float(x or 0.0), lo, hi, s, text=text)]
 
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
@@ -1069,7 +1107,10 @@ class Volume:
     def explain(self, w: Write) -> list[Contribution]:
         count = self._win.total() + 1
         high = self._baseline.mean + 3 * self._std()
-        return [Contribution(f"writes_per_{self._win.width:g}s", float(count), 0.0, high, self._z(count))]
+        text = f"{num(count)} writes in {num(self._win.width)} s (usually up to {num(round(high))})"
+        return [
+            Contribution(f"writes_per_{self._win.width:g}s", float(count), 0.0, high, self._z(count), text=text)
+        ]
 
 
 def _share_z(share: float, mean: float, var: float, total: int) -> float:
@@ -1184,9 +1225,22 @@ class OpMix:
         total = self._win.total() + 1
         share = (self._win.get("destructive") + (w.op in self.ops)) / total
         label = f"{'/'.join(sorted(self.ops))}_share"
-        out = [Contribution(label, share, 0.0, self._baseline.mean, self._share_z(w.op))]
+        ops = " and ".join(OP_NAMES.get(op, op) for op in sorted(self.ops))
+        b = self._baseline
+        spread = 3 * max(math.sqrt(b.var), math.sqrt(max(b.mean * (1 - b.mean), 0.01) / total))
+        lo, hi = max(b.mean - spread, 0.0), min(b.mean + spread, 1.0)
+        text = f"{ops}: {pct(share)} of this window's {num(total)} writes (usually {pct(lo)} to {pct(hi)})"
+        out = [Contribution(label, share, lo, hi, self._share_z(w.op), text=text)]
         if self._tx_rows and self.max_rows_per_tx is not None:
-            out.append(
-                Contribution("rows_changed_in_transaction", float(self._tx_rows + 1), 0.0, float(self.max_rows_per_tx))
+            rows = float(self._tx_rows + 1)
+            tx = Contribution(
+                "rows_changed_in_transaction",
+                rows,
+                0.0,
+                float(self.max_rows_per_tx),
+                text=f"{num(rows)} rows ({ops}) in one transaction (limit {num(self.max_rows_per_tx)})",
             )
+            # The mass change is what fired when this write is part of it: say that first.
+            fired = w.tx_id is not None and w.tx_id == self._tx and rows > self.max_rows_per_tx
+            out = [tx, *out] if fired else [*out, tx]
         return out

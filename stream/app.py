@@ -203,6 +203,7 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
     msgs = cfg.worker.agent_messages
     router = router_for(cfg)
     inputs = [t.topic for t in cfg.tables] + ([msgs.topic] if msgs else [])
+    message_topic = msgs.topic if msgs else None
     cdc = app.topic(*inputs, key_serializer="raw", value_serializer="raw")
     changes = app.topic(
         cfg.topics.changes, key_serializer="raw", value_serializer="raw", partitions=cfg.topics.partitions
@@ -292,6 +293,10 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
     @app.agent(cdc)
     async def ingest(stream: Any) -> None:  # a faust.Stream: StreamT does not declare take_events
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            if message_topic is not None:
+                # A fetch interleaves the topics: a transaction's message (an agent's name, an undo's signature)
+                # is routed before the batch's rows, which it may concern. Each topic keeps its own order.
+                events = sorted(events, key=lambda e: e.message.topic != message_topic)
             for event in events:
                 await ingest_one(event)
 

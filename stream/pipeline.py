@@ -306,6 +306,8 @@ def _fmt(v: float) -> str:
 
 
 def summarize(c: Contribution) -> str:
+    if c.text is not None:
+        return c.text
     if c.expected_low is None or c.expected_high is None:
         return f"{c.feature} = {_fmt(c.value)}"
     if c.z is None:
@@ -346,6 +348,7 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
                 expected_low=c.expected_low,
                 expected_high=c.expected_high,
                 z=c.z,
+                text=c.text,
             )
             for c in f.contributions
         ],

@@ -140,6 +140,7 @@ def _scope(args: argparse.Namespace, tap: Callable[[RowEvent], None] | None = No
         database_identity=msgs is not None and msgs.identity == "database",
         message_keys=cfg.debezium is None or not cfg.debezium.key_by_agent,
         hold_s=5.0 if msgs is None else msgs.hold_s,
+        undo_keys=cfg.control.keys() if cfg.control is not None else (),
     )
     start_us = None if selection.since is None else us_of(selection.since)
     if args.events:

@@ -157,8 +157,13 @@ def start_stack(
     progress: Progress | None = None,
     edit_config: Callable[[dict[str, Any]], None] | None = None,
     loglevel: str = "info",
+    extra_ddl: str | None = None,
 ) -> Stack:
-    """Bring everything up in order (Kafka unless given, PostgreSQL, Connect + Debezium, the worker)."""
+    """Bring everything up in order (Kafka unless given, PostgreSQL, Connect + Debezium, the worker).
+
+    ``extra_ddl`` runs in the shop database once its tables and the agents' roles exist, before Debezium starts: a
+    test's own tables (and their grants); ``edit_config`` then adds them to ``tables`` for Debezium and the worker.
+    """
     say = progress or (lambda m: None)
     prefix = prefix or f"wg{uuid.uuid4().hex[:6]}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -177,6 +182,9 @@ def start_stack(
         with pg.connect(dbname="shop", autocommit=True) as c:
             c.execute(SHOP_DDL)
         create_agents(pg, agents)
+        if extra_ddl is not None:
+            with pg.connect(dbname="shop", autocommit=True) as c:
+                c.execute(extra_ddl)
         data = shop_config(kafka.bootstrap_servers, pg, prefix, agents=agents)
         if edit_config is not None:
             edit_config(data)

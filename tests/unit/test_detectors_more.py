@@ -203,7 +203,7 @@ def test_op_mix_flags_a_mass_update_in_one_transaction_through_the_router() -> N
         assert not isinstance(ch, str)
         found += engine.process(ch)
     assert [f.detector for f in found] == ["op_mix"]
-    assert found[0].contributions[-1].feature == "rows_changed_in_transaction"
+    assert found[0].contributions[0].feature == "rows_changed_in_transaction"  # what fired, first
 
 
 # --- cusum: a sustained shift -----------------------------------------------------------------------

@@ -401,3 +401,35 @@ def test_out_of_order_input_is_warned_about(tmp_path, capsys) -> None:
     config.write_text(CONFIG)
     assert cli.main(["scope", "--events", str(events), "-c", str(config), "--since", "2026-01-01T00:00:00Z"]) == 0
     assert f"1 row changes came after a later commit (first at {events}:3)" in capsys.readouterr().err
+
+
+def test_rows_of_a_signed_undo_transaction_are_the_undos_whatever_their_agent_column_says() -> None:
+    import base64
+    import json
+
+    from connectors.messages import UNDO_AGENT, undo_signature
+    from connectors.undo_source import UndoReader
+    from detectors.spec import TableSpec
+
+    key = b"k" * 32
+
+    def msg(tx: int, signing: bytes) -> bytes:
+        body = {"agent_id": UNDO_AGENT, "run_id": "plan-1",
+                "undo": {"plan_id": "plan-1", "batch": 1, "signature": undo_signature(signing, "plan-1", tx)}}
+        content = base64.b64encode(json.dumps(body).encode()).decode()
+        return json.dumps({"op": "m", "source": {"ts_ms": 5, "txId": tx},
+                           "message": {"prefix": "wg", "content": content}}).encode()
+
+    def row(tx: int, i: int) -> bytes:
+        # An undo's delete of a row the rogue created: the before image names the rogue.
+        return json.dumps({"op": "d", "before": {"id": i, "agent_id": "rogue"}, "after": None,
+                           "source": {"schema": "public", "table": "t", "ts_ms": 5, "txId": tx}}).encode()
+
+    spec = TableSpec(name="public.t", topic="db.public.t", key_columns=("id",))
+    r = UndoReader([spec], message_prefix="wg", undo_keys=(key,))
+    r.feed(None, msg(9, key), "f:1")
+    r.feed(None, row(9, 1), "f:2")
+    r.feed(None, msg(10, b"x" * 32), "f:3")  # signed with another key: a writer posing as the undo
+    r.feed(None, row(10, 2), "f:4")
+    got = {e.key["id"]: (e.agent_id, e.run_id) for e in [*r.take(), *r.finish()]}
+    assert got == {1: (UNDO_AGENT, "plan-1"), 2: ("rogue", None)}, got
