@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from river import drift, stats
+from river import stats
 
 from detectors.write import Write
 
@@ -702,6 +702,9 @@ class LevelDrift:
     def __init__(self, feature: str, delta: float = 0.002, warmup: int = 100, log: bool = False) -> None:
         self.feature = feature
         self._log = log  # watch the level of sign(x)*log1p(|x|): heavy tails would hide a drift
+        # Imported here: river.drift also loads KSWIN and with it scipy.stats, 1.4 s that every command would pay.
+        from river import drift
+
         self._adwin = drift.ADWIN(delta=delta)  # type: ignore[no-untyped-call]
         self._drifted = False
         self._before = 0.0

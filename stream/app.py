@@ -52,7 +52,9 @@ _decode_change = msgspec.json.Decoder(Change).decode
 
 def ensure_topics(cfg: Config, timeout: float = 30.0) -> None:
     """Create writeguard's own topics; the control topic is compacted so the latest state per agent wins."""
-    admin = AdminClient(kafka_logging(client_settings(cfg)))
+    # librdkafka's own stderr logging here: with a Python logger its lines are only delivered when the client
+    # is polled, which list_topics does not do, so a start that fails (wrong password) would not say why.
+    admin = AdminClient(client_settings(cfg))
     t = cfg.topics
     wanted = [
         NewTopic(t.alerts, t.partitions, 1),
