@@ -8,7 +8,7 @@ SYSTEM_PYTHON ?= /usr/bin/python3
 SYSVENV ?= .venv-system
 
 .PHONY: system-deps install demo demo-postgres test lint unit integration bench schemas clean quality bench-postgres \
-	test-system-python bench-undo bench-failover
+	test-system-python bench-undo bench-failover bench-checkpoints
 
 system-deps:
 	bash scripts/system-deps
@@ -65,6 +65,10 @@ bench: system-deps install
 
 bench-postgres: system-deps install
 	$(PY) benchmarks/bench_postgres.py
+
+# Durable state: restore of 100,000 checkpointed agents, checkpoint cost, `writeguard learn` events/s.
+bench-checkpoints: system-deps install
+	$(PY) benchmarks/bench_checkpoints.py
 
 # Failover: SIGKILL of one of two workers to the first event the survivor scores from its partitions.
 bench-failover: system-deps install

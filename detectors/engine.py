@@ -9,9 +9,10 @@ from __future__ import annotations
 import pickle
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 
 import msgspec
 
@@ -201,7 +202,9 @@ class _Table:
     # The longest learning period of its statistical detectors: a model set learns until all of them have passed.
     learn_writes: int = 0
     learn_us: int = 0
-    learning: int = 0  # model sets of this table still learning (in memory or checkpointed)
+    learning: int = 0  # model sets of this table still learning, in memory
+    # Agents whose model set is in the engine's store and still learning: with ``learning``, the learning count.
+    stored_learning: set[str] = field(default_factory=set)
     last_us: int = 0  # the latest commit time seen, for the population models' learning period
 
 
@@ -358,6 +361,7 @@ class Engine:
         suppressions: Sequence[Suppression] = (),
         max_states: int | None = None,
         store: MutableMapping[str, bytes] | None = None,
+        track_dirty: bool = False,
     ) -> None:
         self.tables: dict[str, _Table] = {t.name: compile_table(t) for t in tables}
         # Least recently active last-touched order: evicting the head frees the agents idle the longest.
@@ -371,6 +375,8 @@ class Engine:
         self.store: MutableMapping[str, bytes] = store if store is not None else {}
         self.evicted = 0
         self.restored = 0
+        # (table, agent) model sets changed since the last take_dirty(), oldest first: what a checkpoint writes.
+        self.dirty: dict[tuple[str, str], None] | None = {} if track_dirty else None
 
     def _state(self, tab: _Table, key: tuple[str, str]) -> _AgentState:
         st = self.states.get(key)
@@ -379,12 +385,16 @@ class Engine:
                 self.states.move_to_end(key)
             return st
         # Only get and del: a dbm object (whichever module the Python build has) lacks pop and most of the rest.
+        # The store holds evicted model sets and those preloaded from checkpoints, whatever max_states says.
         skey = _store_key(key)
-        blob = self.store.get(skey) if self.max_states is not None else None
+        blob = self.store.get(skey)
         if blob is not None:
             del self.store[skey]
-            st = pickle.loads(blob)  # noqa: S301 - our own checkpoint, written by _evict below
+            st = pickle.loads(blob)  # noqa: S301 - our own checkpoint (_evict, or a verified one from preload)
             _relink(st, tab)
+            tab.stored_learning.discard(key[1])
+            if st.learning:
+                tab.learning += 1
             self.restored += 1
         else:
             st = _AgentState(tab.plans)
@@ -398,7 +408,7 @@ class Engine:
 
     def _held(self, tab: _Table, key: tuple[str, str]) -> _AgentState | None:
         """The agent's state in memory or in the store of evicted ones; None if it never wrote to the table."""
-        if key in self.states or (self.max_states is not None and self.store.get(_store_key(key)) is not None):
+        if key in self.states or self.store.get(_store_key(key)) is not None:
             return self._state(tab, key)
         return None
 
@@ -406,8 +416,149 @@ class Engine:
         assert self.max_states is not None
         while len(self.states) > self.max_states:
             key, st = self.states.popitem(last=False)
-            self.store[_store_key(key)] = pickle.dumps(_detached(st, self.tables[key[0]]), protocol=5)
+            tab = self.tables[key[0]]
+            if st.learning:
+                tab.learning -= 1
+                tab.stored_learning.add(key[1])
+            self.store[_store_key(key)] = pickle.dumps(_detached(st, tab), protocol=5)
             self.evicted += 1
+
+    # Checkpoints: the worker writes the model sets that changed to a topic and preloads them on another worker.
+
+    def take_dirty(self, limit: int | None = None) -> list[tuple[str, str]]:
+        """The (table, agent) keys whose model set changed since they were last taken, oldest first, at most
+        ``limit`` of them (needs ``track_dirty``); the others stay, and a key that changes again goes last."""
+        if not self.dirty:
+            return []
+        if limit is None or limit >= len(self.dirty):
+            keys = list(self.dirty)
+            self.dirty.clear()
+            return keys
+        keys = list(islice(self.dirty, limit))
+        for key in keys:
+            del self.dirty[key]
+        return keys
+
+    def checkpoint(self, key: tuple[str, str]) -> tuple[bytes, bool] | None:
+        """The model set of ``key`` as a blob that :meth:`preload` takes, and whether it is still learning;
+        None if the engine holds none (it never wrote to the table, or was forgotten)."""
+        tab = self.tables.get(key[0])
+        if tab is None:
+            return None
+        st = self.states.get(key)
+        if st is not None:
+            blob = pickle.dumps(_detached(st, tab), protocol=5)
+            _relink(st, tab)  # _detached takes the shared parts out of the live state: put them back
+            return blob, st.learning
+        stored = self.store.get(_store_key(key))
+        if stored is None:
+            return None
+        return stored, key[1] in tab.stored_learning
+
+    def preload(self, items: Iterable[tuple[tuple[str, str], bytes, bool]]) -> int:
+        """Put checkpointed model sets (key, blob, learning) in the store, where an agent's first event finds
+        them; a key whose model set is in memory keeps it (it is at least as recent). Returns how many were put.
+
+        The blobs are unpickled: only checkpoints this engine's code wrote, read from a trusted (signed) source.
+        """
+        put: dict[str, bytes] = {}
+        for key, blob, learning in items:
+            tab = self.tables.get(key[0])
+            if tab is None or key in self.states:
+                continue
+            put[_store_key(key)] = blob
+            if learning:
+                tab.stored_learning.add(key[1])
+            else:
+                tab.stored_learning.discard(key[1])
+        many = getattr(self.store, "put_many", None)
+        if many is not None:
+            many(put.items())  # one transaction for the lot (stream.modelstore.ModelStore)
+        else:
+            self.store.update(put)
+        return len(put)
+
+    def forget(self, agent_ids: Iterable[str]) -> int:
+        """Drop every model set of these agents from memory and the store (their partition moved to another
+        worker, which restores them from their checkpoints). Returns how many model sets were dropped."""
+        dropped = 0
+        for agent in agent_ids:
+            for name, tab in self.tables.items():
+                key = (name, agent)
+                st = self.states.pop(key, None)
+                if st is not None:
+                    dropped += 1
+                    if st.learning:
+                        tab.learning -= 1
+                skey = _store_key(key)
+                if self.store.get(skey) is not None:
+                    del self.store[skey]
+                    dropped += st is None
+                tab.stored_learning.discard(agent)
+                if self.dirty is not None:
+                    self.dirty.pop(key, None)
+        return dropped
+
+    def table_version(self, name: str) -> int:
+        """Grows whenever the table's shared models learn: a table checkpoint is due when it has changed."""
+        tab = self.tables[name]
+        return sum(p.population_n[0] for p in tab.plans) + tab.known.n
+
+    def table_checkpoint(self, name: str) -> bytes:
+        """The table's population models and categorical values (what every agent's model set links to)."""
+        tab = self.tables[name]
+        pops = [
+            (i, p.name, p.population, p.population_n[0], p.population_first_us, p.population_seen)
+            for i, p in enumerate(tab.plans)
+            if p.population is not None
+        ]
+        return pickle.dumps((pops, tab.known, tab.last_us), protocol=5)
+
+    def restore_table(self, name: str, blob: bytes) -> bool:
+        """Take a table checkpoint's population models and values if this engine's are colder (it has learned
+        fewer writes) and none of the table's model sets is in memory (they link to the models replaced)."""
+        tab = self.tables.get(name)
+        if tab is None or any(k[0] == name for k in self.states):
+            return False
+        pops, known, last_us = pickle.loads(blob)  # noqa: S301 - a verified checkpoint of this code (preload)
+        theirs = sum(n for _, _, _, n, _, _ in pops) + known.n if isinstance(known, TableValues) else -1
+        if theirs <= self.table_version(name):
+            return False
+        for i, pname, pop, n, first, seen in pops:
+            if i >= len(tab.plans) or tab.plans[i].name != pname:
+                continue  # the table's detectors changed since: that plan starts afresh
+            plan = tab.plans[i]
+            if plan.population is None or type(pop) is not type(plan.population):
+                continue
+            plan.population, plan.population_n[0], plan.population_first_us, plan.population_seen = pop, n, first, seen
+        for attr in TableValues.__slots__:
+            setattr(tab.known, attr, getattr(known, attr))  # in place: the plans' factories hold this object
+        tab.last_us = max(tab.last_us, last_us)
+        return True
+
+    def learn(self, ch: Change) -> int:
+        """Learn-only (``writeguard learn``): score and learn ``ch`` as :meth:`process` does, but alert nobody:
+        no quarantine is kept and no incident stays open, so later writes are learned and a live worker that
+        restores the model set alerts an ongoing incident afresh. Returns how many findings were dropped.
+
+        >>> from detectors.spec import TableSpec, FeatureSpec, Learning, ZScoreSpec
+        >>> spec = TableSpec(name="public.refunds", topic="shop.public.refunds",
+        ...                  features=(FeatureSpec(name="amount", column="amount", transform="log"),),
+        ...                  detectors=(ZScoreSpec(warmup=5),), learning=Learning(writes=0, seconds=0))
+        >>> eng = Engine([spec])
+        >>> def ch(i: int, amount: float) -> Change:
+        ...     return Change("public.refunds", "c", "a1", None, {"amount": amount}, i, KafkaCoords("t", 0, i))
+        >>> _ = [eng.learn(ch(i, 10.0 + i % 3)) for i in range(30)]
+        >>> [eng.learn(ch(30 + i, 1e6)) for i in range(3)], eng.quarantined
+        ([0, 1, 1], {})
+        """
+        findings = self.process(ch)
+        if findings:
+            self.quarantined.pop(ch.agent_id, None)
+            st = self.states.get((ch.table, ch.agent_id))
+            if st is not None:
+                st.open = st.lopen = 0
+        return len(findings)
 
     def table(self, name: str) -> _Table | None:
         return self.tables.get(name)
@@ -419,6 +570,8 @@ class Engine:
             return self._mismatch(tab, ch)
         key = (ch.table, ch.agent_id)
         st = self._state(tab, key)
+        if self.dirty is not None:
+            self.dirty[key] = None
         st.n += 1
         now = ch.commit_ts_us
         if st.n == 1:
@@ -657,6 +810,8 @@ class Engine:
                 st = self._held(tab, (name, agent_id))
                 if st is None:
                     continue
+                if self.dirty is not None:
+                    self.dirty[(name, agent_id)] = None
                 if false_positive and st.recent is not None:
                     for i, p in enumerate(tab.plans):
                         if not p.learned:
@@ -694,7 +849,7 @@ class Engine:
                 and p.learns
                 and (not p.population_ready() or p.population_learning(tab.last_us))
             )
-            counts[name] = tab.learning + pops
+            counts[name] = tab.learning + len(tab.stored_learning) + pops
         return counts
 
     def models_by_table(self) -> Mapping[str, int]:

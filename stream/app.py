@@ -17,7 +17,7 @@ import os
 import ssl
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import faust
 import msgspec
@@ -35,6 +35,7 @@ from connectors.messages import (
     verify_control,
 )
 from detectors.engine import Change, Engine, Finding, KafkaCoords
+from stream.checkpoints import Checkpointer
 from stream.config import Config, client_settings, make_engine
 from stream.enforce import Enforcer
 from stream.logs import install as install_log_filters
@@ -46,6 +47,7 @@ from stream.pipeline import build_alert, router_for
 log = logging.getLogger("writeguard.worker")
 BATCH = 500
 BATCH_WITHIN_S = 0.005
+CHECKPOINT_SHARE = 0.05  # of each checkpoint interval, at most, spent serialising model sets
 _encode = msgspec.json.Encoder().encode
 _decode_change = msgspec.json.Decoder(Change).decode
 
@@ -61,6 +63,8 @@ def ensure_topics(cfg: Config, timeout: float = 30.0) -> None:
         NewTopic(t.dead_letter, t.partitions, 1),
         NewTopic(t.changes, t.partitions, 1),
         NewTopic(t.control, t.partitions, 1, config={"cleanup.policy": "compact"}),
+        # Partitioned like the changes topic: models partition p holds the agents of changes partition p.
+        NewTopic(t.models, t.partitions, 1, config={"cleanup.policy": "compact"}),
     ]
     existing = admin.list_topics(timeout=timeout).topics
     todo = [n for n in wanted if n.topic not in existing]
@@ -215,6 +219,7 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
     dlq = app.topic(cfg.topics.dead_letter, key_serializer="raw", value_serializer="raw")
     follower: list[ControlFollower] = []
     sample = [0]
+    ckpt = _checkpointer(app, cfg, engine)
 
     signing_key = cfg.control.keys()[0] if cfg.control is not None else None
 
@@ -308,6 +313,12 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
         async def detect(stream: Any) -> None:
             async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
                 for event in events:
+                    part = event.message.partition
+                    if ckpt is not None and not ckpt.ready(part):
+                        # Its agents' checkpoints first: a model set scored cold would learn a rogue's writes.
+                        await ckpt.wait(part)
+                        if part not in ckpt.owned:
+                            continue  # revoked meanwhile: its new owner reads it from the committed offset
                     try:
                         ch = _decode_change(event.value)
                     except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -316,6 +327,8 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
                         metrics.dead_letters.labels("invalid_change").inc()
                         await dlq.send(key=event.key, value=dead)
                         continue
+                    if ckpt is not None:
+                        ckpt.seen(ch.agent_id, part)
                     findings = score(ch)
                     if findings:
                         await publish(findings)
@@ -354,6 +367,51 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
                     metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(end - read - 1, 0))
 
     return app
+
+
+def _checkpointer(app: faust.App, cfg: Config, engine: Engine) -> Checkpointer | None:
+    """Checkpoints to ``topics.models`` and restores before scoring (stream.checkpoints), hooked into Faust's
+    rebalance signals; None when ``worker.checkpoint_interval_s`` is null or there is no changes hop."""
+    interval = cfg.worker.checkpoint_interval_s
+    if interval is None:
+        return None
+    if not cfg.worker.repartition:
+        log.warning("worker.repartition is off: model sets are not checkpointed (they follow changes partitions)")
+        return None
+    if engine.dirty is None:
+        engine.dirty = {}
+    ckpt = Checkpointer(cfg, engine)
+    changes = cfg.topics.changes
+
+    async def flush_all() -> None:
+        n = ckpt.flush()
+        left = await asyncio.get_running_loop().run_in_executor(None, ckpt.writer.flush, 30.0)
+        if left:
+            log.error("%d checkpoints not acknowledged by %s", left, cfg.topics.models)
+        log.info("checkpointed %d model sets", n)
+
+    # Faust sends these from its rebalance: revoked first (our last checkpoints go out before the partitions'
+    # new owner reads them), then assigned. The restore itself is a task: the detect agent waits for it.
+    async def on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await flush_all()
+
+    async def on_assigned(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        ckpt.assigned({tp.partition for tp in args[0] if tp.topic == changes})
+
+    async def on_shutdown(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await flush_all()
+
+    # mode's stubs do not accept an async receiver with these keywords, though its Signal.send awaits one.
+    app.on_partitions_revoked.connect(cast(Any, on_revoked))
+    app.on_partitions_assigned.connect(cast(Any, on_assigned))
+    app.on_before_shutdown.connect(cast(Any, on_shutdown))
+
+    @app.timer(interval)
+    async def checkpoint() -> None:
+        # At most CHECKPOINT_SHARE of the worker's time goes to pickling: the rest wait for the next round.
+        ckpt.flush(budget_s=interval * CHECKPOINT_SHARE)
+
+    return ckpt
 
 
 def _dead_letter(reason: str, detail: str, msg: Any, key: bytes | None, value: bytes | None) -> bytes:

@@ -49,6 +49,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    from stream.app import ensure_topics
+    from stream.learn import learn, parse_since
+
+    cfg = _config(args)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as e:
+        print(f"writeguard learn: --since: {e}", file=sys.stderr)
+        return 2
+    ensure_topics(cfg)  # the models topic, compacted and partitioned like the changes topic
+    try:
+        learn(cfg, events=args.events, since_s=since, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    except OSError as e:
+        print(f"writeguard learn: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     from confluent_kafka import Producer
 
@@ -258,6 +277,19 @@ def parser() -> argparse.ArgumentParser:
         help="one JSON line per scored event and detector: line, table, agent_id, op, detector, score",
     )
     r.set_defaults(func=cmd_replay)
+
+    lrn = sub.add_parser(
+        "learn",
+        help="learn the agents' models from history (no alerts) and write them to the models topic",
+        description="Warm start: run the worker's detectors learn-only over past changes, from a JSONL file of "
+        "Debezium message values or from the CDC topics by time, and write every (table, agent) model set to "
+        "topics.models, where workers restore them. Run it before the first workers start.",
+    )
+    src = lrn.add_mutually_exclusive_group(required=True)
+    src.add_argument("--events", metavar="FILE.jsonl", help="one Debezium message value per line, in commit order")
+    src.add_argument("--since", metavar="AGE", help="read the CDC topics from this long ago to now: 7d, 12h, 30m")
+    with_config(lrn)
+    lrn.set_defaults(func=cmd_learn)
 
     rel = sub.add_parser("release", help="release a quarantined agent (writes to the control topic)")
     rel.add_argument("agent", metavar="AGENT_ID")

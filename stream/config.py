@@ -47,7 +47,22 @@ class TopicSettings(Strict):
     control: str = Field("writeguard.control", description="Compacted; keyed by agent id.")
     dead_letter: str = "writeguard.dlq"
     changes: str = Field("writeguard.changes", description="Internal: change summaries keyed by agent id.")
+    models: str = Field(
+        "writeguard.models",
+        description="Compacted: the (table, agent) model sets' checkpoints, keyed by table and agent id, each in the "
+        "partition of the changes topic that carries the agent's events. Filled by workers and `writeguard learn`. "
+        "Default: next to the changes topic ('<prefix>.changes' gives '<prefix>.models').",
+    )
     partitions: int = Field(6, ge=1, description="Partitions of the topics writeguard creates.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_beside_changes(cls, data: Any) -> Any:
+        # Model sets belong to the agents of one changes topic: two deployments (or test stacks) that name their
+        # own changes topic must not restore each other's agents from a shared default models topic.
+        if isinstance(data, dict) and "models" not in data and isinstance(changes := data.get("changes"), str):
+            data = {**data, "models": f"{changes.removesuffix('.changes')}.models"}
+        return data
 
 
 class MetricsSettings(Strict):
@@ -85,6 +100,12 @@ class WorkerSettings(Strict):
         "checkpointed to the data folder and restored when the agent writes again. null: no limit.",
     )
     commit_interval_s: float = Field(1.0, gt=0, description="Faust broker_commit_interval.")
+    checkpoint_interval_s: float | None = Field(
+        5.0,
+        gt=0,
+        description="How often the model sets that changed are checkpointed to topics.models, from which a worker "
+        "restores its partitions' agents before it scores them. null: no checkpoints, models start cold.",
+    )
     fetch_max_wait_ms: int = Field(
         20, ge=1, le=1500, description="Longest a consumer fetch waits for data; bounds detection lag when idle."
     )
