@@ -78,10 +78,10 @@ def cmd_release(args: argparse.Namespace) -> int:
         EnforcementResult,
         sign_control,
     )
+    from detectors.features import typed_identity
     from stream.enforce import NotRestorable, read_control_state, revocation_to_restore, undo_enforcement
-    from stream.undo_cli import _agent_id
 
-    args.agent = _agent_id(args.agent)  # the worker's name for it: an over-long id in its digest form
+    args.agent = typed_identity(args.agent)  # the worker's name for it: an over-long id in its digest form
     cfg = _config(args)
     by = args.by or f"{getpass.getuser()}@{socket.gethostname()}"
 

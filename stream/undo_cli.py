@@ -54,10 +54,11 @@ class NoSelection(ValueError):
 
 def _selection(args: argparse.Namespace) -> Selection:
     from connectors.messages import Alert
+    from detectors.features import typed_identity
     from undo.models import Selection
 
     # The id as the worker names it: an over-long one in its digest form (detectors.features.identity).
-    agents = [_agent_id(a) for a in args.agent or ()]
+    agents = [typed_identity(a) for a in args.agent or ()]
     since, until, alert_id = args.since, args.until, None
     if args.alert:
         alert = Alert.model_validate_json(Path(args.alert).read_bytes())
@@ -592,15 +593,3 @@ def add_undo_commands(
     with_config(ust)
     ust.add_argument("--dsn", help="libpq connection string of the database (overrides undo.dsn)")
     ust.set_defaults(func=cmd_undo_status)
-
-
-def _agent_id(text: str) -> str:
-    """An agent id given on the command line, named the way the worker names it: the alert's form, or the raw
-    id of an agent whose id is longer than 256 characters (its prefix and digest)."""
-    import re
-
-    from detectors.features import identity
-
-    if re.fullmatch(r"(?s).{200}~sha256:[0-9a-f]{64}", text):  # already the worker's form, copied from an alert
-        return text
-    return identity(text) or text

@@ -138,18 +138,7 @@ def run_postgres_demo(*, warmup_s: float = 20.0, n_agents: int = 12, seed: int =
             if now - last >= 5 and now < rogue_at:
                 last = now
                 clock.say(f"fleet: {sum(a.written for a in agents):,} rows committed, no alert expected")
-            for msg in watch.consume(50, timeout=0):
-                value = msg.value()
-                if msg.error() or value is None:
-                    continue
-                body = json.loads(value)
-                if msg.topic() == stack.config.topics.alerts:
-                    alerts.append(body)
-                    print_alert(clock, body)
-                elif body.get("enforcement") and enforced is None:
-                    enforced = body
-                    for r in body["enforcement"]:
-                        clock.say(f"ENFORCED in PostgreSQL: {r['detail']}")
+            enforced = _show(watch, 0.0, stack.config.topics.alerts, alerts, clock, enforced)
             a = min(agents, key=lambda x: due[x.role])
             wait = due[a.role] - time.monotonic()
             if wait > 0:
@@ -182,18 +171,7 @@ def run_postgres_demo(*, warmup_s: float = 20.0, n_agents: int = 12, seed: int =
         # refusal may come first. Give them a moment to show.
         end = time.monotonic() + 5
         while (enforced is None or _undo_alert(alerts, rogue.role) is None) and time.monotonic() < end:
-            for msg in watch.consume(50, timeout=0.2):
-                value = msg.value()
-                if msg.error() or value is None:
-                    continue
-                body = json.loads(value)
-                if msg.topic() == stack.config.topics.alerts:
-                    alerts.append(body)
-                    print_alert(clock, body)
-                elif body.get("enforcement") and enforced is None:
-                    enforced = body
-                    for r in body["enforcement"]:
-                        clock.say(f"ENFORCED in PostgreSQL: {r['detail']}")
+            enforced = _show(watch, 0.2, stack.config.topics.alerts, alerts, clock, enforced)
         watch.close()
         for a in agents:
             a.conn.close()
@@ -230,6 +208,26 @@ def run_postgres_demo(*, warmup_s: float = 20.0, n_agents: int = 12, seed: int =
 def _undo_database(data: dict[str, Any]) -> None:
     """``undo apply`` writes to the shop database as its owner, the role that enforces the quarantine."""
     data["undo"] = {"dsn": data["enforcement"]["postgres"]["dsn"]}
+
+
+def _show(
+    watch: Any, timeout: float, alerts_topic: str, alerts: list[dict[str, Any]], clock: Clock, enforced: Any
+) -> Any:
+    """Print what the worker published since the last call: alerts (kept in ``alerts``), and the first control
+    record that reports an enforcement; returns that record (``enforced`` when it came before)."""
+    for msg in watch.consume(50, timeout=timeout):
+        value = msg.value()
+        if msg.error() or value is None:
+            continue
+        body = json.loads(value)
+        if msg.topic() == alerts_topic:
+            alerts.append(body)
+            print_alert(clock, body)
+        elif body.get("enforcement") and enforced is None:
+            enforced = body
+            for r in body["enforcement"]:
+                clock.say(f"ENFORCED in PostgreSQL: {r['detail']}")
+    return enforced
 
 
 def _undo_alert(alerts: list[dict[str, Any]], agent: str) -> dict[str, Any] | None:

@@ -562,19 +562,10 @@ def test_the_worker_recognises_every_undo_transaction_and_raises_no_alert_on_it(
     assert late == []
 
 
-RACE = (
-    "a race in the worker: an undo transaction's message and rows travel on different topics, and a row that names "
-    "an agent in its agent_id column, routed before its transaction's message, is scored as that agent's "
-    "(stream/pipeline.py Router scores a row with an agent at once); a row without one is held, then dropped, but "
-    "counted as awaiting_transaction_agent, not undo (stream/app.py)"
-)
-
-
-@pytest.mark.xfail(strict=False, reason=RACE)
-def test_the_worker_skips_every_row_of_the_undo_and_scores_none(story: Story) -> None:
-    applied, _ = _undo_rows(story)
-    assert (story.worker_seen.undo, story.worker_seen.held, story.worker_seen.scored) == (len(applied), 0, 0)
-    assert story.after_sentinel.scored == 1  # the sentinel, and nothing of the undo
+# Known gap, not tested here because it is a race (a non-strict xfail could never fail): a row of an undo
+# transaction that names an agent and reaches the worker before its transaction's message, on another topic, is
+# scored as that agent's (1 to 4 of 47 rows measured), and a restarted worker forgets the undo transactions it
+# saw. The README's "Undoing what an agent wrote" says so; the tests above check that no alert comes of it.
 
 
 # --- the worker killed while an undo is applied ---------------------------------------------------------------
@@ -685,14 +676,9 @@ def test_an_undo_applied_while_the_worker_is_killed_raises_no_alert_after_its_re
     r = restarted
     assert r.report.outcomes == {"applied": len(r.plan.steps)} and len(r.plan.steps) == 35
     assert r.applied_before_kill == len(r.plan.steps) // 2  # killed in the middle of the undo
+    assert r.seen.scored >= 1  # the restarted worker went past the undo: the write after it was scored
     late = [a for a in r.alerts if datetime.fromisoformat(a["commit_ts"]) >= r.undo_started]
     assert late == []
-
-
-@pytest.mark.xfail(strict=False, reason=RACE + "; and a restarted worker has forgotten the undo transactions whose "
-                   "message it read before it was killed (Router._undo_tx is in memory)")  # fmt: skip
-def test_the_restarted_worker_scores_none_of_the_undos_rows(restarted: Restarted) -> None:
-    assert restarted.seen.scored == 1  # the sentinel
 
 
 def _pos(t: dict[str, Any]) -> str:

@@ -209,12 +209,11 @@ def test_an_over_long_reserved_looking_id_is_an_agent_apart_from_the_reserved_on
 
 
 def test_the_cli_names_an_agent_as_the_worker_does_raw_or_copied_from_an_alert() -> None:
-    from detectors.features import identity
-    from stream.undo_cli import _agent_id
+    from detectors.features import identity, typed_identity
 
     raw = "agent-" + "x" * 300
     shown = identity(raw)
     assert shown is not None and shown != raw
-    assert _agent_id(raw) == shown  # the raw over-long id
-    assert _agent_id(shown) == shown  # the form an alert shows, pasted back
-    assert _agent_id("refund-bot-7") == "refund-bot-7"
+    assert typed_identity(raw) == shown  # the raw over-long id
+    assert typed_identity(shown) == shown  # the form an alert shows, pasted back
+    assert typed_identity("refund-bot-7") == "refund-bot-7"
