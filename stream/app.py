@@ -350,6 +350,13 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
         if router.ready:
             await forward_ready()
 
+    # mode's stubs do not accept an async receiver with these keywords, though its Signal.send awaits one.
+    async def count_assignment(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        metrics.rebalances.inc()
+        metrics.assigned_partitions.set(len(args[0]))
+
+    app.on_partitions_assigned.connect(cast(Any, count_assignment))
+
     @app.timer(5.0)
     async def gauges() -> None:
         for table, n in engine.models_by_table().items():

@@ -98,6 +98,16 @@ class Metrics:
             registry=r,
         )
         self.quarantined_agents = Gauge("writeguard_quarantined_agents", "Agents currently quarantined.", registry=r)
+        self.rebalances = Counter(
+            "writeguard_rebalances",
+            "Partition assignments this worker received from its consumer group (the first one included).",
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            "writeguard_assigned_partitions",
+            "Partitions assigned to this worker, over every topic it reads.",
+            registry=r,
+        )
         self._events: dict[tuple[str, str], Counter] = {}
 
     def event(self, table: str, op: str) -> None:

@@ -204,6 +204,13 @@ def run(worker: Worker, prom: LocalPrometheus) -> Run:
         lambda: worker.total("writeguard_active_models"),
         lambda n: n == sum(r.models_by_table().values()),
     )
+    wait_until(  # and so does consumer lag, once the worker has fetched from each partition
+        "writeguard_consumer_lag_messages",
+        lambda: {k for k in worker.metrics() if k.startswith("writeguard_consumer_lag_messages{")},
+        lambda keys: (
+            {worker.topic(REFUNDS), worker.topic(ORDERS)} <= {k.split('topic="')[1].split('"')[0] for k in keys}
+        ),
+    )
     published = read_topic(worker.bootstrap, worker.config.topics.alerts, expect=1)
     alerts = [json.loads(v) for _, v, _, _ in published if v is not None]
     assert [a["agent_id"] for a in alerts] == [rogue.agent_id], [a["summary"] for a in alerts]
@@ -437,13 +444,29 @@ def test_dashboard_target_returns_its_series(prom: LocalPrometheus, run: Run, na
     step = SCRAPE_S
     query = substitute(expr, {**grafana_intervals(step, SCRAPE_S), "$job": JOB})
     # A time-series panel is a range query; a stat panel too (it draws a sparkline and shows the last value).
-    result = prom.query_range(query, run.start, time.time(), step)
-    assert result, f"{name}: the query returned no series: {query}"
-    assert prom.query(query), f"{name}: the instant query returned no series: {query}"
-    try:
-        PANELS[name](moved(result) if _counter(query) else result, run)
-    except AssertionError as e:
-        raise AssertionError(f"{name}: {query}\n{e}") from None
+    # Prometheus holds what it last scraped: a gauge the worker refreshes on a timer (model sets, consumer lag)
+    # may read its value of a moment ago, after a rebalance say. The panel must show the worker's state within
+    # a few scrapes and timer ticks, not at once.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            result = prom.query_range(query, run.start, time.time(), step)
+            assert result, f"the query returned no series: {query}"
+            assert prom.query(query), f"the instant query returned no series: {query}"
+            PANELS[name](moved(result) if _counter(query) else result, run)
+            return
+        except AssertionError as e:
+            if time.monotonic() < deadline:
+                time.sleep(step)
+                continue
+            raise AssertionError(f"{name}: {query}\n{e}\n{group_history(run.worker)}") from None
+
+
+def group_history(worker: Worker) -> str:
+    """The worker's consumer-group events, to tell a rebalance during the run from a wrong panel."""
+    n = worker.total("writeguard_rebalances_total")
+    lines = [ln for ln in worker.process.log_tail(200_000).splitlines() if re.search(r"generation|[Rr]evok", ln)]
+    return f"partition assignments: {n:g}\n" + "\n".join(lines[-20:])
 
 
 # -- the alert rules --------------------------------------------------------------------------------------------------
