@@ -8,7 +8,7 @@ SYSTEM_PYTHON ?= /usr/bin/python3
 SYSVENV ?= .venv-system
 
 .PHONY: system-deps install demo demo-postgres test lint unit integration bench schemas clean quality bench-postgres \
-	test-system-python bench-undo bench-failover bench-checkpoints
+	test-system-python bench-undo bench-failover bench-checkpoints bench-restore
 
 system-deps:
 	bash scripts/system-deps
@@ -78,6 +78,10 @@ bench-failover: system-deps install
 bench-undo: system-deps install
 	$(PY) benchmarks/bench_undo.py
 	$(PY) benchmarks/bench_undo_apply.py
+
+# Restore: fold rate of a 1,000,000-row table from its topic, then 100,000 rows end to end into PostgreSQL.
+bench-restore: system-deps install
+	$(PY) benchmarks/bench_restore.py
 
 schemas: install
 	$(PY) -m stream.cli schemas --write

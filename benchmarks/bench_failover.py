@@ -39,6 +39,7 @@ from confluent_kafka.admin import AdminClient
 
 from benchmarks.common import log
 from stream.config import Config, load_config
+from stream.ingest import ingest_group
 from testbed.broker import LocalKafka
 from testbed.fleet import Fleet, Record
 from testbed.process import WorkerProcess, spawn_worker, stop_process
@@ -139,12 +140,17 @@ def alive(**workers: WorkerProcess) -> Callable[[], None]:
 
 @dataclass
 class Pair:
-    """Two workers in one group: the survivor joined first, the victim second; which partitions each holds."""
+    """Two workers: the survivor joined first, the victim second; which partitions each holds.
+
+    A worker is a member of two groups: ``ingest`` reads the CDC topics (confluent-kafka, stream.ingest) and
+    ``group`` (Faust) the changes topic; the partitions of a worker are its partitions in both.
+    """
 
     config: Config
     config_path: Path
     prefix: str
     group: Group
+    ingest: Group
     survivor: WorkerProcess
     victim: WorkerProcess
     survivor_tps: frozenset[TP]
@@ -195,22 +201,28 @@ def start_pair(
     path = write_config(workdir, bootstrap, prefix, edit)
     cfg = load_config(path)
     create_topics(bootstrap, {t.topic: 3 for t in cfg.tables})
-    group = Group(bootstrap, cfg.kafka.group_id)
+    groups = Group(bootstrap, cfg.kafka.group_id), Group(bootstrap, ingest_group(cfg))
     procs: list[WorkerProcess] = []
     try:
         for name in ("survivor", "victim"):
             (workdir / name).mkdir(exist_ok=True)
             procs.append(spawn_worker(path, workdir / name, loglevel=loglevel))
             if name == "survivor":
-                first = group.wait_stable(1, alive(survivor=procs[0]))
+                firsts = [g.wait_stable(1, alive(survivor=procs[0])) for g in groups]
         survivor, victim = procs
-        both = group.wait_stable(2, alive(survivor=survivor, victim=victim))
-        new = set(both) - set(first)
-        if len(new) != 1 or len(set(first) & set(both)) != 1:
-            raise AssertionError(f"cannot tell the victim: members before {sorted(first)}, after {sorted(both)}")
-        victim_id = new.pop()
-        survivor_tps = next(tps for m, tps in both.items() if m != victim_id)
-        yield Pair(cfg, path, prefix, group, survivor, victim, survivor_tps, both[victim_id])
+        survivor_tps: set[TP] = set()
+        victim_tps: set[TP] = set()
+        for g, first in zip(groups, firsts, strict=True):
+            both = g.wait_stable(2, alive(survivor=survivor, victim=victim))
+            new = set(both) - set(first)
+            if len(new) != 1 or len(set(first) & set(both)) != 1:
+                raise AssertionError(
+                    f"{g.group_id}: cannot tell the victim: members before {sorted(first)}, after {sorted(both)}"
+                )
+            victim_id = new.pop()
+            survivor_tps |= next(tps for m, tps in both.items() if m != victim_id)
+            victim_tps |= both[victim_id]
+        yield Pair(cfg, path, prefix, *groups, survivor, victim, frozenset(survivor_tps), frozenset(victim_tps))
     finally:
         for w in reversed(procs):
             stop_process(w.proc)
@@ -235,7 +247,7 @@ def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
 def settle(pair: Pair, records: list[Record]) -> None:
     """Produce normal traffic and wait until it is scored and committed on every partition of the group."""
     produce_all(pair.group.bootstrap, [(r.topic, None, r.key, r.value) for r in records])
-    pair.group.wait_committed(pair.group.end_offsets(pair.cdc_topics), pair.alive)
+    pair.ingest.wait_committed(pair.ingest.end_offsets(pair.cdc_topics), pair.alive)
     # Ingest forwards to the changes topic while it goes: done once its end no longer moves and is committed.
     ends: dict[TP, int] = {}
     while (now := pair.group.end_offsets([pair.config.topics.changes])) != ends:
@@ -305,8 +317,7 @@ def measure(pair: Pair, fleet: Fleet, sig: int, timeout: float = 180.0) -> Takeo
             if first is None and events_total(pair.survivor) > base:
                 first = time.monotonic() - t0
             if dropped is None:
-                _, members = pair.group.describe()
-                if len(members) == 1:
+                if all(len(g.describe()[1]) == 1 for g in (pair.group, pair.ingest)):
                     dropped = time.monotonic() - t0
             time.sleep(0.02)
     finally:

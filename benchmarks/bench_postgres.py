@@ -76,7 +76,8 @@ from benchmarks.common import (  # noqa: E402
     percentile,
     remove_work_folder,
 )
-from detectors.engine import Change, KafkaCoords  # noqa: E402
+from detectors.engine import KafkaCoords  # noqa: E402
+from stream.ingest import decode_changes  # noqa: E402
 from testbed.fleet import ORDERS, REFUNDS  # noqa: E402
 from testbed.stack import Stack, start_stack  # noqa: E402
 
@@ -86,7 +87,6 @@ INSERT_SQL = {
     ORDERS: "INSERT INTO public.orders (total, items, agent_id, run_id) VALUES (%s, %s, %s, %s) RETURNING id",
 }
 RECONNECT = (errors.AdminShutdown, psycopg.OperationalError)  # the quarantine terminates the role's sessions
-_decode_change = msgspec.json.Decoder(Change).decode  # the worker's changes topic
 
 
 def now_us() -> int:
@@ -195,8 +195,9 @@ def write_one(stack: Stack, a: Agent, shared: Shared, *, record: bool) -> bool:
     return True
 
 
-def writer(stack: Stack, normal: list[Agent], rogues: list[Agent], args: argparse.Namespace, shared: Shared,
-           seed: int) -> None:
+def writer(
+    stack: Stack, normal: list[Agent], rogues: list[Agent], args: argparse.Namespace, shared: Shared, seed: int
+) -> None:
     """Warm-up (normal agents and future rogues, ``--warmup-writes`` each), then the steady load until stop."""
     rng = random.Random(seed)
     try:
@@ -375,13 +376,15 @@ class SideConsumer(threading.Thread):
         self.control_topic = cfg.topics.control
         # The worker's re-keyed copy of each change (repartition on): its Kafka timestamp splits the worker's time.
         self.changes_topic = cfg.topics.changes if cfg.worker.repartition else None
-        self.consumer = Consumer({
-            "bootstrap.servers": stack.kafka.bootstrap_servers,
-            "group.id": f"bench-side-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": 50,
-        })
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": stack.kafka.bootstrap_servers,
+                "group.id": f"bench-side-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 50,
+            }
+        )
         topics = [*self.tables, self.alerts_topic, self.control_topic]
         if self.changes_topic is not None:
             topics.append(self.changes_topic)
@@ -421,9 +424,15 @@ class SideConsumer(threading.Thread):
             src = body.get("source") or {}
             if "id" not in after or src.get("ts_us") is None:
                 return
-            rec = CdcRecord(self.tables[topic], int(after["id"]), after.get("agent_id"), int(src["ts_us"]),
-                            int(body.get("ts_us") or body["ts_ms"] * 1000), kafka_ms,
-                            KafkaCoords(topic, int(m.partition()), int(m.offset())))
+            rec = CdcRecord(
+                self.tables[topic],
+                int(after["id"]),
+                after.get("agent_id"),
+                int(src["ts_us"]),
+                int(body.get("ts_us") or body["ts_ms"] * 1000),
+                kafka_ms,
+                KafkaCoords(topic, int(m.partition()), int(m.offset())),
+            )
             with self.lock:
                 self.cdc[(rec.table, rec.row_id)] = rec
                 self.coords[rec.coords] = (rec.table, rec.row_id)
@@ -435,12 +444,13 @@ class SideConsumer(threading.Thread):
                 self.control.append(Seen(body, kafka_ms))
         elif topic == self.changes_topic:
             try:
-                ch = _decode_change(value)
+                batch = decode_changes(value)
             except msgspec.ValidationError:
                 return
-            if isinstance(ch.coords, KafkaCoords):
-                with self.lock:
-                    self.rekeyed_ms[ch.coords] = kafka_ms
+            with self.lock:
+                for ch in batch:
+                    if isinstance(ch.coords, KafkaCoords):
+                        self.rekeyed_ms[ch.coords] = kafka_ms
 
     def alert_for(self, role: str) -> Seen | None:
         with self.lock:
@@ -510,8 +520,10 @@ def analyse_rogue(r: Rogue, side: SideConsumer) -> RogueResult:
             if key is not None:
                 trig = side.cdc.get(key)
         if trig is None:  # fall back on the commit time
-            trig = next((c for (t, _), c in side.cdc.items() if t == REFUNDS and c.agent_id == role
-                         and c.source_us == commit), None)
+            trig = next(
+                (c for (t, _), c in side.cdc.items() if t == REFUNDS and c.agent_id == role and c.source_us == commit),
+                None,
+            )
         by_id = {row.id: (i, row) for i, row in enumerate(r.rows)}
         if trig is not None and trig.row_id in by_id:
             i, row = by_id[trig.row_id]
@@ -540,8 +552,9 @@ def analyse_rogue(r: Rogue, side: SideConsumer) -> RogueResult:
     else:
         res = ctrl.record["enforcement"][0]
         enforcement = ("ok" if res.get("ok") else "FAILED") + f": {res.get('detail', '')}"
-    return RogueResult(role, len(r.rows), after_trigger, alert_lag, from_first, enf_trigger, enf_first, trig_idx,
-                       seg, enforcement)
+    return RogueResult(
+        role, len(r.rows), after_trigger, alert_lag, from_first, enf_trigger, enf_first, trig_idx, seg, enforcement
+    )
 
 
 def fmt_dist(values: list[float], unit: str = "ms", digits: int = 0) -> str:
@@ -550,8 +563,10 @@ def fmt_dist(values: list[float], unit: str = "ms", digits: int = 0) -> str:
     n = len(values)
     p99 = f"{percentile(values, 0.99):,.{digits}f}"
     mark = "~" if n < 100 else ""
-    return (f"p50 {percentile(values, 0.5):,.{digits}f} {unit}, p99{mark} {p99} {unit}, "
-            f"max {max(values):,.{digits}f} {unit} (n={n})")
+    return (
+        f"p50 {percentile(values, 0.5):,.{digits}f} {unit}, p99{mark} {p99} {unit}, "
+        f"max {max(values):,.{digits}f} {unit} (n={n})"
+    )
 
 
 # -- main -------------------------------------------------------------------------------------------------
@@ -561,35 +576,81 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Latency of writeguard on the real path (PostgreSQL -> Debezium -> Kafka -> worker -> REVOKE) "
         "under a steady background load: commit -> alert and commit -> enforced p50/p99, rogue rows that "
-        "landed, and where the time goes. Progress on stderr, the table of figures on stdout.")
-    p.add_argument("--agents", type=int, default=40,
-                   help="normal agents, half refunds and half orders, each its own role and connection (40)")
-    p.add_argument("--rate", type=float, default=100.0,
-                   help="total commits/s of the normal agents, single-row autocommit INSERTs (100)")
+        "landed, and where the time goes. Progress on stderr, the table of figures on stdout."
+    )
+    p.add_argument(
+        "--agents",
+        type=int,
+        default=40,
+        help="normal agents, half refunds and half orders, each its own role and connection (40)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=100.0,
+        help="total commits/s of the normal agents, single-row autocommit INSERTs (100)",
+    )
     p.add_argument("--threads", type=int, default=4, help="writer threads sharing the normal agents (4)")
     p.add_argument("--rogues", type=int, default=30, help="rogue agents, one after the other (30; at most 100)")
-    p.add_argument("--rogue-every", type=float, default=2.5, metavar="SECONDS",
-                   help="seconds between two rogues starting (2.5)")
-    p.add_argument("--rogue-interval-ms", type=float, default=20.0,
-                   help="a rogue commits one row every this many ms until refused (20)")
+    p.add_argument(
+        "--rogue-every", type=float, default=2.5, metavar="SECONDS", help="seconds between two rogues starting (2.5)"
+    )
+    p.add_argument(
+        "--rogue-interval-ms",
+        type=float,
+        default=20.0,
+        help="a rogue commits one row every this many ms until refused (20)",
+    )
     p.add_argument("--rogue-factor", type=float, default=20.0, help="a rogue's amounts, times its usual ones (20)")
-    p.add_argument("--rogue-timeout", type=float, default=20.0, metavar="SECONDS",
-                   help="give up on a rogue that is not refused within this (20)")
-    p.add_argument("--warmup-writes", type=int, default=36,
-                   help="ordinary writes per agent (rogues included) before the run; example zscore warmup: 30 (36)")
+    p.add_argument(
+        "--rogue-timeout",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="give up on a rogue that is not refused within this (20)",
+    )
+    p.add_argument(
+        "--warmup-writes",
+        type=int,
+        default=36,
+        help="ordinary writes per agent (rogues included) before the run; example zscore warmup: 30 (36)",
+    )
     p.add_argument("--warmup-rate", type=float, default=400.0, help="total commits/s during the warm-up (400)")
-    p.add_argument("--probe-interval-ms", type=float, default=2.0, metavar="MS",
-                   help="while a rogue runs, ask PostgreSQL every MS whether its INSERT is revoked yet (2)")
-    p.add_argument("--settle", type=float, default=3.0, metavar="SECONDS",
-                   help="steady load before the first rogue (3)")
-    p.add_argument("--poll-interval-ms", type=int, metavar="MS",
-                   help="Debezium poll.interval.ms (default: the connector config's 50)")
-    p.add_argument("--fetch-max-wait-ms", type=int, metavar="MS",
-                   help="worker.fetch_max_wait_ms (default: the example config's 20)")
-    p.add_argument("--commit-interval-s", type=float, metavar="S",
-                   help="worker.commit_interval_s (default: the example config's 1.0)")
-    p.add_argument("--debezium-extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="another Debezium connector property, e.g. max.batch.size=64 (repeatable)")
+    p.add_argument(
+        "--probe-interval-ms",
+        type=float,
+        default=2.0,
+        metavar="MS",
+        help="while a rogue runs, ask PostgreSQL every MS whether its INSERT is revoked yet (2)",
+    )
+    p.add_argument(
+        "--settle", type=float, default=3.0, metavar="SECONDS", help="steady load before the first rogue (3)"
+    )
+    p.add_argument(
+        "--poll-interval-ms",
+        type=int,
+        metavar="MS",
+        help="Debezium poll.interval.ms (default: the connector config's 50)",
+    )
+    p.add_argument(
+        "--fetch-max-wait-ms",
+        type=int,
+        metavar="MS",
+        help="worker.fetch_max_wait_ms (default: the example config's 20)",
+    )
+    p.add_argument(
+        "--commit-interval-s",
+        type=float,
+        metavar="S",
+        help="worker.commit_interval_s (default: the example config's 1.0)",
+    )
+    p.add_argument(
+        "--debezium-extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another Debezium connector property, e.g. max.batch.size=64 (repeatable)",
+    )
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--keep", action="store_true", help="keep the work folder (worker log, Connect log, config)")
     return p
@@ -635,12 +696,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="writeguard-bench-pg-"))
     rng = random.Random(args.seed)
     n_ref = (args.agents + 1) // 2
-    normal = [Agent(role_name("refund", i), REFUNDS, rng.uniform(20, 90), random.Random(rng.random()))
-              for i in range(n_ref)]
-    normal += [Agent(role_name("order", i), ORDERS, rng.uniform(20, 90), random.Random(rng.random()))
-               for i in range(args.agents - n_ref)]
-    rogue_agents = [Agent(role_name("rogue", i), REFUNDS, rng.uniform(20, 90), random.Random(rng.random()))
-                    for i in range(args.rogues)]
+    normal = [
+        Agent(role_name("refund", i), REFUNDS, rng.uniform(20, 90), random.Random(rng.random())) for i in range(n_ref)
+    ]
+    normal += [
+        Agent(role_name("order", i), ORDERS, rng.uniform(20, 90), random.Random(rng.random()))
+        for i in range(args.agents - n_ref)
+    ]
+    rogue_agents = [
+        Agent(role_name("rogue", i), REFUNDS, rng.uniform(20, 90), random.Random(rng.random()))
+        for i in range(args.rogues)
+    ]
 
     def edit(data: dict[str, Any]) -> None:
         if extra:
@@ -659,8 +725,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"starting the stack in {workdir} ...")
         try:
-            stack = start_stack(workdir, [a.role for a in normal + rogue_agents], progress=log, edit_config=edit,
-                                loglevel="warning")
+            stack = start_stack(
+                workdir, [a.role for a in normal + rogue_agents], progress=log, edit_config=edit, loglevel="warning"
+            )
         finally:
             starting[0] = False
         if pending:
@@ -671,22 +738,36 @@ def main(argv: list[str] | None = None) -> int:
         if args.agents + args.threads + 12 > max_conn:
             raise SystemExit(f"--agents {args.agents} needs more than PostgreSQL's max_connections={max_conn}")
         wcfg = st.config.worker
-        settings = (f"Debezium poll.interval.ms={extra.get('poll.interval.ms', '50')}"
-                    + "".join(f", {k}={v}" for k, v in extra.items() if k != "poll.interval.ms")
-                    + f"; worker.fetch_max_wait_ms={wcfg.fetch_max_wait_ms}, "
-                    f"worker.commit_interval_s={wcfg.commit_interval_s:g}, worker.repartition={wcfg.repartition}")
+        settings = (
+            f"Debezium poll.interval.ms={extra.get('poll.interval.ms', '50')}"
+            + "".join(f", {k}={v}" for k, v in extra.items() if k != "poll.interval.ms")
+            + f"; worker.fetch_max_wait_ms={wcfg.fetch_max_wait_ms}, "
+            f"worker.commit_interval_s={wcfg.commit_interval_s:g}, worker.repartition={wcfg.repartition}"
+        )
         log(f"settings: {settings}")
         side = SideConsumer(st)
         side.start()
 
         # -- warm-up --
         n_warm = (len(normal) + len(rogue_agents)) * args.warmup_writes
-        log(f"warm-up: {len(normal)} normal agents + {len(rogue_agents)} future rogues x {args.warmup_writes} "
-            f"writes = {n_warm:,} commits at up to {args.warmup_rate:g}/s ...")
+        log(
+            f"warm-up: {len(normal)} normal agents + {len(rogue_agents)} future rogues x {args.warmup_writes} "
+            f"writes = {n_warm:,} commits at up to {args.warmup_rate:g}/s ..."
+        )
         for k in range(args.threads):
-            t = threading.Thread(target=writer, name=f"writer-{k}", daemon=True,
-                                 args=(st, normal[k::args.threads], rogue_agents[k::args.threads], args, shared,
-                                       args.seed * 100 + k))
+            t = threading.Thread(
+                target=writer,
+                name=f"writer-{k}",
+                daemon=True,
+                args=(
+                    st,
+                    normal[k :: args.threads],
+                    rogue_agents[k :: args.threads],
+                    args,
+                    shared,
+                    args.seed * 100 + k,
+                ),
+            )
             threads.append(t)
             t.start()
         while shared.warm_done < args.threads:
@@ -699,16 +780,17 @@ def main(argv: list[str] | None = None) -> int:
         st.wait_events(n_warm, timeout=180)
         warm_alerts = len(side.alerts)
         hist0 = st.worker.metrics()
-        pids = {"worker": st.worker.proc.pid, "Kafka": st.kafka.pid, "Connect": st.connect.pid,
-                "PostgreSQL": st.pg.pid}
+        pids = {"worker": st.worker.proc.pid, "Kafka": st.kafka.pid, "Connect": st.connect.pid, "PostgreSQL": st.pg.pid}
         cpu0 = {k: group_cpu_s(v) for k, v in pids.items()}
         cpu0["this benchmark"] = time.process_time()
 
         # -- steady load, then rogues --
         steady0 = time.monotonic()
         shared.steady.set()
-        log(f"steady load: {len(normal)} agents at {args.rate:g} commits/s in total; first rogue in "
-            f"{args.settle:g} s, then one every {args.rogue_every:g} s ...")
+        log(
+            f"steady load: {len(normal)} agents at {args.rate:g} commits/s in total; first rogue in "
+            f"{args.settle:g} s, then one every {args.rogue_every:g} s ..."
+        )
         rogues = [Rogue(a) for a in rogue_agents]
         next_report = time.monotonic() + 5
         for i, r in enumerate(rogues):
@@ -720,15 +802,21 @@ def main(argv: list[str] | None = None) -> int:
                 if now >= next_report:
                     next_report = now + 5
                     refused = sum(x.refused_us is not None for x in rogues)
-                    log(f"{shared.steady_writes:,} background commits, {i} rogues started, {refused} refused, "
-                        f"{len(side.alerts)} alerts")
+                    log(
+                        f"{shared.steady_writes:,} background commits, {i} rogues started, {refused} refused, "
+                        f"{len(side.alerts)} alerts"
+                    )
                 if now >= start_at:
                     break
                 time.sleep(min(start_at - now, 0.05))
             probe_conn = st.pg.connect(dbname="shop", autocommit=True)
             t = threading.Thread(target=run_rogue, name=f"rogue-{i}", daemon=True, args=(st, r, args, shared.stop))
-            p = threading.Thread(target=probe_revoke, name=f"probe-{i}", daemon=True,
-                                 args=(r, probe_conn, args.probe_interval_ms / 1000, shared.stop))
+            p = threading.Thread(
+                target=probe_revoke,
+                name=f"probe-{i}",
+                daemon=True,
+                args=(r, probe_conn, args.probe_interval_ms / 1000, shared.stop),
+            )
             rogue_threads += [t, p]
             t.start()
             p.start()
@@ -741,8 +829,10 @@ def main(argv: list[str] | None = None) -> int:
         shared.stop.set()
         for t in threads:
             t.join(10)
-        log(f"rogues done; background stopped after {steady_s:.1f} s ({steady_writes:,} commits). "
-            "waiting for the last alerts, control records and CDC records ...")
+        log(
+            f"rogues done; background stopped after {steady_s:.1f} s ({steady_writes:,} commits). "
+            "waiting for the last alerts, control records and CDC records ..."
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             with side.lock:
@@ -764,17 +854,23 @@ def main(argv: list[str] | None = None) -> int:
         from testbed.connect import connect_version, debezium_version
         from testbed.postgres import find_pg_bin
 
-        lines.append(f"writeguard PostgreSQL path benchmark: PostgreSQL {find_pg_bin().parent.name} -> Debezium "
-                     f"{debezium_version()} (Kafka Connect {connect_version()}) -> Kafka {kafka_version()} -> "
-                     f"worker -> REVOKE; {os.cpu_count()} cores, all on this machine")
+        lines.append(
+            f"writeguard PostgreSQL path benchmark: PostgreSQL {find_pg_bin().parent.name} -> Debezium "
+            f"{debezium_version()} (Kafka Connect {connect_version()}) -> Kafka {kafka_version()} -> "
+            f"worker -> REVOKE; {os.cpu_count()} cores, all on this machine"
+        )
         rate = steady_writes / steady_s if steady_s else 0.0
-        lines.append(f"load: {len(normal)} normal agents ({n_ref} refunds, {len(normal) - n_ref} orders), own role "
-                     f"and connection each, single-row autocommit INSERTs at {args.rate:g} commits/s in total "
-                     f"(achieved {rate:.1f}/s over {steady_s:.0f} s), after a warm-up of {args.warmup_writes} "
-                     "writes per agent")
-        lines.append(f"rogues: {len(rogues)}, one every {args.rogue_every:g} s, each INSERTing refunds at "
-                     f"{args.rogue_factor:g}x its usual amount, one commit every {args.rogue_interval_ms:g} ms, "
-                     "until refused")
+        lines.append(
+            f"load: {len(normal)} normal agents ({n_ref} refunds, {len(normal) - n_ref} orders), own role "
+            f"and connection each, single-row autocommit INSERTs at {args.rate:g} commits/s in total "
+            f"(achieved {rate:.1f}/s over {steady_s:.0f} s), after a warm-up of {args.warmup_writes} "
+            "writes per agent"
+        )
+        lines.append(
+            f"rogues: {len(rogues)}, one every {args.rogue_every:g} s, each INSERTing refunds at "
+            f"{args.rogue_factor:g}x its usual amount, one commit every {args.rogue_interval_ms:g} ms, "
+            "until refused"
+        )
         lines.append(f"settings: {settings}")
         lines.append("")
         al = [x.alert_lag_ms for x in results if x.alert_lag_ms is not None]
@@ -788,54 +884,83 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{'commit -> enforced (refused - client commit, trigger row)':<{w}}: {fmt_dist(et)}")
         lines.append(f"{'commit -> enforced (refused - client commit, 1st rogue row)':<{w}}: {fmt_dist(ef)}")
         lines.append(f"{'first rogue row (client commit) -> alert detected_at':<{w}}: {fmt_dist(af)}")
-        lines.append(f"{'rogue rows that landed, per rogue':<{w}}: {fmt_dist(landed, 'rows')}; "
-                     f"total {int(sum(landed))}")
+        lines.append(
+            f"{'rogue rows that landed, per rogue':<{w}}: {fmt_dist(landed, 'rows')}; total {int(sum(landed))}"
+        )
         lines.append(f"{'  of which after the triggering row':<{w}}: {fmt_dist(after, 'rows')}")
         trig = [float(x.trigger_index) for x in results if x.trigger_index is not None]
         counts = ", ".join(f"#{v:.0f}: {trig.count(v)}" for v in sorted(set(trig)))
-        lines.append(f"{'  triggering row, by commit order (rogues)':<{w}}: "
-                     + (f"{counts} (debounce k=2 of n=4 fires on the 2nd anomalous row scored; the CDC topics "
-                        "are keyed by primary key over 3 partitions, so one agent's rows can be scored out of "
-                        "commit order)" if trig else "n/a"))
+        lines.append(
+            f"{'  triggering row, by commit order (rogues)':<{w}}: "
+            + (
+                f"{counts} (debounce k=2 of n=4 fires on the 2nd anomalous row scored; the CDC topics "
+                "are keyed by primary key over 3 partitions, so one agent's rows can be scored out of "
+                "commit order)"
+                if trig
+                else "n/a"
+            )
+        )
         refused_n = sum(r.refused_us is not None for r in rogues)
-        lines.append(f"{'rogues refused / alerted / enforced ok':<{w}}: {refused_n} / {len(rogue_alerts)} / "
-                     f"{sum(x.enforcement.startswith('ok') for x in results)} of {len(rogues)}"
-                     + (f"; {sum(r.timed_out for r in rogues)} never refused within {args.rogue_timeout:g} s"
-                        if any(r.timed_out for r in rogues) else ""))
-        lines.append(f"(p99~: fewer than 100 samples, so p99 is approximate: with n={len(al)} it sits between the "
-                     "two largest values)")
+        lines.append(
+            f"{'rogues refused / alerted / enforced ok':<{w}}: {refused_n} / {len(rogue_alerts)} / "
+            f"{sum(x.enforcement.startswith('ok') for x in results)} of {len(rogues)}"
+            + (
+                f"; {sum(r.timed_out for r in rogues)} never refused within {args.rogue_timeout:g} s"
+                if any(r.timed_out for r in rogues)
+                else ""
+            )
+        )
+        lines.append(
+            f"(p99~: fewer than 100 samples, so p99 is approximate: with n={len(al)} it sits between the "
+            "two largest values)"
+        )
         lines.append("")
-        lines.append("where the time goes, triggering row of each rogue (p50 / p99~ / max, ms, and the p50's share "
-                     "of the sum of the p50s after the commit; all one clock):")
+        lines.append(
+            "where the time goes, triggering row of each rogue (p50 / p99~ / max, ms, and the p50's share "
+            "of the sum of the p50s after the commit; all one clock):"
+        )
         p50s = {k: percentile([x.segments[k] for x in results if k in x.segments], 0.5) for k, _ in SEGMENTS[1:]}
         p50_sum = sum(v for v in p50s.values() if not math.isnan(v))
         for key, label in SEGMENTS:
             vals = [x.segments[key] for x in results if key in x.segments]
             if vals:
                 share = f"  {100 * p50s[key] / p50_sum:3.0f}%" if key in p50s and p50_sum > 0 else "      "
-                lines.append(f"  {label:<80}: {percentile(vals, 0.5):7.1f} / {percentile(vals, 0.99):7.1f} / "
-                             f"{max(vals):7.1f}{share}  (n={len(vals)})")
-        sums = [sum(x.segments[k] for k, _ in SEGMENTS[1:]) for x in results
-                if all(k in x.segments for k, _ in SEGMENTS)]
+                lines.append(
+                    f"  {label:<80}: {percentile(vals, 0.5):7.1f} / {percentile(vals, 0.99):7.1f} / "
+                    f"{max(vals):7.1f}{share}  (n={len(vals)})"
+                )
+        sums = [
+            sum(x.segments[k] for k, _ in SEGMENTS[1:]) for x in results if all(k in x.segments for k, _ in SEGMENTS)
+        ]
         if sums:
-            lines.append(f"  {'sum of the five segments after the commit = refused - source.ts_us':<80}: "
-                         f"{percentile(sums, 0.5):7.1f} / {percentile(sums, 0.99):7.1f} / {max(sums):7.1f}")
-        for key, label in [("kafka_to_rekeyed", "(Kafka -> alert, 1: CDC record -> worker's re-keyed changes record)"),
-                           ("rekeyed_to_alert", "(Kafka -> alert, 2: changes record -> alert detected_at)"),
-                           ("alert_to_terminated", "(alert detected_at -> the rogue finds its session terminated)"),
-                           ("alert_to_control", "(alert detected_at -> control record 'at', stamped after the "
-                            "sessions ended)")]:
+            lines.append(
+                f"  {'sum of the five segments after the commit = refused - source.ts_us':<80}: "
+                f"{percentile(sums, 0.5):7.1f} / {percentile(sums, 0.99):7.1f} / {max(sums):7.1f}"
+            )
+        for key, label in [
+            ("kafka_to_rekeyed", "(Kafka -> alert, 1: CDC record -> worker's re-keyed changes record)"),
+            ("rekeyed_to_alert", "(Kafka -> alert, 2: changes record -> alert detected_at)"),
+            ("alert_to_terminated", "(alert detected_at -> the rogue finds its session terminated)"),
+            ("alert_to_control", "(alert detected_at -> control record 'at', stamped after the sessions ended)"),
+        ]:
             vals = [x.segments[key] for x in results if key in x.segments]
             if vals:
-                lines.append(f"  {label:<80}: {percentile(vals, 0.5):7.1f} / {percentile(vals, 0.99):7.1f} / "
-                             f"{max(vals):7.1f}  (n={len(vals)})")
+                lines.append(
+                    f"  {label:<80}: {percentile(vals, 0.5):7.1f} / {percentile(vals, 0.99):7.1f} / "
+                    f"{max(vals):7.1f}  (n={len(vals)})"
+                )
 
         # Background rows: the Debezium part of the path, with many more samples.
         with side.lock:
             cdc = dict(side.cdc)
             rekeyed_ms = dict(side.rekeyed_ms)
-        bg: dict[str, list[float]] = {"commit_ack": [], "pg_to_debezium": [], "debezium_to_kafka": [], "total": [],
-                                      "kafka_to_rekeyed": []}
+        bg: dict[str, list[float]] = {
+            "commit_ack": [],
+            "pg_to_debezium": [],
+            "debezium_to_kafka": [],
+            "total": [],
+            "kafka_to_rekeyed": [],
+        }
         missing = 0
         for row_key, ack in shared.steady_acks.items():
             rec = cdc.get(row_key)
@@ -848,31 +973,43 @@ def main(argv: list[str] | None = None) -> int:
             bg["total"].append((rec.kafka_ms * 1000 - rec.source_us) / 1000)
             if rec.coords in rekeyed_ms:
                 bg["kafka_to_rekeyed"].append(float(rekeyed_ms[rec.coords] - rec.kafka_ms))
-        lines.append(f"background rows, steady phase (p50 / p99 / max, ms; n={len(bg['total']):,}"
-                     + (f", {missing} not read back" if missing else "") + "):")
-        for key, label in [*SEGMENTS[:3], ("total", "PostgreSQL commit -> Kafka record timestamp"),
-                           ("kafka_to_rekeyed", "Kafka record -> the worker's re-keyed record (its ingest hop)")]:
+        lines.append(
+            f"background rows, steady phase (p50 / p99 / max, ms; n={len(bg['total']):,}"
+            + (f", {missing} not read back" if missing else "")
+            + "):"
+        )
+        for key, label in [
+            *SEGMENTS[:3],
+            ("total", "PostgreSQL commit -> Kafka record timestamp"),
+            ("kafka_to_rekeyed", "Kafka record -> the worker's re-keyed record (its ingest hop)"),
+        ]:
             vals = bg[key]
             if vals:
-                lines.append(f"  {label:<80}: {percentile(vals, 0.5):7.1f} / {percentile(vals, 0.99):7.1f} / "
-                             f"{max(vals):7.1f}")
+                lines.append(
+                    f"  {label:<80}: {percentile(vals, 0.5):7.1f} / {percentile(vals, 0.99):7.1f} / {max(vals):7.1f}"
+                )
 
         lines.append("worker's Prometheus histograms over the steady phase (bucket-interpolated):")
-        for name, what in [("writeguard_detection_lag_seconds", "commit -> alert published, per alert"),
-                           ("writeguard_processing_lag_seconds", "commit -> scored, 1 event in 16")]:
+        for name, what in [
+            ("writeguard_detection_lag_seconds", "commit -> alert published, per alert"),
+            ("writeguard_processing_lag_seconds", "commit -> scored, 1 event in 16"),
+        ]:
             d = hist_delta(hist_buckets(hist1, name), hist_buckets(hist0, name))
             n = int(d.get(math.inf, 0.0))
             lo, hi = bucket_of(d, 0.99)
-            lines.append(f"  {name} ({what}): p50 {1000 * histogram_quantile(d, 0.5):,.0f} ms, "
-                         f"p99 {1000 * histogram_quantile(d, 0.99):,.0f} ms (interpolated inside its bucket, "
-                         f"{1000 * lo:,.0f}-{1000 * hi:,.0f} ms) (n={n:,})")
+            lines.append(
+                f"  {name} ({what}): p50 {1000 * histogram_quantile(d, 0.5):,.0f} ms, "
+                f"p99 {1000 * histogram_quantile(d, 0.99):,.0f} ms (interpolated inside its bucket, "
+                f"{1000 * lo:,.0f}-{1000 * hi:,.0f} ms) (n={n:,})"
+            )
         lines.append("")
         lines.append("details:")
-        lines.append(f"  alerts on normal agents (false positives): {len(other_alerts)}"
-                     + (f" ({', '.join(sorted({str(a.record['agent_id']) for a in other_alerts}))})"
-                        if other_alerts else "")
-                     + f"; alerts raised during the warm-up: {warm_alerts}; normal agents refused: "
-                     f"{len(shared.refused)}; background reconnects: {shared.reconnects}")
+        lines.append(
+            f"  alerts on normal agents (false positives): {len(other_alerts)}"
+            + (f" ({', '.join(sorted({str(a.record['agent_id']) for a in other_alerts}))})" if other_alerts else "")
+            + f"; alerts raised during the warm-up: {warm_alerts}; normal agents refused: "
+            f"{len(shared.refused)}; background reconnects: {shared.reconnects}"
+        )
         if shared.errors:
             lines.append(f"  writer errors: {'; '.join(shared.errors[:3])}")
         rogue_errors = [f"{r.agent.role}: {r.error}" for r in rogues if r.error]
@@ -881,9 +1018,11 @@ def main(argv: list[str] | None = None) -> int:
         if side.error:
             lines.append(f"  side consumer error: {side.error}")
         seen_term = sum(r.terminated_us is not None for r in rogues)
-        lines.append(f"  rogues that saw their session terminated before the refusal: {seen_term} of {len(rogues)}; "
-                     "commit times are the client clock right after the autocommit INSERT returned, the "
-                     "alert's commit_ts is Debezium's source.ts_us")
+        lines.append(
+            f"  rogues that saw their session terminated before the refusal: {seen_term} of {len(rogues)}; "
+            "commit times are the client clock right after the autocommit INSERT returned, the "
+            "alert's commit_ts is Debezium's source.ts_us"
+        )
         cpu = []
         for k in cpu0:
             a0, a1 = cpu0.get(k), cpu1.get(k)
@@ -893,17 +1032,21 @@ def main(argv: list[str] | None = None) -> int:
         lines += machine_lines(load0, wall0)
         lines.append("")
         lines.append("per rogue (ms; segments of the triggering row as above, in order):")
-        lines.append(f"  {'role':<15} {'landed':>6} {'trig#':>5} {'alert':>6} {'enf.trig':>8} {'enf.1st':>8}   "
-                     "ack-pg  pg-dbz dbz-kfk kfk-alrt alrt-rvk rvk-refused")
+        lines.append(
+            f"  {'role':<15} {'landed':>6} {'trig#':>5} {'alert':>6} {'enf.trig':>8} {'enf.1st':>8}   "
+            "ack-pg  pg-dbz dbz-kfk kfk-alrt alrt-rvk rvk-refused"
+        )
 
         def f(v: float | None, width: int) -> str:
             return f"{v:>{width}.0f}" if v is not None else f"{'-':>{width}}"
 
         for x in results:
             segs = " ".join(f"{x.segments[k]:>7.1f}" if k in x.segments else f"{'-':>7}" for k, _ in SEGMENTS)
-            lines.append(f"  {x.role:<15} {x.landed:>6} {f(x.trigger_index, 5)} {f(x.alert_lag_ms, 6)} "
-                         f"{f(x.enforced_trigger_ms, 8)} {f(x.enforced_first_ms, 8)}  {segs}"
-                         + ("" if x.enforcement.startswith("ok") else f"  [{x.enforcement}]"))
+            lines.append(
+                f"  {x.role:<15} {x.landed:>6} {f(x.trigger_index, 5)} {f(x.alert_lag_ms, 6)} "
+                f"{f(x.enforced_trigger_ms, 8)} {f(x.enforced_first_ms, 8)}  {segs}"
+                + ("" if x.enforcement.startswith("ok") else f"  [{x.enforcement}]")
+            )
         print("\n".join(lines), flush=True)
         return 0
     except (KeyboardInterrupt, Interrupted) as e:

@@ -580,6 +580,33 @@ class SoftDelete(Strict):
     kind: Literal["timestamp", "boolean"] = Field("timestamp", description="How the column marks a deleted row.")
 
 
+class GuardSpec(Strict):
+    """The table's guard rails in PostgreSQL (``writeguard guard-sql``): what an agent role may not do to it.
+
+    >>> GuardSpec(max_rows_per_statement=100, max_delete_rows=10).limit("delete"), GuardSpec().limit("update")
+    (10, 1000)
+    """
+
+    max_rows_per_statement: int | None = Field(
+        1000,
+        ge=0,
+        description="An agent role's UPDATE or DELETE touching more rows than this in one statement is refused "
+        "unless its transaction carries a human's approval (`writeguard approve`); null: no limit.",
+    )
+    max_delete_rows: int | None = Field(None, ge=0, description="DELETE's own limit; default max_rows_per_statement.")
+    max_update_rows: int | None = Field(None, ge=0, description="UPDATE's own limit; default max_rows_per_statement.")
+    refuse_truncate: bool = Field(True, description="Refuse TRUNCATE by agent roles (no approval allows it).")
+    refuse_ddl: bool = Field(
+        True,
+        description="Refuse DROP and ALTER of the table (and triggers, rules, policies on it) by agent roles.",
+    )
+
+    def limit(self, op: Literal["delete", "update"]) -> int | None:
+        """The most rows one agent statement of ``op`` may touch without approval; None: no limit."""
+        own = self.max_delete_rows if op == "delete" else self.max_update_rows
+        return own if own is not None else self.max_rows_per_statement
+
+
 class TableSpec(Strict):
     """How one watched table is read and judged."""
 
@@ -606,6 +633,11 @@ class TableSpec(Strict):
         default_factory=Learning,
         description="Learning period of the table's statistical models (each agent's, and the population's): "
         "their findings only warn until it has passed. A detector's own 'learning' overrides it.",
+    )
+    guard: GuardSpec = Field(
+        default_factory=GuardSpec,
+        description="Guard rails in PostgreSQL for agent roles (`writeguard guard-sql`): TRUNCATE, DROP/ALTER and "
+        "UPDATE/DELETE above a row limit are refused. Absent: the defaults.",
     )
 
     @field_validator("agent_id", "run_id")

@@ -38,6 +38,7 @@ from detectors.engine import Change, Engine, Finding, KafkaCoords
 from stream.checkpoints import Checkpointer
 from stream.config import Config, client_settings, make_engine
 from stream.enforce import Enforcer
+from stream.ingest import BulkIngest, decode_changes
 from stream.logs import install as install_log_filters
 from stream.logs import kafka_logging, printable
 from stream.metrics import Metrics
@@ -49,7 +50,6 @@ BATCH = 500
 BATCH_WITHIN_S = 0.005
 CHECKPOINT_SHARE = 0.05  # of each checkpoint interval, at most, spent serialising model sets
 _encode = msgspec.json.Encoder().encode
-_decode_change = msgspec.json.Decoder(Change).decode
 
 
 def ensure_topics(cfg: Config, timeout: float = 30.0) -> None:
@@ -210,7 +210,6 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
     router = router_for(cfg)
     inputs = [t.topic for t in cfg.tables] + ([msgs.topic] if msgs else [])
     message_topic = msgs.topic if msgs else None
-    cdc = app.topic(*inputs, key_serializer="raw", value_serializer="raw")
     changes = app.topic(
         cfg.topics.changes, key_serializer="raw", value_serializer="raw", partitions=cfg.topics.partitions
     )
@@ -229,6 +228,7 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
         await control.send(key=key, value=value, headers=headers)
 
     enforcing = any(a in ("postgres", "webhook") for t in cfg.tables for acts in t.actions.values() for a in acts)
+
     def current(agent_id: str, alert_id: str) -> bool:
         q = engine.quarantined.get(agent_id)
         return q is not None and q.alert_id == alert_id
@@ -295,17 +295,39 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
         for ch in ready:
             await forward(ch)
 
-    # Batches: Faust's per-event async machinery costs far more than decoding and scoring an event; a batch
-    # waits at most BATCH_WITHIN_S for more records, so light load pays at most that in latency.
-    @app.agent(cdc)
-    async def ingest(stream: Any) -> None:  # a faust.Stream: StreamT does not declare take_events
-        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
-            if message_topic is not None:
-                # A fetch interleaves the topics: a transaction's message (an agent's name, an undo's signature)
-                # is routed before the batch's rows, which it may concern. Each topic keeps its own order.
-                events = sorted(events, key=lambda e: e.message.topic != message_topic)
-            for event in events:
-                await ingest_one(event)
+    if cfg.worker.repartition:
+        bulk = BulkIngest(cfg, router, metrics, inputs, message_topic=message_topic)
+
+        @app.task
+        async def ingest() -> None:
+            """The CDC topics, in bulk on the ingest thread, to the changes topic (stream.ingest)."""
+            loop = asyncio.get_running_loop()
+            try:
+                while not bulk.closed:
+                    await loop.run_in_executor(bulk.executor, bulk.step)
+            except Exception as e:  # a batch the broker would not take: stop rather than skip it
+                log.exception("ingest stopped")
+                await app.crash(e)
+
+        async def close_ingest(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+            await asyncio.get_running_loop().run_in_executor(bulk.executor, bulk.close)
+
+        app.on_before_shutdown.connect(cast(Any, close_ingest))
+
+    else:
+        cdc = app.topic(*inputs, key_serializer="raw", value_serializer="raw")
+
+        # Batches: Faust's per-event async machinery costs far more than decoding and scoring an event; a batch
+        # waits at most BATCH_WITHIN_S for more records, so light load pays at most that in latency.
+        @app.agent(cdc)
+        async def ingest_direct(stream: Any) -> None:  # a faust.Stream: StreamT does not declare take_events
+            async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+                if message_topic is not None:
+                    # A transaction's message (an agent's name, an undo's signature) is routed before the
+                    # batch's rows, which it may concern. Each topic keeps its own order.
+                    events = sorted(events, key=lambda e: e.message.topic != message_topic)
+                for event in events:
+                    await ingest_one(event)
 
     if cfg.worker.repartition:
 
@@ -320,18 +342,19 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
                         if part not in ckpt.owned:
                             continue  # revoked meanwhile: its new owner reads it from the committed offset
                     try:
-                        ch = _decode_change(event.value)
+                        batch = decode_changes(event.value)
                     except (msgspec.DecodeError, msgspec.ValidationError) as e:
                         # Only another producer on our internal topic can write this: keep it, do not stop.
                         dead = _dead_letter("invalid_change", str(e)[:2000], event.message, event.key, event.value)
                         metrics.dead_letters.labels("invalid_change").inc()
                         await dlq.send(key=event.key, value=dead)
                         continue
-                    if ckpt is not None:
-                        ckpt.seen(ch.agent_id, part)
-                    findings = score(ch)
-                    if findings:
-                        await publish(findings)
+                    for ch in batch:
+                        if ckpt is not None:
+                            ckpt.seen(ch.agent_id, part)
+                        findings = score(ch)
+                        if findings:
+                            await publish(findings)
 
     @app.task
     async def follow_control() -> None:
@@ -343,17 +366,19 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
             if f.poll() == 0:
                 await asyncio.sleep(0.2)
 
-    @app.timer(0.5)
-    async def expire_held() -> None:
-        if router.pending:
-            router.expire(time.time_ns() // 1000)  # held rows are scored as unattributed, not dropped
-        if router.ready:
-            await forward_ready()
+    if not cfg.worker.repartition:
+
+        @app.timer(0.5)
+        async def expire_held() -> None:
+            if router.pending:
+                router.expire(time.time_ns() // 1000)  # held rows are scored as unattributed, not dropped
+            if router.ready:
+                await forward_ready()
 
     # mode's stubs do not accept an async receiver with these keywords, though its Signal.send awaits one.
     async def count_assignment(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        metrics.rebalances.inc()
-        metrics.assigned_partitions.set(len(args[0]))
+        metrics.rebalances.labels(cfg.kafka.group_id).inc()
+        metrics.assigned_partitions.labels(cfg.kafka.group_id).set(len(args[0]))
 
     app.on_partitions_assigned.connect(cast(Any, count_assignment))
 

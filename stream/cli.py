@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stream.config import EXAMPLE_CONFIG, Config, ConfigError, client_settings, config_json_schema, load_config
+from stream.guard_cli import add_guard_commands
+from stream.restore_cli import add_restore_commands
 from stream.undo_cli import add_undo_commands
 
 
@@ -153,7 +155,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 def all_schemas() -> dict[str, dict[str, object]]:
     from connectors.corrections import Correction
     from connectors.messages import PUBLISHED
+    from connectors.pg_guard import GuardRefusal
     from undo.models import ApplyReport
+    from undo.restore import RestoreReport
 
     out: dict[str, dict[str, object]] = {"config": config_json_schema()}
     for name, model in PUBLISHED.items():
@@ -161,6 +165,9 @@ def all_schemas() -> dict[str, dict[str, object]]:
     # The undo's correction records (topic undo.corrections.topic) and `undo apply --report` files.
     out["undo-correction"] = Correction.model_json_schema()
     out["undo-apply-report"] = ApplyReport.model_json_schema()
+    out["restore-report"] = RestoreReport.model_json_schema()  # `writeguard restore --report` files
+    # The logical decoding message of a refusal by `writeguard guard-sql`'s triggers (prefix writeguard.refused).
+    out["guard-refusal"] = GuardRefusal.model_json_schema()
     return out
 
 
@@ -344,6 +351,8 @@ def parser() -> argparse.ArgumentParser:
     ids.set_defaults(func=cmd_identity_sql)
 
     add_undo_commands(sub, with_config)
+    add_guard_commands(sub, with_config)
+    add_restore_commands(sub, with_config)
     return p
 
 

@@ -172,6 +172,23 @@ class ControlSettings(Strict):
         return tuple(k.get_secret_value().encode() for k in (self.signing_key, *self.previous_keys))
 
 
+class GuardSettings(Strict):
+    """`writeguard guard-sql` installs the approval key in PostgreSQL; `writeguard approve` signs approvals with it.
+
+    Its own key, not control.signing_key: the worker holds that one, and a compromised worker must not be able to
+    approve a mass delete. The worker's copy of the config may leave this section out.
+    """
+
+    approval_key: SecretStr = Field(
+        min_length=32,
+        description="HMAC-SHA256 key of approval tokens, at least 32 characters, from the environment: "
+        "${WRITEGUARD_APPROVAL_KEY}. Only humans who approve (and guard-sql) need it.",
+    )
+    max_ttl_s: float = Field(
+        3600.0, gt=0, le=7 * 86400, description="The longest --ttl `writeguard approve` issues, in seconds."
+    )
+
+
 class UndoCorrections(Strict):
     """Correction records of ``writeguard undo apply``: one per applied step, keyed by the row's key."""
 
@@ -220,6 +237,9 @@ class Config(Strict):
     )
     undo: UndoSettings = Field(
         default_factory=UndoSettings, description="`writeguard undo apply` and `undo status`: database, ledger."
+    )
+    guard: GuardSettings | None = Field(
+        None, description="The approval key of the PostgreSQL guard rails (`writeguard guard-sql`, `approve`)."
     )
     suppressions: tuple[Suppression, ...] = Field(
         (), description="Windows of planned work: anomalies are scored and counted but not alerted on."

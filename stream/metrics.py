@@ -100,12 +100,15 @@ class Metrics:
         self.quarantined_agents = Gauge("writeguard_quarantined_agents", "Agents currently quarantined.", registry=r)
         self.rebalances = Counter(
             "writeguard_rebalances",
-            "Partition assignments this worker received from its consumer group (the first one included).",
+            "Partition assignments this worker received, by consumer group (the first one included): the "
+            "worker's group.id (Faust, the changes topic) and <group.id>.ingest (the CDC topics).",
+            ["group"],
             registry=r,
         )
         self.assigned_partitions = Gauge(
             "writeguard_assigned_partitions",
-            "Partitions assigned to this worker, over every topic it reads.",
+            "Partitions assigned to this worker, by consumer group.",
+            ["group"],
             registry=r,
         )
         self._events: dict[tuple[str, str], Counter] = {}

@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import msgspec
 import psycopg
 import pytest
 from psycopg import errors, sql
 
 from detectors.engine import Change, role_identity
+from stream.ingest import decode_changes
 from testbed.broker import LocalKafka
 from testbed.process import ROOT
 from testbed.stack import Stack, start_stack
@@ -95,8 +95,8 @@ def control(s: Stack) -> list[dict[str, Any]]:
 
 
 def changes(s: Stack) -> list[Change]:
-    dec = msgspec.json.Decoder(Change)
-    return [dec.decode(v) for _, v, _, _ in read_topic(s.kafka.bootstrap_servers, s.config.topics.changes) if v]
+    topic = read_topic(s.kafka.bootstrap_servers, s.config.topics.changes)
+    return [ch for _, v, _, _ in topic if v for ch in decode_changes(v)]
 
 
 def insert(conn: Any, n: int, amount: float, agent: str | None) -> None:

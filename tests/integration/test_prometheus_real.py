@@ -464,7 +464,7 @@ def test_dashboard_target_returns_its_series(prom: LocalPrometheus, run: Run, na
 
 def group_history(worker: Worker) -> str:
     """The worker's consumer-group events, to tell a rebalance during the run from a wrong panel."""
-    n = worker.total("writeguard_rebalances_total")
+    n = worker.total("writeguard_rebalances_total")  # over both groups
     lines = [ln for ln in worker.process.log_tail(200_000).splitlines() if re.search(r"generation|[Rr]evok", ln)]
     return f"partition assignments: {n:g}\n" + "\n".join(lines[-20:])
 

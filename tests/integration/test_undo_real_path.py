@@ -31,6 +31,7 @@ from psycopg import sql
 from psycopg.types.string import TextLoader
 
 from detectors.engine import UNATTRIBUTED
+from stream.ingest import ingest_group
 from testbed.broker import LocalKafka
 from testbed.process import ROOT, spawn_worker, stop_process
 from testbed.stack import Stack, start_stack
@@ -572,23 +573,27 @@ def test_the_worker_recognises_every_undo_transaction_and_raises_no_alert_on_it(
 
 
 def caught_up(stack: Stack) -> dict[str, int] | None:
-    """None once the worker's group has committed every partition of its inputs (the CDC topics, the messages
-    topic, its own changes topic) up to the end, i.e. read and scored all of it; else how far behind each one is."""
+    """None once the worker's groups have committed every partition of their inputs up to the end, i.e. read and
+    scored all of it: the CDC topics and the messages topic (``<group.id>.ingest``), its own changes topic
+    (``group.id``); else how far behind each one is."""
     cfg = stack.config
     prefix = cfg.debezium.topic_prefix if cfg.debezium else ""
-    topics = [t.topic for t in cfg.tables] + [f"{prefix}.message", cfg.topics.changes]
-    c = Consumer({"bootstrap.servers": stack.kafka.bootstrap_servers, "group.id": cfg.kafka.group_id})
-    try:
-        md = c.list_topics(timeout=10)
-        parts = [TopicPartition(t, p) for t in topics if t in md.topics for p in md.topics[t].partitions]
-        behind = {}
-        for tp in c.committed(parts, timeout=10):
-            high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)[1]
-            if high > max(tp.offset, 0):
-                behind[f"{tp.topic}/{tp.partition}"] = high - max(tp.offset, 0)
-        return behind or None
-    finally:
-        c.close()
+    behind = {}
+    for group, topics in (
+        (ingest_group(cfg), [t.topic for t in cfg.tables] + [f"{prefix}.message"]),
+        (cfg.kafka.group_id, [cfg.topics.changes]),
+    ):
+        c = Consumer({"bootstrap.servers": stack.kafka.bootstrap_servers, "group.id": group})
+        try:
+            md = c.list_topics(timeout=10)
+            parts = [TopicPartition(t, p) for t in topics if t in md.topics for p in md.topics[t].partitions]
+            for tp in c.committed(parts, timeout=10):
+                high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)[1]
+                if high > max(tp.offset, 0):
+                    behind[f"{tp.topic}/{tp.partition}"] = high - max(tp.offset, 0)
+        finally:
+            c.close()
+    return behind or None
 
 
 @dataclass

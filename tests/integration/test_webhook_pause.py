@@ -67,17 +67,26 @@ def test_a_quarantine_calls_the_signed_pause_webhook_and_records_it(worker: Work
     fleet = Fleet(n_agents=6, seed=9, prefix=worker.prefix)
     start = time.time_ns() // 1000 - 120_000_000
     records = list(fleet.stream(600, start))
+    p = Producer({"bootstrap.servers": worker.bootstrap})
+    # The fleet's history is scored before the rogue writes, as it would be live: a backlog read all at once
+    # comes partition by partition, and an agent's writes are spread over the partitions by primary key.
+    for r in records:
+        p.produce(r.topic, key=r.key, value=r.value)
+    assert p.flush(30) == 0
+    worker.wait_for("writeguard_events_total", len(records), timeout=60)
     rogue = next(a for a in fleet.agents if a.table == REFUNDS)
     rogue.rogue = "inflate"
     records += [fleet.write(rogue, time.time_ns() // 1000 - (20 - i) * 10_000) for i in range(20)]
-    p = Producer({"bootstrap.servers": worker.bootstrap})
-    for r in records:
+    for r in records[-20:]:
         p.produce(r.topic, key=r.key, value=r.value)
     assert p.flush(30) == 0
 
     deadline = time.monotonic() + 60
     while sum(1 for h, _ in Receiver.got if h.get("x-writeguard-signature")) < 2:
-        assert time.monotonic() < deadline, f"webhook not delivered: {Receiver.got}\n{worker.process.log_tail()}"
+        assert time.monotonic() < deadline, (
+            f"webhook not delivered: {Receiver.got}; the worker scored {worker.total('writeguard_events_total'):g} "
+            f"events of {len(records)}, {worker.total('writeguard_alerts_total'):g} alerts\n{worker.process.log_tail()}"
+        )
         time.sleep(0.2)
     headers, body = Receiver.got[-1]
     assert verify_headers(SECRET.encode(), headers, body)

@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from stream.config import load_config
+from stream.ingest import ingest_group
 from testbed.broker import LocalKafka
 from testbed.fleet import REFUNDS, Fleet
 from testbed.process import spawn_worker
@@ -135,7 +136,7 @@ def test_worker_with_a_wrong_password_consumes_nothing_and_says_why(
 
     admin = AdminClient({"bootstrap.servers": sasl_kafka.bootstrap_servers})
     groups = {g.group_id for g in admin.list_consumer_groups(request_timeout=30).result(timeout=60).valid}
-    assert cfg.kafka.group_id not in groups, groups  # it never joined, so it consumed nothing
+    assert cfg.kafka.group_id not in groups and ingest_group(cfg) not in groups, groups  # it consumed nothing
     topics = admin.list_topics(timeout=30).topics
     assert cfg.topics.alerts not in topics and cfg.topics.changes not in topics
     # The same listener accepts the right password: what failed was the password, not the listener.

@@ -111,7 +111,14 @@ def test_schema_files_match_the_models() -> None:
     files = {p.name.removesuffix(".schema.json"): p for p in sorted(SCHEMAS.glob("*.schema.json"))}
     assert files, f"{SCHEMAS} has no *.schema.json; run `writeguard schemas --write`"
     generated = cli.all_schemas()
-    assert set(generated) == {"config", *PUBLISHED, "undo-correction", "undo-apply-report"}
+    assert set(generated) == {
+        "config",
+        *PUBLISHED,
+        "undo-correction",
+        "undo-apply-report",
+        "restore-report",
+        "guard-refusal",
+    }
     assert PUBLISHED == {
         "alert": Alert,
         "control-record": ControlRecord,
@@ -138,6 +145,8 @@ def test_schemas_write_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[
         "config.schema.json",
         "control-record.schema.json",
         "dead-letter.schema.json",
+        "guard-refusal.schema.json",
+        "restore-report.schema.json",
         "undo-apply-report.schema.json",
         "undo-correction.schema.json",
         "undo-plan.schema.json",
