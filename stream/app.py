@@ -1,12 +1,14 @@
 """The Faust app: CDC topics -> (re-key by agent id) -> per-agent detection -> alerts and control records.
 
-Two agents make the pipeline. ``ingest`` reads the Debezium topics, decodes each record once, sends the
-malformed ones to the dead-letter topic, and forwards a compact :class:`Change` keyed by agent id to the
-internal ``changes`` topic. Debezium keys by primary key, so without this hop one agent's writes would
-be spread over every worker; the cost is one extra produce and consume per event (see the README's
-benchmark). ``detect`` consumes ``changes``: all of an agent's events reach the same worker and the same
-models. The control topic is followed by every worker in full, so quarantine state survives restarts
-and rebalances without co-partitioning.
+Two stages make the pipeline. ``ingest`` (a task, :class:`stream.ingest.BulkIngest` on a thread of its own)
+reads the Debezium topics in bulk with confluent-kafka, decodes each record once, sends the malformed ones to
+the dead-letter topic, and forwards compact :class:`Change` batches, one record per destination partition and
+batch, to the internal ``changes`` topic partitioned by agent id; it commits the CDC offsets once the broker
+has them. Debezium keys by primary key, so without this hop one agent's writes would be spread over every
+worker. ``detect`` (a Faust agent) consumes ``changes``: all of an agent's events reach the same worker and
+the same models, and Faust's per-record cost is paid once per batch. With ``worker.repartition: false`` a
+Faust agent (``ingest_direct``) reads the CDC topics and scores them in place. The control topic is followed
+by every worker in full, so quarantine state survives restarts and rebalances without co-partitioning.
 """
 
 from __future__ import annotations
