@@ -26,7 +26,6 @@ import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from connectors.debezium import EnvelopeError
 from connectors.messages import (
     CONTROL_SIGNATURE_HEADER,
     ControlRecord,
@@ -45,13 +44,12 @@ from stream.logs import install as install_log_filters
 from stream.logs import kafka_logging, printable
 from stream.metrics import Metrics
 from stream.modelstore import ModelStore
-from stream.pipeline import build_alert, router_for
+from stream.pipeline import Intake, build_alert, router_for
 
 log = logging.getLogger("writeguard.worker")
 BATCH = 500
 BATCH_WITHIN_S = 0.005
 CHECKPOINT_SHARE = 0.05  # of each checkpoint interval, at most, spent serialising model sets
-_encode = msgspec.json.Encoder().encode
 
 
 def ensure_topics(cfg: Config, timeout: float = 30.0) -> None:
@@ -261,41 +259,29 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
             metrics.processing_lag.observe(max(time.time() - ch.commit_ts_us / 1e6, 0.0))
         return engine.process(ch)
 
+    # Without the hop: the shared intake (stream.pipeline) collects, the Faust agent sends and scores.
+    routed: list[Change] = []
+    dead: list[tuple[str, str]] = []
+    intake = Intake(
+        router, routed.append, lambda reason: metrics.skipped.labels(reason).inc(), lambda *d: dead.append(d)
+    )
+
     async def ingest_one(event: Any) -> None:
         msg = event.message
-        coords = KafkaCoords(msg.topic, msg.partition, msg.offset)
-        try:
-            out = router.route(msg.topic, event.value, coords)
-        except EnvelopeError as e:
-            metrics.dead_letters.labels(e.reason).inc()
-            await dlq.send(key=event.key, value=_dead_letter(e.reason, e.detail, msg, event.key, event.value))
-            return
-        except Exception as e:  # never let one record stop the stream: it is kept, with its reason
-            log.exception("unexpected error on %s", coords)
-            metrics.dead_letters.labels("internal_error").inc()
-            await dlq.send(
-                key=event.key, value=_dead_letter("internal_error", repr(e)[:2000], msg, event.key, event.value)
-            )
-            return
-        if isinstance(out, str):
-            metrics.skipped.labels(out).inc()
-        else:
-            await forward(out)
-        if router.ready:
-            await forward_ready()
+        intake.feed(msg.topic, event.value, KafkaCoords(msg.topic, msg.partition, msg.offset))
+        await drain(msg, event)
 
-    async def forward(ch: Change) -> None:
-        if cfg.worker.repartition:
-            await changes.send(key=ch.agent_id.encode(), value=_encode(ch))
-        else:
+    async def drain(msg: Any = None, event: Any = None) -> None:
+        for reason, detail in dead:
+            metrics.dead_letters.labels(reason).inc()
+            await dlq.send(key=event.key, value=_dead_letter(reason, detail, msg, event.key, event.value))
+        dead.clear()
+        todo = routed[:]
+        routed.clear()
+        for ch in todo:
             findings = score(ch)
             if findings:
                 await publish(findings)
-
-    async def forward_ready() -> None:
-        ready, router.ready = router.ready, []
-        for ch in ready:
-            await forward(ch)
 
     if cfg.worker.repartition:
         bulk = BulkIngest(cfg, router, metrics, inputs, message_topic=message_topic)
@@ -372,10 +358,8 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
 
         @app.timer(0.5)
         async def expire_held() -> None:
-            if router.pending:
-                router.expire(time.time_ns() // 1000)  # held rows are scored as unattributed, not dropped
-            if router.ready:
-                await forward_ready()
+            intake.release(time.time_ns() // 1000)  # held rows are scored as unattributed, not dropped
+            await drain()
 
     # mode's stubs do not accept an async receiver with these keywords, though its Signal.send awaits one.
     async def count_assignment(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:

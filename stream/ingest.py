@@ -27,14 +27,13 @@ from operator import attrgetter
 import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from connectors.debezium import EnvelopeError
 from connectors.messages import DeadLetter
 from detectors.engine import Change, KafkaCoords
 from stream.checkpoints import partition_for
 from stream.config import Config, client_settings
 from stream.logs import kafka_logging, printable
 from stream.metrics import Metrics
-from stream.pipeline import Router
+from stream.pipeline import Intake, Router
 
 log = logging.getLogger("writeguard.ingest")
 
@@ -112,6 +111,8 @@ class BulkIngest:
     ) -> None:
         self.router = router
         self.metrics = metrics
+        self._current: Message | None = None  # the record being fed: a dead letter carries its coordinates and bytes
+        self.intake = Intake(router, self._add, lambda reason: metrics.skipped.labels(reason).inc(), self._dead_current)
         self.inputs = inputs
         self.message_topic = message_topic
         self.batch = batch
@@ -176,13 +177,7 @@ class BulkIngest:
         msgs = self.consumer.consume(self.batch, self.wait_s)
         if msgs:
             self._route(msgs)
-        router = self.router
-        if router.pending:
-            router.expire(time.time_ns() // 1000)  # held rows are scored as unattributed, not dropped
-        if router.ready:
-            ready, router.ready = router.ready, []
-            for ch in ready:
-                self._add(ch)
+        self.intake.release(time.time_ns() // 1000)  # held rows are scored as unattributed, not dropped
         n = self._forward()
         if time.monotonic() >= self._lag_at:
             self._lag_at = time.monotonic() + LAG_EVERY_S
@@ -195,8 +190,7 @@ class BulkIngest:
             # routed before the batch's rows, which it may concern. The sort is stable: each topic keeps its order.
             mt = self.message_topic
             msgs.sort(key=lambda m: m.topic() != mt)
-        route = self.router.route
-        skipped = self.metrics.skipped
+        feed = self.intake.feed
         nxt = self._next
         for m in msgs:
             err = m.error()
@@ -209,20 +203,9 @@ class BulkIngest:
             topic, part, off = m.topic(), m.partition(), m.offset()
             assert topic is not None and part is not None and off is not None  # a record, not an error
             nxt[(topic, part)] = off + 1
-            coords = KafkaCoords(topic, part, off)
-            try:
-                out = route(topic, m.value(), coords)
-            except EnvelopeError as e:
-                self._dead(e.reason, e.detail, m)
-                continue
-            except Exception as e:  # never let one record stop the stream: it is kept, with its reason
-                log.exception("unexpected error on %s", coords)
-                self._dead("internal_error", repr(e)[:2000], m)
-                continue
-            if isinstance(out, str):
-                skipped.labels(out).inc()
-            else:
-                self._add(out)
+            self._current = m
+            feed(topic, m.value(), KafkaCoords(topic, part, off))
+        self._current = None
 
     def _add(self, ch: Change) -> None:
         p = self._partition_of.get(ch.agent_id)
@@ -236,6 +219,10 @@ class BulkIngest:
             self._out[p] = [ch]
         else:
             out.append(ch)
+
+    def _dead_current(self, reason: str, detail: str) -> None:
+        assert self._current is not None  # called by the intake while a record is fed
+        self._dead(reason, detail, self._current)
 
     def _dead(self, reason: str, detail: str, m: Message) -> None:
         self.metrics.dead_letters.labels(reason).inc()

@@ -6,8 +6,10 @@ run the very same detection code.
 
 from __future__ import annotations
 
+import logging
 import shlex
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,6 +22,8 @@ from detectors.features import Extractor, identity
 from detectors.models import Contribution
 from detectors.spec import TableSpec
 from stream.config import Config
+
+log = logging.getLogger("writeguard.pipeline")
 
 # Why an input record produced no Change; each is counted, none is an error.
 SKIP_TOMBSTONE = "tombstone"
@@ -250,6 +254,68 @@ class Router:
 
 def _mismatch(table: str, agent: str, run: str | None, claimed: str, ts_us: int, coords: Coords) -> Change:
     return Change(table, "m", agent, run, {}, ts_us, coords, claimed=claimed)
+
+
+class Intake:
+    """Route -> Change, the first half of the pipeline, written once for the worker and for ``writeguard replay``.
+
+    :meth:`feed` one input record at a time; each becomes a Change for ``sink``, a skip reason for ``skipped``
+    (tombstones, heartbeats, held rows, ...), or a dead letter for ``dead`` (reason, detail) that the caller
+    keeps with the record; the record is never lost and the stream goes on. :meth:`release` hands over, as
+    unattributed, the rows held longer than the router's ``hold_s`` for their transaction's agent message, and
+    the rows a late message released. The worker's ingest feeds Kafka records; replay feeds file lines.
+
+    >>> from stream.config import EXAMPLE_CONFIG, load_config
+    >>> out, skips, dead = [], [], []
+    >>> intake = Intake(router_for(load_config(EXAMPLE_CONFIG)), out.append, skips.append,
+    ...                 lambda reason, detail: dead.append(reason))
+    >>> intake.feed(None, None, KafkaCoords("t", 0, 1)), intake.feed(None, b"{not json", KafkaCoords("t", 0, 2))
+    (False, False)
+    >>> skips, dead
+    (['tombstone'], ['invalid_json'])
+    """
+
+    __slots__ = ("dead", "router", "sink", "skipped")
+
+    def __init__(
+        self,
+        router: Router,
+        sink: Callable[[Change], object],
+        skipped: Callable[[str], object],
+        dead: Callable[[str, str], object],
+    ) -> None:
+        self.router = router
+        self.sink = sink
+        self.skipped = skipped
+        self.dead = dead
+
+    def feed(self, topic: str | None, value: bytes | None, coords: Coords) -> bool:
+        """Route one record; True when it became a Change (given to ``sink``)."""
+        try:
+            out = self.router.route(topic, value, coords)
+        except EnvelopeError as e:
+            self.dead(e.reason, e.detail)
+            return False
+        except Exception as e:  # never let one record stop the stream: it is kept, with its reason
+            log.exception("unexpected error on %s", coords)
+            self.dead("internal_error", repr(e)[:2000])
+            return False
+        if isinstance(out, str):
+            self.skipped(out)
+            return False
+        self.sink(out)
+        return True
+
+    def release(self, now_us: int | None) -> None:
+        """Rows held past ``hold_s`` before ``now_us`` (commit time) as unattributed, and those a message freed
+        (only those with ``None``)."""
+        router = self.router
+        if router.pending and now_us is not None:
+            router.expire(now_us)
+        if router.ready:
+            ready, router.ready = router.ready, []
+            for ch in ready:
+                self.sink(ch)
 
 
 def router_for(cfg: Config) -> Router:

@@ -18,10 +18,9 @@ from typing import IO
 
 import msgspec
 
-from connectors.debezium import EnvelopeError
 from detectors.engine import Change, Engine, FileCoords
 from stream.config import Config, make_engine
-from stream.pipeline import SKIP_PENDING, build_alert, router_for
+from stream.pipeline import SKIP_PENDING, Intake, build_alert, router_for
 
 _enc = msgspec.json.Encoder()
 
@@ -82,10 +81,23 @@ def replay(
             if alerts_out is not None:
                 alerts_out.write(build_alert(f, time.time_ns() // 1000).to_bytes() + b"\n")
 
-    def drain() -> None:
-        ready, router.ready = router.ready, []
-        for ch in ready:
-            score(ch)
+    lineno = 0
+    last_ts = [0]
+
+    def change(ch: Change) -> None:
+        last_ts[0] = ch.commit_ts_us
+        score(ch)
+
+    def skipped(reason: str) -> None:
+        stats.skipped[reason] += 1
+
+    def dead(reason: str, detail: str) -> None:
+        stats.dead_letters[reason] += 1
+        lines = stats.dead_letter_lines.setdefault(reason, [])
+        if len(lines) < 5:
+            lines.append(lineno)
+
+    intake = Intake(router, change, skipped, dead)
 
     started = last = time.perf_counter()
     with open(path, "rb") as fh:
@@ -94,22 +106,9 @@ def replay(
             value = raw.strip()
             if not value:
                 continue
-            try:
-                out = router.route(None, None if value == b"null" else value, FileCoords(name, lineno))
-            except EnvelopeError as e:
-                stats.dead_letters[e.reason] += 1
-                lines = stats.dead_letter_lines.setdefault(e.reason, [])
-                if len(lines) < 5:
-                    lines.append(lineno)
-                continue
-            if isinstance(out, str):
-                stats.skipped[out] += 1
-            else:
-                score(out)
-                if router.pending:  # commit time is replay's clock: rows whose message never came are unattributed
-                    router.expire(out.commit_ts_us)
-            if router.ready:
-                drain()
+            changed = intake.feed(None, None if value == b"null" else value, FileCoords(name, lineno))
+            # Commit time is replay's clock: rows whose message never came are released as unattributed.
+            intake.release(last_ts[0] if changed else None)
             if progress is not None and lineno & 0xFFF == 0:
                 now = time.perf_counter()
                 if now - last >= 2.0:
@@ -117,8 +116,7 @@ def replay(
                     progress(
                         f"replay: {lineno:,} lines, {stats.alerts} alerts, {lineno / (now - started):,.0f} events/s"
                     )
-    router.expire(2**62)
-    drain()
+    intake.release(2**62)
     stats.skipped.pop(SKIP_PENDING, None)  # every held row ended up scored or unattributed
     stats.skipped = +stats.skipped
     stats.seconds = time.perf_counter() - started
