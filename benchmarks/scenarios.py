@@ -59,6 +59,9 @@ An incident agent writes nothing after its incident (in production the quarantin
   in that day is anomalous (so the delay counts from the drift's first, still tiny, step);
 - ``sustained_shift`` (subtle): a "wide" agent (per-write sigma 0.8-1.1) whose next 40-60 writes are x20: about
   +3 of its own standard deviations each, so no single write stands out, but 50 in a row are unmistakable;
+- ``delete_habit`` (subtle): an orders or tickets agent that has always cancelled by soft delete (an update
+  setting ``deleted_at``, never a delete) begins to hard-delete 2-4 rows an hour, 6-12 in all, among its
+  ordinary writes; its hard deletes are the anomalous events;
 - ``new_category`` (subtle): 10-30 inserts with a value the table never saw (``reason: goodwill`` or
   ``currency: USDT`` on refunds, ``category: vip_override`` on tickets), normal amounts.
 
@@ -124,7 +127,7 @@ HOUR_S = 3_600.0
 SLICE_S = 300.0  # the rate is constant within a slice of commit time
 
 GROSS = ("amount_inflation", "mass_delete", "retry_duplicates", "first_day_rogue", "multiplied_update")
-SUBTLE = ("slow_drift", "new_category", "sustained_shift")
+SUBTLE = ("slow_drift", "new_category", "sustained_shift", "delete_habit")
 INCIDENT_KINDS = GROSS + SUBTLE
 BENIGN = ("traffic_spike", "benign_burst", "new_agent", "nightly_batch")
 NORMAL = "normal"
@@ -258,6 +261,7 @@ class _Agent:
     new_until: float = -1.0
     retired: bool = False
     batch: str | None = None  # nightly_batch: its id
+    soft_deletes: bool = False  # delete_habit: it cancels by setting deleted_at, it does not delete
 
 
 _Write = tuple[str, dict[str, Any] | None, dict[str, Any] | None]  # op, before, after
@@ -282,6 +286,7 @@ class Generator:
         self._wal = Envelopes(self.rng, lsn=40_000_000, tx_id=9_000)
         self._heap: list[tuple[float, int, int]] = []  # (t, seq, agent index or -1 for a scripted write)
         self._seq = 0
+        self._now_s = 0.0
         self._scripted: dict[int, tuple[str, _Incident, dict[str, Any] | None]] = {}
         spike0 = 2 * DAY_S + 10 * HOUR_S
         self.spike = (spike0, spike0 + HOUR_S)
@@ -392,6 +397,17 @@ class Generator:
                 inc = _Incident(iid, kind, a, rng.uniform(DAY_S, h - 12 * HOUR_S), factor=10.0,
                                 target=rng.randint(10, 20))
                 inc.params = {"factor": 10, "writes": inc.target}
+            elif kind == "delete_habit":
+                a = self._pick((ORDERS, TICKETS)[n % 2])
+                a.soft_deletes = True  # from its first write on: its habit has no hard deletes
+                per_hour = rng.uniform(2.0, 4.0)
+                inc = _Incident(iid, kind, a, rng.uniform(DAY_S, h - 12 * HOUR_S), target=rng.randint(6, 12))
+                span = inc.target / per_hour * HOUR_S
+                times = sorted(inc.start_s + rng.uniform(0.0, span) for _ in range(inc.target))
+                for t in times:
+                    self._push_scripted(t, ("delete", inc, None))
+                inc.end_s = a.end_s = times[-1]  # stopped after its last hard delete
+                inc.params = {"deletes": inc.target, "per_hour": round(per_hour, 2)}
             elif kind == "slow_drift":
                 a = self._pick(TABLES[n % 3])
                 start = rng.uniform(DAY_S, h - DAY_S - HOUR_S)
@@ -511,6 +527,8 @@ class Generator:
                     else:
                         a.live[idx] = after
                     return "u", before, after
+                if a.soft_deletes:
+                    return self._soft_delete(a)
                 return "d", a.live.pop(rng.randrange(len(a.live))), None  # a cancellation
             items = 1 + min(int(rng.expovariate(0.6)), 9)
             row = {
@@ -527,6 +545,8 @@ class Generator:
             if r < 0.37:  # resolve one of its tickets
                 before = a.live.pop(rng.randrange(len(a.live)))
                 return "u", before, {**before, "status": "resolved"}
+            if a.soft_deletes:
+                return self._soft_delete(a)
             return "d", a.live.pop(rng.randrange(len(a.live))), None  # spam clean-up
         row = {
             "id": self._next_id(TICKETS),
@@ -541,6 +561,12 @@ class Generator:
             row[override[0]] = override[1]
         self._keep(a, row)
         return "c", None, row
+
+    def _soft_delete(self, a: _Agent) -> _Write:
+        """A delete_habit agent's cancellation: an update that sets ``deleted_at`` (the row stays)."""
+        before = a.live.pop(self.rng.randrange(len(a.live)))
+        stamp = datetime.fromtimestamp(self.p.start_us / 1e6 + self._now_s, UTC).isoformat()
+        return "u", before, {**before, "deleted_at": stamp}
 
     def _old_row(self, a: _Agent, status: str = "delivered") -> dict[str, Any]:
         """A row of ``a``'s written before the run started (a mass delete may reach past its recent rows)."""
@@ -566,6 +592,7 @@ class Generator:
         return NORMAL, None
 
     def _tick(self, a: _Agent, t: float) -> tuple[_Write, str, str | None, bool] | None:
+        self._now_s = t  # delete_habit: the time a soft delete stamps
         inc = a.incident
         if inc is None or t < inc.start_s:
             scenario, iid = self._benign(a, t)
@@ -582,6 +609,8 @@ class Generator:
         if kind == "slow_drift":
             w = self._write(a, mult=(1.0 + inc.factor) ** ((t - inc.start_s) / HOUR_S))
             return w, kind, inc.id, w[0] == "c"
+        if kind == "delete_habit":  # its normal writes go on around the scripted hard deletes
+            return self._write(a), kind, inc.id, False
         if kind == "multiplied_update":
             if not a.live:
                 return self._write(a), kind, inc.id, False

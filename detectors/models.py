@@ -1247,3 +1247,207 @@ class OpMix:
             fired = w.tx_id is not None and w.tx_id == self._tx and rows > self.max_rows_per_tx
             out = [tx, *out] if fired else [*out, tx]
         return out
+
+
+# Op codes OpHabit keeps a habit of: a snapshot read ("r") is not something the agent did.
+_HABIT_OPS = ("c", "u", "d", "t")
+_HABIT_NAMES = {"c": "inserts", "u": "updates", "d": "hard deletes", "t": "truncates"}
+
+
+def beta_binomial_tail(k: int, n: int, a: float, b: float) -> float:
+    """P(X >= k) for X ~ Beta-Binomial(n, a, b): ``k`` or more of ``n`` writes are one op, when its share is only
+    known as Beta(a, b) (a share learned from counts, whose own uncertainty widens the tail).
+
+    Summed from ``k`` upwards, term by term (the ratio of consecutive terms is exact), until the terms no longer
+    matter; called only for counts above the mean, where they fall quickly.
+
+    >>> round(beta_binomial_tail(1, 1, 1.0, 3.0), 6)  # one write, a share of mean 1/4
+    0.25
+    >>> f"{beta_binomial_tail(3, 40, 0.5, 2000.5):.1e}"   # 3 of 40, for an op seen 0 times in 2,000 writes
+    '2.2e-06'
+    >>> beta_binomial_tail(0, 10, 0.5, 9.5)
+    1.0
+    """
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    lg = math.lgamma
+    log_pmf = (
+        lg(n + 1) - lg(k + 1) - lg(n - k + 1) + lg(k + a) + lg(n - k + b) - lg(n + a + b) + lg(a + b) - lg(a) - lg(b)
+    )
+    term = math.exp(log_pmf)
+    total = term
+    for j in range(k, n):
+        term *= (n - j) / (j + 1) * (j + a) / (n - j - 1 + b)
+        total += term
+        if term < total * 1e-9:
+            break
+    return min(total, 1.0)
+
+
+class OpHabit:
+    """Each op's count in the last ``window`` seconds against the agent's habit of that op, one op at a time.
+
+    ``OpMix`` judges one share of several ops together, so an agent that soft-deletes (updates) and starts to
+    hard-delete keeps its share and goes unseen. Here every op has its own long-run count, of the agent's writes
+    that have left the window, with a Dirichlet prior of ``prior`` writes per op: the op's share is known as
+    Beta(count + prior, others + 3 prior). A write of op ``o`` is scored by how unlikely its window's count of ``o``
+    (this write included) is under that habit: the Beta-Binomial upper tail ``p``, as ``L = -log10 p``, squashed
+    into ``L / (L + L*)`` with ``L* = -log10(p_value)``, so that 0.5 is ``p = p_value``. An op the agent never
+    used is very unlikely three times in an hour; a rare op at its usual rate is not; the share's own uncertainty
+    (0 in 100 writes is less surely rare than 0 in 10,000) is in the tail. Judged only after ``warmup`` writes have
+    left the window, from ``min_count`` of the op in the window, and only for rare ops (a habitual share below
+    ``max_share``: a common op's share is ``OpMix``'s). Inserts are not judged by default: they change no existing
+    row, and an agent whose nightly batch of updates dwarfs its day would find its own daytime inserts rare.
+    Memory: the window's counts in 8 time buckets per op, and four long-run counts.
+
+    >>> h = OpHabit(window=3600.0, warmup=100)
+    >>> for i in range(2000):                         # 17 hours of inserts and soft deletes (updates)
+    ...     h.learn_one(Write(op="u" if i % 3 else "c", t=i * 30.0))
+    >>> t = 2000 * 30.0
+    >>> scores = []
+    >>> for i in range(4):                            # then four hard deletes within the hour
+    ...     w = Write(op="d", t=t + i * 600.0)
+    ...     scores.append(round(h.score_one(w), 2)); h.learn_one(w)
+    >>> scores                                        # the third is past p_value (2e-5): score 0.5
+    [0.0, 0.0, 0.51, 0.59]
+    >>> print(h.explain(Write(op="d", t=t + 1800.0))[0].text)   # a fifth
+    5 hard deletes among this agent's 55 writes in the last hour; its usual share of deletes is 0% (none in 1,950 \
+writes); at that share, 5 or more in 55 writes has a chance of 3.2e-09
+    """
+
+    __slots__ = (
+        "_counts",
+        "_habit",
+        "_head",
+        "_width",
+        "max_share",
+        "min_count",
+        "n",
+        "ops",
+        "p_value",
+        "prior",
+        "warmup",
+        "window",
+    )
+
+    BUCKETS = 8
+
+    def __init__(
+        self,
+        window: float = 3600.0,
+        warmup: int = 100,
+        min_count: int = 3,
+        p_value: float = 2e-5,
+        prior: float = 0.5,
+        max_share: float = 0.02,
+        ops: Iterable[str] = ("u", "d", "t"),
+    ) -> None:
+        self.window = window
+        self._width = window / self.BUCKETS
+        self.ops = frozenset(ops) & frozenset(_HABIT_OPS)
+        self.warmup = warmup
+        self.min_count = min_count
+        self.p_value = p_value
+        self.prior = prior
+        self.max_share = max_share
+        # The window: per bucket of commit time, a count per op (bucket-major, ops in _HABIT_OPS order).
+        self._counts = array("I", bytes(4 * 4 * self.BUCKETS))
+        self._head: int | None = None  # index of the newest bucket
+        self._habit = [0, 0, 0, 0]  # per op, the agent's writes that have left the window
+        self.n = 0
+
+    def _advance(self, t: float) -> int:
+        """Move the window to ``t``: buckets that fall out of it go to the long-run habit."""
+        idx = int(t // self._width)
+        head = self._head
+        if head is None:
+            self._head = idx
+            return idx
+        gap = idx - head
+        if gap > 0:
+            c, habit, nb = self._counts, self._habit, self.BUCKETS
+            for i in range(1, min(gap, nb) + 1):
+                base = (head + i) % nb * 4
+                for j in range(4):
+                    habit[j] += c[base + j]
+                    c[base + j] = 0
+            self._head = idx
+        return idx
+
+    def _window(self, j: int) -> tuple[int, int]:
+        """(writes of op ``j``, all writes) in the window."""
+        c = self._counts
+        return sum(c[j::4]), sum(c)
+
+    def _judge(self, w: Write) -> tuple[int, int, int, int, float] | None:
+        """(op's count in the window with ``w``, writes in it, op's habit, habit writes, tail p), or None."""
+        op = w.op
+        if op not in self.ops:
+            return None
+        self._advance(w.t)
+        j = _HABIT_OPS.index(op)
+        habit_n = sum(self._habit)
+        if habit_n < self.warmup:
+            return None
+        k, n = self._window(j)
+        k, n = k + 1, n + 1
+        if k < self.min_count:
+            return None
+        h = self._habit[j]
+        a, b = h + self.prior, habit_n - h + 3 * self.prior
+        share = a / (a + b)
+        if share >= self.max_share or k <= n * share:
+            return None
+        return k, n, h, habit_n, beta_binomial_tail(k, n, a, b)
+
+    def score_one(self, w: Write) -> float:
+        judged = self._judge(w)
+        if judged is None:
+            return 0.0
+        surprise = -math.log10(max(judged[4], 1e-300))
+        return surprise / (surprise - math.log10(self.p_value))
+
+    def learn_one(self, w: Write) -> None:
+        self.n += 1
+        if w.op not in _HABIT_OPS:
+            return
+        idx = self._advance(w.t)
+        head = self._head if self._head is not None else idx
+        # A late write older than the window still counts in the oldest bucket, as WindowCounter does.
+        slot = idx if idx > head - self.BUCKETS else head - self.BUCKETS + 1
+        self._counts[slot % self.BUCKETS * 4 + _HABIT_OPS.index(w.op)] += 1
+
+    def _span(self) -> str:
+        s = self.window
+        if s == 3600:
+            return "the last hour"
+        if s % 3600 == 0:
+            return f"the last {num(s / 3600)} hours"
+        if s % 60 == 0:
+            return f"the last {num(s / 60)} minutes"
+        return f"the last {num(s)} s"
+
+    def explain(self, w: Write) -> list[Contribution]:
+        op = w.op if w.op in _HABIT_OPS else "d"
+        j = _HABIT_OPS.index(op)
+        self._advance(w.t)
+        k, n = self._window(j)
+        k, n = k + (w.op == op), n + 1
+        h, habit_n = self._habit[j], sum(self._habit)
+        a, b = h + self.prior, habit_n - h + 3 * self.prior
+        share = a / (a + b)
+        p = beta_binomial_tail(k, n, a, b)
+        # The usual range: the most writes of this op in a window of n that its habit makes unsurprising.
+        high = next(
+            (i - 1 for i in range(max(math.ceil(n * share), 1), n + 1) if beta_binomial_tail(i, n, a, b) < 1e-3), n
+        )
+        usual = f"{100 * h / habit_n:.2g}%" if habit_n else "unknown"
+        seen = f"{num(h)} in {num(habit_n)} writes" if h else f"none in {num(habit_n)} writes"
+        text = (
+            f"{num(k)} {_HABIT_NAMES[op]} among this agent's {num(n)} writes in {self._span()}; its usual share of "
+            f"{OP_NAMES[op]} is {usual} ({seen}); at that share, {num(k)} or more in {num(n)} writes has a chance "
+            f"of {p:.1e}"
+        )
+        return [Contribution(f"{op}_per_{self.window:g}s", float(k), 0.0, float(high), None, text=text)]

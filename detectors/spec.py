@@ -21,6 +21,7 @@ from detectors.models import (
     DuplicateKey,
     LevelDrift,
     OpBurstCeiling,
+    OpHabit,
     OpMix,
     RateCeiling,
     RiverModel,
@@ -490,6 +491,48 @@ class OpMixSpec(_DetectorBase):
         )
 
 
+class OpHabitSpec(_DetectorBase):
+    """Each rare op's count per window against the agent's habit of that op, one op at a time: an agent that
+    soft-deletes (updates) and starts to hard-delete, which ``op_mix``'s share of several ops together misses."""
+
+    kind: Literal["op_habit"] = "op_habit"
+    ops: tuple[Literal["c", "u", "d", "t"], ...] = Field(
+        ("u", "d", "t"),
+        description="Ops judged (each keeps its habit either way). Inserts change no existing row, and an agent "
+        "whose nightly batch of updates dwarfs its day would find its daytime inserts rare.",
+    )
+    window_seconds: float = Field(3600.0, gt=0, description="The window whose count of each op is judged.")
+    warmup: int = Field(100, ge=1, description="The agent's writes, older than the window, before it may alert.")
+    min_count: int = Field(3, ge=1, description="An op's writes in the window before its count is judged.")
+    p_value: float = Field(
+        2e-5,
+        gt=0,
+        lt=1,
+        description="Anomalous when so many writes of the op in the window have a smaller chance than this under "
+        "the agent's habit (score 0.5 at it).",
+    )
+    max_share: float = Field(
+        0.02,
+        gt=0,
+        le=1,
+        description="Only ops the agent uses for less than this share of its writes are judged: a rare op; a common "
+        "op's share is op_mix's.",
+    )
+    prior: float = Field(0.5, gt=0, description="Pseudo-writes per op in the habit (a Dirichlet prior).")
+    severity: Severity = "critical"
+    debounce: Debounce = Debounce(k=1, n=16)
+    learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
+
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        return OpHabit(
+            self.window_seconds, self.warmup, self.min_count, self.p_value, self.prior, self.max_share, self.ops
+        )
+
+    def scoring(self) -> Scoring:
+        # It learns every write (a delete need not carry features); its own warm-up is in writes.
+        return Scoring(threshold=0.5, debounce=self.debounce, learns=True, learning=self.learning)
+
+
 class Condition(Strict):
     """``field <op> value``; ``field`` is a feature or a categorical column."""
 
@@ -528,6 +571,7 @@ AnyDetector = (
     | RuleSpec
     | VolumeSpec
     | OpMixSpec
+    | OpHabitSpec
 )
 DetectorSpec = Annotated[AnyDetector, Field(discriminator="kind")]
 # Every detector kind, from the union above: the config's error messages need them.
