@@ -35,6 +35,7 @@ ALERT_NAMESPACE = uuid.UUID("6f1c3d2e-52a8-4c1b-9d0e-77a1c0ffee42")
 # or a writer's message, so no agent can take one (and hide in it). They are scored like any agent, never quarantined.
 UNATTRIBUTED = "<unattributed>"
 IDENTITY_MISMATCH = "identity_mismatch"
+GUARD_REFUSAL = "guard_refusal"  # a destructive statement the guard rails refused: an attempt is itself a signal
 
 
 def role_identity(role: str) -> str:
@@ -105,6 +106,8 @@ class Change(msgspec.Struct, array_like=True, gc=False):
     tx_id: str | None = None  # only for tables whose detectors judge whole transactions (compact otherwise)
     # op "m" only: the id the writer claimed where the database named ``agent_id`` (an impersonation attempt).
     claimed: str | None = None
+    # op "m" only: a statement the guard rails (`writeguard guard-sql`) refused this agent, "<kind>: <command>".
+    refused: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,7 @@ class Finding:
     commit_ts_us: int
     agent_events: int
     claimed: str | None = None  # identity_mismatch: the id the writer claimed (agent_id is the database's)
+    refused: str | None = None  # guard_refusal: what the database refused the agent, "<kind>: <command>"
     # The model that judged is in its learning period: severity at most warning, and it never quarantines.
     learning: bool = False
 
@@ -368,7 +372,7 @@ class Engine:
         self.states: OrderedDict[tuple[str, str], _AgentState] = OrderedDict()
         self.quarantined: dict[str, Quarantine] = {}
         self._released: dict[str, str] = {}  # agent id -> the alert id of its last lifted quarantine
-        self._mismatches: dict[tuple[str, str, str], None] = {}  # open identity_mismatch incidents, oldest first
+        self._mismatches: dict[tuple[str, str, str, str], None] = {}  # open identity_mismatch incidents, oldest first
         self.suppressions = tuple(suppressions)
         self.suppressed = 0  # findings not published because a suppression window covered them
         self.max_states = max_states
@@ -700,17 +704,18 @@ class Engine:
         return True
 
     def _mismatch(self, tab: _Table, ch: Change) -> list[Finding]:
-        """The database named ``ch.agent_id`` where the writer claimed ``ch.claimed``: once per open incident."""
-        claimed = ch.claimed or ""
-        key = (ch.table, ch.agent_id, claimed)
+        """The router's finding on an op ``m`` Change, once per open incident: the database named ``ch.agent_id``
+        where the writer claimed ``ch.claimed``, or the guard rails refused the agent ``ch.refused``."""
+        name = GUARD_REFUSAL if ch.refused is not None else IDENTITY_MISMATCH
+        key = (ch.table, ch.agent_id, name, ch.refused or ch.claimed or "")
         if key in self._mismatches:
             return []
         self._mismatches[key] = None
         while len(self._mismatches) > 10_000:  # bounded, whatever the writers claim
             del self._mismatches[next(iter(self._mismatches))]
         p = _Plan(
-            name=IDENTITY_MISMATCH,
-            kind=IDENTITY_MISMATCH,
+            name=name,
+            kind=name,
             severity="critical",
             threshold=1.0,
             population_threshold=1.0,
@@ -777,6 +782,7 @@ class Engine:
             commit_ts_us=ch.commit_ts_us,
             agent_events=n,
             claimed=ch.claimed if ch.op == "m" else None,
+            refused=ch.refused if ch.op == "m" else None,
             learning=learning,
         )
 

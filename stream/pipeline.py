@@ -17,6 +17,7 @@ import orjson
 
 from connectors.debezium import ChangeEvent, EnvelopeError, Heartbeat, Tombstone, TransactionMarker, decode
 from connectors.messages import UNDO_AGENT, Alert, FeatureExplanation, TriggeringEvent, verify_undo_message
+from connectors.pg_guard import REFUSED_PREFIX, parse_refusal
 from detectors.engine import UNATTRIBUTED, Change, Coords, Finding, KafkaCoords, Trigger, is_reserved, role_identity
 from detectors.features import Extractor, identity
 from detectors.models import Contribution
@@ -163,6 +164,8 @@ class Router:
             self.ready.append(_mismatch(hit.name, agent, run, row_agent, ev.commit_ts_us, coords))
 
     def _message(self, ev: ChangeEvent, coords: Coords) -> str:
+        if ev.message_prefix == REFUSED_PREFIX and self._prefix is not None:
+            return self._refusal(ev, coords)
         if self._prefix is None or ev.message_prefix != self._prefix:
             return SKIP_MESSAGE
         try:
@@ -224,6 +227,26 @@ class Router:
             self.ready.append(_change(row, watched, agent, run, at))
             if self.database_identity:
                 self._check_row(row, watched, agent, run, at)
+        return SKIP_MESSAGE
+
+    def _refusal(self, ev: ChangeEvent, coords: Coords) -> str:
+        """A statement the guard rails refused (``writeguard guard-sql``): an op ``m`` Change with ``refused``.
+
+        The guard's functions write it, outside the refused transaction (non-transactional), naming the session's
+        login role; the agent comes from that role, never from a name the row or the session claimed.
+        """
+        try:
+            r = parse_refusal(ev.message_content or b"")
+        except ValueError as e:
+            raise EnvelopeError("invalid_message", f"guard refusal: {str(e).splitlines()[0]}") from None
+        if r.table not in self._by_source:
+            return SKIP_UNWATCHED
+        agent = identity(r.agent_id)
+        if agent is None or is_reserved(agent):
+            agent = role_identity(r.role)
+        self.ready.append(
+            Change(r.table, "m", agent, None, {}, ev.commit_ts_us, coords, refused=f"{r.kind}: {r.command}")
+        )
         return SKIP_MESSAGE
 
     def _table_of(self, body: dict[str, object]) -> str:
@@ -389,6 +412,8 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
     summary = f"{f.table}: {who}: " + (summarize(top) if top else f"score {f.score:.3f}")
     if f.claimed is not None:
         summary = f"{f.table}: the database names agent {f.agent_id}, the writer claimed to be {f.claimed}"
+    elif f.refused is not None:
+        summary = f"{f.table}: the guard rails refused agent {f.agent_id} a statement ({f.refused})"
     elif f.scope == "table":
         tops = ", ".join(f"{c.feature.removeprefix('agent ')} {c.value:g}" for c in f.contributions[1:])
         summary = f"{f.table}: all agents together: {summarize(top) if top else ''}; top agents: {tops}"
