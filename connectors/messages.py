@@ -224,6 +224,36 @@ class DeadLetter(_Message):
     value_b64: str | None = Field(None, description="The original value bytes, base64.")
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
+    @classmethod
+    def of(
+        cls,
+        reason: str,
+        detail: str,
+        coords: tuple[str, int, int],
+        timestamp_ms: int | None,
+        key: bytes | None,
+        value: bytes | None,
+    ) -> DeadLetter:
+        """The dead letter of the record at ``coords`` (topic, partition, offset), its bytes kept in base64.
+
+        >>> d = DeadLetter.of("invalid_json", "not JSON", ("shop.public.refunds", 2, 7), 5, b"k", b"{x")
+        >>> (d.topic, d.partition, d.offset, d.key_b64, d.value_b64)
+        ('shop.public.refunds', 2, 7, 'aw==', 'e3g=')
+        """
+        import base64
+
+        topic, partition, offset = coords
+        return cls(
+            reason=reason,
+            detail=detail,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            timestamp_ms=timestamp_ms,
+            key_b64=base64.b64encode(key).decode() if isinstance(key, bytes) else None,
+            value_b64=base64.b64encode(value).decode() if isinstance(value, bytes) else None,
+        )
+
 
 PUBLISHED: dict[str, type[BaseModel]] = {
     "alert": Alert,

@@ -433,19 +433,10 @@ def _checkpointer(app: faust.App, cfg: Config, engine: Engine) -> Checkpointer |
 
 
 def _dead_letter(reason: str, detail: str, msg: Any, key: bytes | None, value: bytes | None) -> bytes:
-    import base64
-
+    """The dead letter of a record Faust delivered (its message: topic, partition, offset, timestamp in s)."""
     ts = msg.timestamp
-    return DeadLetter(
-        reason=reason,
-        detail=detail,
-        topic=msg.topic,
-        partition=msg.partition,
-        offset=msg.offset,
-        timestamp_ms=int(ts * 1000) if isinstance(ts, float) else ts,
-        key_b64=base64.b64encode(key).decode() if isinstance(key, bytes) else None,
-        value_b64=base64.b64encode(value).decode() if isinstance(value, bytes) else None,
-    ).to_bytes()
+    ts_ms = int(ts * 1000) if isinstance(ts, float) else ts
+    return DeadLetter.of(reason, detail, (msg.topic, msg.partition, msg.offset), ts_ms, key, value).to_bytes()
 
 
 def run_worker(

@@ -76,20 +76,9 @@ def ingest_group(cfg: Config) -> str:
 
 def dead_letter(reason: str, detail: str, msg: Message) -> bytes:
     """The dead-letter record of a CDC record writeguard could not use: its coordinates, reason and bytes."""
-    import base64
-
-    key, value = msg.key(), msg.value()
     _, ts = msg.timestamp()
-    return DeadLetter(
-        reason=reason,
-        detail=detail,
-        topic=msg.topic() or "",
-        partition=msg.partition() or 0,
-        offset=msg.offset() or 0,
-        timestamp_ms=ts if ts >= 0 else None,
-        key_b64=base64.b64encode(key).decode() if isinstance(key, bytes) else None,
-        value_b64=base64.b64encode(value).decode() if isinstance(value, bytes) else None,
-    ).to_bytes()
+    coords = (msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
+    return DeadLetter.of(reason, detail, coords, ts if ts >= 0 else None, msg.key(), msg.value()).to_bytes()
 
 
 class BulkIngest:
