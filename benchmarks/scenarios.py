@@ -1129,6 +1129,17 @@ def mid_stream(workdir: Path, events: Path, labels: Sequence[Label], cfg: Config
         leave_h.append((at - start_us) / (HOUR_S * 1e6))
     gross = [r for r in sc.incidents if r.scenario in GROSS]
     fast = [r for r in gross if r.delay_events is not None and r.delay_events <= 5]
+    # An incident already under way at the start: writeguard never saw the agent's normal writes, so only the
+    # population model can judge it, and its earlier rogue writes are not counted.
+    before = Counter(lab.incident for lab in labels[:first] if lab.anomalous and lab.incident is not None)
+    slow = [
+        f"    {r.id} ({r.table}, {r.agent_id}): "
+        + (f"detected by {r.detector} after {r.delay_events} anomalous events" if r.detected else "MISSED")
+        + (f"; {before[r.id]} anomalous writes before the start" if before[r.id] else "")
+        for r in gross
+        if r not in fast
+    ]
+    ongoing = [r for r in gross if before[r.id]]
     return [
         f"start mid-stream ({hours:g} h into the fleet's life, no history; {len(sub_labels):,} events, "
         f"{len(seen)} model sets):",
@@ -1137,7 +1148,9 @@ def mid_stream(workdir: Path, events: Path, labels: Sequence[Label], cfg: Config
         f"  first day : {window(DAY_S)}",
         f"  model sets leaving their learning period, hours after the start p50/max: {_percentiles(leave_h)}"
         f" ({never} still learning at the end: too few writes)",
-        f"  gross incidents after the start detected within 5 anomalous events: {len(fast)}/{len(gross)}",
+        f"  gross incidents after the start detected within 5 anomalous events: {len(fast)}/{len(gross)} "
+        f"({sum(r in fast for r in ongoing)}/{len(ongoing)} of those already under way at the start)",
+        *slow,
     ]
 
 

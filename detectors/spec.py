@@ -207,7 +207,11 @@ class ZScoreSpec(_DetectorBase):
         20, ge=1, description="Agents the population model must have learned from before it judges anyone."
     )
     population_writes: int = Field(
-        1000, ge=1, description="Writes the population model must have learned from before it judges anyone."
+        200,
+        ge=1,
+        description="Writes the population model must have learned from before it judges anyone. Its findings "
+        "stay learning warnings for its learning period, so a small number only lets it warn early; an agent already "
+        "rogue when writeguard starts is judged by it alone.",
     )
     prior_writes: float = Field(
         30.0,

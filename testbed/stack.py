@@ -58,7 +58,7 @@ def example_config(kafka: str, prefix: str) -> dict[str, Any]:
         # deployment's is a day, see the example config), unless a test asks for one.
         t["learning"] = {"writes": 0, "seconds": 0}
         # A test stack runs a handful of agents for seconds: its population model judges from its 30th write,
-        # where a deployment's waits for 20 agents and 1,000 writes (ZScoreSpec.population_agents/_writes).
+        # where a deployment's waits for 20 agents and 200 writes (ZScoreSpec.population_agents/_writes).
         for d in t["detectors"]:
             if d.get("kind") == "zscore":
                 d.setdefault("population_agents", 1)

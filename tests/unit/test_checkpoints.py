@@ -117,7 +117,7 @@ def test_a_preloaded_checkpoint_scores_and_alerts_as_if_the_engine_had_never_sto
 
 def test_a_table_checkpoint_warms_only_a_colder_engine_without_model_sets_in_memory(cfg: Config) -> None:
     warm = Engine(list(cfg.tables))
-    # The example's population judges once 20 agents and 1,000 writes are in, and learns for a day too.
+    # The example's population judges once 20 agents and 200 writes are in, and learns for a day too.
     scores(warm, [ch for i in range(25) for ch in normal(f"a{i}", 210, step_s=600)])
     shared = warm.table_checkpoint(T)
     assert warm.learning_models()[T] == 0  # agents and population past their learning period
