@@ -48,6 +48,7 @@ from connectors.messages import CONTROL_SIGNATURE_HEADER, Headers, HeaderValue
 from detectors.engine import Engine
 from stream.config import Config, client_settings
 from stream.logs import kafka_logging, printable
+from stream.metrics import Metrics
 
 log = logging.getLogger("writeguard.checkpoints")
 
@@ -284,8 +285,10 @@ class Checkpointer:
         *,
         writer: CheckpointWriter | None = None,
         read: Callable[[Iterable[int]], Restored] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
+        self.metrics = metrics
         self.engine = engine
         self.partitions = cfg.topics.partitions
         self.writer = writer or CheckpointWriter(cfg)
@@ -312,16 +315,18 @@ class Checkpointer:
         p = self.part.get(agent_id)
         return p if p is not None else partition_for(agent_id, self.partitions)
 
-    def flush(self, budget_s: float | None = None) -> int:
+    def flush(self, budget_s: float | None = None, *, tables: bool = True) -> int:
         """Write the checkpoints of the model sets that changed since they were last written, oldest change first,
-        for at most ``budget_s`` of serialising (None: all of them); how many were written.
+        for at most ``budget_s`` of serialising (None: all of them), then (with ``tables``) those of the
+        tables' shared models that changed; how many model sets were written.
 
         A model set costs tens of µs to pickle: with as many active agents as events per interval, checkpointing
         them all would double the worker's time per event. The budget caps that share; the model sets left over
         are written first at the next flush (and all of them when partitions are revoked or the worker stops).
         """
         n = 0
-        deadline = None if budget_s is None else time.perf_counter() + budget_s
+        started = time.perf_counter()
+        deadline = None if budget_s is None else started + budget_s
         while True:
             keys = self.engine.take_dirty(None if deadline is None else 256)
             if not keys:
@@ -334,6 +339,21 @@ class Checkpointer:
             self.writer.poll()  # delivery callbacks, and room in the local queue
             if deadline is not None and time.perf_counter() >= deadline:
                 break
+        if tables:
+            self.flush_tables()
+        self.writer.poll()
+        self.backlog = len(self.engine.dirty or ())
+        if self.metrics is not None:
+            self.metrics.checkpoints.inc(n)
+            self.metrics.checkpoint_seconds.inc(time.perf_counter() - started)
+            self.metrics.checkpoint_backlog.set(self.backlog)
+        if self.writer.errors:
+            log.error("checkpoints not written to %s: %s", self.cfg.topics.models, printable(self.writer.errors[-1]))
+            self.writer.errors.clear()
+        return n
+
+    def flush_tables(self) -> None:
+        """Write the checkpoints of the tables' shared models (population, table-wide state) that changed."""
         for name in self.engine.tables:
             version = self.engine.table_version(name)
             if self.owned and self._table_versions.get(name) != version:
@@ -341,12 +361,6 @@ class Checkpointer:
                 blob = self.engine.table_checkpoint(name)
                 for p in self.owned:
                     self.writer.write(name, blob, False, p)
-        self.writer.poll()
-        self.backlog = len(self.engine.dirty or ())
-        if self.writer.errors:
-            log.error("checkpoints not written to %s: %s", self.cfg.topics.models, printable(self.writer.errors[-1]))
-            self.writer.errors.clear()
-        return n
 
     def assigned(self, partitions: set[int]) -> asyncio.Task[None] | None:
         """The changes partitions assigned now: forget the agents of those lost, restore those gained (a task)."""
@@ -391,6 +405,9 @@ class Checkpointer:
                 ev = self._ready.setdefault(p, asyncio.Event())
                 ev.set()
         self.restores.append((parts, got))
+        if self.metrics is not None:
+            self.metrics.restored_models.inc(n)
+            self.metrics.restore_seconds.observe(got.seconds)
         log.info(
             "restored %d model sets of %s partitions %s in %.2f s (%d records, %d skipped)",
             n, self.cfg.topics.models, parts, got.seconds, got.records, got.rejected,

@@ -111,6 +111,32 @@ class Metrics:
             ["group"],
             registry=r,
         )
+        self.checkpoints = Counter(
+            "writeguard_checkpoints",
+            "(table, agent) model sets written to topics.models (worker.checkpoint_interval_s, revokes, stop).",
+            registry=r,
+        )
+        self.checkpoint_seconds = Counter(
+            "writeguard_checkpoint_seconds",
+            "Time spent serialising and queueing checkpoints, the share of the worker they cost.",
+            registry=r,
+        )
+        self.checkpoint_backlog = Gauge(
+            "writeguard_checkpoint_backlog",
+            "Model sets changed since their last checkpoint and left for the next interval (the budget ran out).",
+            registry=r,
+        )
+        self.restored_models = Counter(
+            "writeguard_restored_models",
+            "Model sets restored from topics.models when this worker was assigned their changes partition.",
+            registry=r,
+        )
+        self.restore_seconds = Histogram(
+            "writeguard_restore_duration_seconds",
+            "Reading an assignment's partitions of topics.models, from assignment to their events being scored.",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
         self._events: dict[tuple[str, str], Counter] = {}
 
     def event(self, table: str, op: str) -> None:

@@ -100,6 +100,8 @@ def test_a_worker_killed_mid_incident_alerts_the_rogue_with_its_restored_model(
     # Every agent's model set reaches the topic, in its changes partition's number.
     where = poll("a checkpoint of every agent", lambda: (agents <= set(got := checkpointed(w)), got), w)
     assert all(where[(t, a)] == partition_for(a, w.config.topics.partitions) for t, a in agents), where
+    assert w.total("writeguard_checkpoints_total") >= len(agents)
+    assert w.total("writeguard_checkpoint_seconds_total") > 0
     rogue = next(a for a in fleet.agents if a.table == "public.refunds")
     assert records(w, w.config.topics.alerts) == []
 
@@ -123,6 +125,9 @@ def test_a_worker_killed_mid_incident_alerts_the_rogue_with_its_restored_model(
         zs = [a for a in got if a["detector"].startswith("zscore")]
         assert zs and zs[0]["detector"] == "zscore" and zs[0]["scope"] == "agent", got
         assert zs[0]["quarantined"] is True and zs[0]["learning"] is False, zs[0]
+        # The restart read the agents' model sets back (all of them: this worker owns every partition).
+        assert new.total("writeguard_restored_models_total") == len(agents)
+        assert new.total("writeguard_restore_duration_seconds_count") >= 1
         # An event scored twice (before the kill and again from the committed offset) keeps its alert id.
         ids: dict[tuple[str, str], set[str]] = {}
         for a in alerts_of(new, rogue.agent_id):
