@@ -65,7 +65,7 @@ from pydantic import Field, ValidationError
 from connectors.pg_enforce import RoleMapping
 
 # Shared with identity-sql on purpose: one definition of "this login role is that agent's".
-from connectors.pg_identity import _PLAIN, EMIT_OVERLOADS, _agent_of_body
+from connectors.pg_identity import EMIT_OVERLOADS, PLAIN_NAME, agent_of_role_sql
 from detectors.spec import GuardSpec, TableSpec
 from detectors.strict import Strict
 
@@ -501,7 +501,7 @@ def render_guard_sql(
     True
     """
     for what, name in (("schema", schema), ("owner", owner)):
-        if not _PLAIN.fullmatch(name):
+        if not PLAIN_NAME.fullmatch(name):
             raise GuardSqlError(f"--{what} {name!r}: use a plain lower-case name ([a-z_][a-z0-9_]*)")
     if roles is None or (not roles.map and roles.template is None):
         raise GuardSqlError(
@@ -509,7 +509,7 @@ def render_guard_sql(
             "(roles.map or roles.template is needed)"
         )
     try:
-        agent_of = _agent_of_body(roles)
+        agent_of = agent_of_role_sql(roles)
     except ValueError as e:
         raise GuardSqlError(str(e)) from None
     s, o = sql.Identifier(schema), sql.Identifier(owner)

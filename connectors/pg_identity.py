@@ -43,7 +43,7 @@ RUN_ID_SETTING = "writeguard.run_id"
 ROW_TRIGGER = "zz_writeguard_identity_row"
 STATEMENT_TRIGGER = "zz_writeguard_identity_statement"
 # Schema and owner go into function bodies (dollar-quoted): a plain lower-case name cannot end the quote.
-_PLAIN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+PLAIN_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 class IdentitySqlError(ValueError):
@@ -72,7 +72,7 @@ def stamped_tables(tables: Sequence[TableSpec]) -> list[StampedTable]:
     return out
 
 
-def _agent_of_body(roles: RoleMapping | None) -> sql.Composable:
+def agent_of_role_sql(roles: RoleMapping | None) -> sql.Composable:
     """``CASE`` over the role ``r``: the inverted map, then the template; NULL otherwise."""
     whens: list[sql.Composable] = []
     by_role: dict[str, str] = {}
@@ -132,7 +132,7 @@ def render_identity_sql(
     True
     """
     for what, name in (("schema", schema), ("owner", owner)):
-        if not _PLAIN.fullmatch(name):
+        if not PLAIN_NAME.fullmatch(name):
             raise IdentitySqlError(f"--{what} {name!r}: use a plain lower-case name ([a-z_][a-z0-9_]*)")
     if not prefix or "\x00" in prefix:
         raise IdentitySqlError("worker.agent_messages.prefix: a non-empty prefix without NUL is needed")
@@ -151,7 +151,7 @@ def render_identity_sql(
         sql.SQL(
             "CREATE OR REPLACE FUNCTION {}.agent_of(r text) RETURNS text LANGUAGE sql IMMUTABLE "
             "SET search_path = pg_catalog, pg_temp BEGIN ATOMIC {}; END"
-        ).format(s, _agent_of_body(roles)),
+        ).format(s, agent_of_role_sql(roles)),
         sql.SQL(
             "CREATE OR REPLACE FUNCTION {s}.emit_identity(tbl text, claimed text) RETURNS void LANGUAGE sql "
             "SECURITY DEFINER SET search_path = pg_catalog, pg_temp BEGIN ATOMIC "
