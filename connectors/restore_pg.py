@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -27,22 +27,26 @@ from typing import Any, Final
 import msgspec
 import orjson
 import psycopg
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from psycopg import sql
 
-from connectors.debezium import ChangeEvent, EnvelopeError, decode
+from connectors.debezium import ChangeEvent, Decoded, EnvelopeError, decode
 from connectors.undo_apply import read_types, split_name, unique_keys
-from connectors.undo_kafka import KafkaScanError, PartitionRead, consumer_settings, offsets_read, plan_reads
+from connectors.undo_kafka import (
+    KafkaScanError,
+    PartitionMerge,
+    PartitionRead,
+    consumer_settings,
+    offsets_read,
+    plan_reads,
+)
 from connectors.undo_source import split_line
 from connectors.undo_sql import ColumnType, UnrestorableValue, db_value
 from undo.events import key_of
 from undo.restore import Change, PartitionStart, Row
 
 _PARTITION_EOF: Final = getattr(KafkaError, "_PARTITION_EOF")  # noqa: B009
-_AUTO_OFFSET_RESET: Final = getattr(KafkaError, "_AUTO_OFFSET_RESET")  # noqa: B009
 _BATCH: Final = 500
-_PAUSE_AT: Final = 2_000
-_RESUME_AT: Final = 1_000
 
 
 class RestoreInputError(ValueError):
@@ -200,100 +204,23 @@ def iter_changes_file(
 _Item = tuple[int, int, int, Change]
 
 
-class _Merge:
-    """Per-partition buffers of decoded changes, filled from one consumer; a partition far ahead is paused."""
+def _changes_of(
+    reader: ChangeReader, first: list[Change | None]
+) -> Callable[[Decoded, Message, int, str], _Item | None]:
+    """The merge item of a restore: the table's Change, ordered by (commit time, LSN, partition); the first of
+    each partition is kept in ``first`` (it decides whether the partition's history is whole)."""
+    change = reader.change
 
-    def __init__(self, consumer: Consumer, reads: list[PartitionRead], reader: ChangeReader, stats: ReadStats,
-                 stall_s: float) -> None:  # fmt: skip
-        self.consumer, self.reader, self.stats, self.stall_s = consumer, reader, stats, stall_s
-        self.reads = reads
-        self.index = {(p.topic, p.partition): i for i, p in enumerate(reads)}
-        self.bufs: list[deque[_Item]] = [deque() for _ in reads]
-        self.done = [False] * len(reads)
-        self.paused = [False] * len(reads)
-        self.first: list[Change | None] = [None] * len(reads)
-        self.last_data = time.monotonic()
+    def item(ev: Decoded, m: Message, i: int, position: str) -> _Item | None:
+        ch = change(ev, m.key(), m.value(), position)
+        if ch is None:
+            return None
+        if first[i] is None:
+            first[i] = ch
+        lsn = (ev.lsn or 0) if type(ev) is ChangeEvent else 0
+        return (ch.commit_ts_us, lsn, i, ch)
 
-    def stream(self, i: int) -> Iterator[_Item]:
-        buf = self.bufs[i]
-        while True:
-            while buf:
-                yield buf.popleft()
-            if self.done[i]:
-                return
-            if self.paused[i]:
-                self._set_paused(i, False)
-            self.pump()
-
-    def _set_paused(self, i: int, paused: bool) -> None:
-        tp = [TopicPartition(self.reads[i].topic, self.reads[i].partition)]
-        if paused:
-            self.consumer.pause(tp)
-        else:
-            self.consumer.resume(tp)
-        self.paused[i] = paused
-
-    def _finish(self, i: int) -> None:
-        if not self.done[i]:
-            self.done[i] = True
-            self._set_paused(i, True)
-
-    def pump(self) -> None:
-        try:
-            msgs = self.consumer.consume(_BATCH, timeout=0) or self.consumer.consume(1, timeout=0.5)
-        except KafkaException as e:
-            raise KafkaScanError(f"reading the topic failed: {e.args[0]}") from None
-        now = time.monotonic()
-        if msgs:
-            self.last_data = now
-        elif now - self.last_data > self.stall_s:
-            left = ", ".join(p.position for p, d in zip(self.reads, self.done, strict=True) if not d)
-            raise KafkaScanError(f"no records for {self.stall_s:.0f} s before the end of the topic, at {left}")
-        for k, paused in enumerate(self.paused):
-            if paused and not self.done[k] and len(self.bufs[k]) < _RESUME_AT:
-                self._set_paused(k, False)
-        change = self.reader.change
-        for m in msgs:
-            err = m.error()
-            i = self.index.get((m.topic(), m.partition()))  # type: ignore[arg-type]  # a record has both
-            if err is not None:
-                if err.code() == _PARTITION_EOF:
-                    if i is not None:
-                        self._finish(i)
-                    continue
-                if err.code() == _AUTO_OFFSET_RESET:
-                    raise KafkaScanError(
-                        f"{m.topic()}/{m.partition()}: records were deleted while restore read them (retention): "
-                        f"{err.str()}"
-                    )
-                if err.fatal() or not err.retriable():
-                    raise KafkaScanError(f"reading {m.topic()}/{m.partition()} failed: {err.str()}")
-                continue
-            if i is None or self.done[i]:
-                continue
-            off: int = m.offset()  # type: ignore[assignment]  # a record's offset is never None
-            p = self.reads[i]
-            if off >= p.end:
-                self._finish(i)
-                continue
-            p.read += 1
-            p.next = off + 1
-            value = m.value()
-            try:
-                ev = decode(value)
-            except EnvelopeError as e:
-                self.stats.undecodable[e.reason] += 1
-            else:
-                ch = change(ev, m.key(), value, f"{p.topic}/{p.partition}/{off}")
-                if ch is not None:
-                    if self.first[i] is None:
-                        self.first[i] = ch
-                    lsn = (ev.lsn or 0) if type(ev) is ChangeEvent else 0
-                    self.bufs[i].append((ch.commit_ts_us, lsn, i, ch))
-            if off + 1 >= p.end:
-                self._finish(i)
-            elif len(self.bufs[i]) >= _PAUSE_AT and not self.paused[i]:
-                self._set_paused(i, True)
+    return item
 
 
 def iter_changes_kafka(
@@ -320,7 +247,8 @@ def iter_changes_kafka(
         stats.partitions = found.partitions
         stats.missing = bool(found.missing_topics)
         reads = [p for p in found.partitions if p.start < p.end]
-        merge = _Merge(consumer, reads, reader, stats, timeout_s)
+        first: list[Change | None] = [None] * len(reads)
+        merge = PartitionMerge(consumer, reads, stats.undecodable, timeout_s, _changes_of(reader, first))
         if reads:
             consumer.assign([TopicPartition(p.topic, p.partition, p.start) for p in reads])
         streams = [merge.stream(i) for i in range(len(reads))]
@@ -331,7 +259,7 @@ def iter_changes_kafka(
             if item is not None:
                 heads.append(item)
         index = {p.partition: i for i, p in enumerate(reads)}
-        firsts = {p.partition: merge.first[index[p.partition]] for p in reads}
+        firsts = {p.partition: first[index[p.partition]] for p in reads}
         stats.starts = [
             PartitionStart(f"{p.topic}/{p.partition}", p.low, firsts.get(p.partition)) for p in found.partitions
         ]

@@ -20,9 +20,9 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from connectors.debezium import ChangeEvent, Decoded, EnvelopeError, decode
 from connectors.undo_source import UndoReader
@@ -139,24 +139,37 @@ def plan_reads(consumer: Consumer, topics: Sequence[str], start_us: int | None, 
 
 
 Item = tuple[int, int, int, ChangeEvent, "bytes | None", str]
+_T = TypeVar("_T")
 
 
-class _Merge:
-    """Per-partition buffers filled from one consumer; each partition's stream refills them when it runs dry."""
+class PartitionMerge(Generic[_T]):
+    """Per-partition buffers filled from one consumer; each partition's stream refills them when it runs dry.
 
-    def __init__(self, consumer: Consumer, stats: KafkaStats, reader: UndoReader, stall_s: float) -> None:
+    Every record is decoded once; ``item(event, message, index, position)`` turns it into what the partition's
+    buffer holds (None: skip it). A partition whose buffer holds :data:`_PAUSE_AT` items is paused until the
+    merge has taken it below :data:`_RESUME_AT`, so memory stays bounded however far ahead it is fetched.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        reads: list[PartitionRead],
+        undecodable: Counter[str],
+        stall_s: float,
+        item: Callable[[Decoded, Message, int, str], _T | None],
+    ) -> None:
         self.consumer = consumer
-        self.stats = stats
-        self.reader = reader
+        self.undecodable = undecodable
+        self.item = item
         self.stall_s = stall_s
-        self.reads = [p for p in stats.partitions if p.start < p.end]
+        self.reads = reads
         self.index = {(p.topic, p.partition): i for i, p in enumerate(self.reads)}
-        self.bufs: list[deque[Item]] = [deque() for _ in self.reads]
+        self.bufs: list[deque[_T]] = [deque() for _ in self.reads]
         self.done = [False] * len(self.reads)
         self.paused = [False] * len(self.reads)
         self.last_data = time.monotonic()
 
-    def stream(self, i: int) -> Iterator[Item]:
+    def stream(self, i: int) -> Iterator[_T]:
         buf = self.bufs[i]
         pop = buf.popleft
         while True:
@@ -183,7 +196,7 @@ class _Merge:
     def _finish(self, i: int) -> None:
         if not self.done[i]:
             self.done[i] = True
-            self._pause(i)  # fetch nothing more of it: later records are past the scan's end
+            self._pause(i)  # fetch nothing more of it: later records are past the read's end
 
     def pump(self) -> None:
         """Consume one batch into the buffers; fail if no partition has moved for ``stall_s``."""
@@ -198,13 +211,13 @@ class _Merge:
             self.last_data = now
         elif now - self.last_data > self.stall_s:
             left = ", ".join(p.position for p, d in zip(self.reads, self.done, strict=True) if not d)
-            raise KafkaScanError(f"no records for {self.stall_s:.0f} s before the scan's end, at {left}")
+            raise KafkaScanError(f"no records for {self.stall_s:.0f} s before the read's end, at {left}")
         index, reads, bufs, done = self.index, self.reads, self.bufs, self.done
         for k, paused in enumerate(self.paused):
             if paused and not done[k] and len(bufs[k]) < _RESUME_AT:
                 self._resume(k)
-        skipped = self.reader.skipped
-        undecodable = self.stats.undecodable
+        item = self.item
+        undecodable = self.undecodable
         for m in msgs:
             err = m.error()
             topic, part = m.topic(), m.partition()
@@ -216,7 +229,7 @@ class _Merge:
                     continue
                 if err.code() == _AUTO_OFFSET_RESET:
                     raise KafkaScanError(
-                        f"{topic}/{part}: records of the scan were deleted while it read them (retention?), at "
+                        f"{topic}/{part}: records were deleted while they were read (retention?), at "
                         f"{reads[i].position if i is not None else '?'}: {err.str()}"
                     )
                 if err.fatal() or not err.retriable():
@@ -232,18 +245,29 @@ class _Merge:
             p.read += 1
             p.next = off + 1
             try:
-                ev: Decoded = decode(m.value())
+                ev = decode(m.value())
             except EnvelopeError as e:
                 undecodable[e.reason] += 1
-                ev = None  # type: ignore[assignment]
-            if type(ev) is ChangeEvent:
-                bufs[i].append((ev.commit_ts_us, ev.lsn or 0, i, ev, m.key(), f"{topic}/{part}/{off}"))
-            elif ev is not None:
-                skipped[type(ev).__name__.lower()] += 1
+            else:
+                got = item(ev, m, i, f"{topic}/{part}/{off}")
+                if got is not None:
+                    bufs[i].append(got)
             if off + 1 >= p.end:
                 self._finish(i)
             elif len(bufs[i]) >= _PAUSE_AT and not self.paused[i]:
                 self._pause(i)
+
+
+def row_events(skipped: Counter[str]) -> Callable[[Decoded, Message, int, str], Item | None]:
+    """The merge item of a scope: a row change with its key and position; other records counted in ``skipped``."""
+
+    def item(ev: Decoded, m: Message, i: int, position: str) -> Item | None:
+        if type(ev) is ChangeEvent:
+            return (ev.commit_ts_us, ev.lsn or 0, i, ev, m.key(), position)
+        skipped[type(ev).__name__.lower()] += 1
+        return None
+
+    return item
 
 
 def offsets_read(reads: Sequence[PartitionRead]) -> str:
@@ -260,7 +284,7 @@ def offsets_read(reads: Sequence[PartitionRead]) -> str:
     return ", ".join(f"{topic} {done:,}/{total:,}" for topic, (done, total) in by_topic.items())
 
 
-def merged(merge: _Merge) -> Iterator[Item]:
+def merged(merge: PartitionMerge[Item]) -> Iterator[Item]:
     """All partitions' decoded records in commit order: (commit time, LSN), ties in partition order."""
     return heapq.merge(*(merge.stream(i) for i in range(len(merge.reads))))
 
@@ -283,7 +307,8 @@ def iter_events_kafka(
     try:
         found = plan_reads(consumer, topics, start_us, timeout_s)
         stats.partitions, stats.missing_topics = found.partitions, found.missing_topics
-        merge = _Merge(consumer, stats, reader, timeout_s)
+        reads = [p for p in stats.partitions if p.start < p.end]
+        merge = PartitionMerge(consumer, reads, stats.undecodable, timeout_s, row_events(reader.skipped))
         if merge.reads:
             consumer.assign([TopicPartition(p.topic, p.partition, p.start) for p in merge.reads])
         window = max(stats.window, 1)
