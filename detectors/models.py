@@ -771,7 +771,21 @@ class Cusum:
     6
     """
 
-    __slots__ = ("_hi", "_lo", "_log", "_over", "_ref", "feature", "h", "k", "n", "ops", "rebase", "reference", "warmup")
+    __slots__ = (
+        "_hi",
+        "_lo",
+        "_log",
+        "_over",
+        "_ref",
+        "feature",
+        "h",
+        "k",
+        "n",
+        "ops",
+        "rebase",
+        "reference",
+        "warmup",
+    )
 
     def __init__(
         self,

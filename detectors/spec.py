@@ -149,6 +149,12 @@ class Scoring:
 # Writes with an incident open and no quarantine before a statistical model accepts the shift as the agent's new
 # regime: long enough that a person has seen the warning, short enough that the agent is not left unjudged long.
 _REGIME_WRITES = 50
+_REGIME_DESCRIPTION = (
+    "Regime change: when an incident of this detector has stayed open for this many of the agent's writes and the "
+    "agent is not quarantined (a warning or info finding, not one opened while learning), publish one info alert "
+    "'<name>.regime' with the level before and after, and re-baseline the agent's model from the incident's "
+    "writes, so that it is judged against its new normal. null: never (the incident stays open)."
+)
 
 
 class _DetectorBase(Strict):
@@ -224,14 +230,7 @@ class ZScoreSpec(_DetectorBase):
         "with weight n0/(n0+n), so that a range learned from few writes is not narrower than the data warrants.",
     )
     learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
-    regime_writes: int | None = Field(
-        _REGIME_WRITES,
-        ge=1,
-        description="Regime change: when an incident of this detector has stayed open for this many of the agent's "
-        "writes and the agent is not quarantined (a warning, info or learning finding), publish one info alert "
-        "'regime changed' with the level before and after, and re-baseline the agent's model from its recent "
-        "writes, so that it is judged against its new normal. null: never (the incident stays open).",
-    )
+    regime_writes: int | None = Field(_REGIME_WRITES, ge=1, description=_REGIME_DESCRIPTION)
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
         # The warm-up counts per feature too: one seen only on some ops (an update's delta) is scored later.
@@ -278,14 +277,7 @@ class RiverModelSpec(_DetectorBase):
     warmup: int = Field(100, ge=1)
     debounce: Debounce = Debounce()
     learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
-    regime_writes: int | None = Field(
-        _REGIME_WRITES,
-        ge=1,
-        description="Regime change: when an incident of this detector has stayed open for this many of the agent's "
-        "writes and the agent is not quarantined (a warning, info or learning finding), publish one info alert "
-        "'regime changed' with the level before and after, and re-baseline the agent's model from its recent "
-        "writes, so that it is judged against its new normal. null: never (the incident stays open).",
-    )
+    regime_writes: int | None = Field(_REGIME_WRITES, ge=1, description=_REGIME_DESCRIPTION)
 
     @field_validator("model")
     @classmethod
@@ -444,14 +436,7 @@ class CusumSpec(_DetectorBase):
     severity: Severity = "critical"
     debounce: Debounce = Debounce(k=1, n=16)
     learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
-    regime_writes: int | None = Field(
-        _REGIME_WRITES,
-        ge=1,
-        description="Regime change: when an incident of this detector has stayed open for this many of the agent's "
-        "writes and the agent is not quarantined (a warning, info or learning finding), publish one info alert "
-        "'regime changed' with the level before and after, and re-baseline the agent's model from its recent "
-        "writes, so that it is judged against its new normal. null: never (the incident stays open).",
-    )
+    regime_writes: int | None = Field(_REGIME_WRITES, ge=1, description=_REGIME_DESCRIPTION)
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
         log = self.feature in table.log_features()
