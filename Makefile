@@ -90,4 +90,4 @@ clean:
 	rm -rf $(VENV) $(SYSVENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
 quality: install
-	$(PY) benchmarks/scenarios.py run --mid-stream-seeds 8,9
+	$(PY) benchmarks/scenarios.py run --more-seeds 8,9 --mid-stream-seeds 8,9

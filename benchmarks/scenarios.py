@@ -21,7 +21,11 @@ where) and ``DIR/writeguard.yaml`` (the config the run uses; ``benchmarks/scenar
    per (table, agent) model set, mostly normal traffic (``--memory-events 0`` takes the whole file, twice
    as long, and also counts the triggers that alerted agents' open incidents keep, up to 64 each);
 4. scores the alerts against the labels and prints one row per scenario and an overall row (stdout;
-   progress on stderr). No assertions: the figures are the output.
+   progress on stderr). No assertions: the figures are the output;
+5. with ``--more-seeds 8,9`` (``make quality``), generates, replays and scores those seeds' fleets too, and
+   prints the per-scenario table over all the seeds (counts added up, delays pooled) with each seed's
+   detections, and issue 14's targets with where a seed misses (incidents missed, gross ones caught after more
+   than 5 anomalous writes, false alarms by detector).
 
 The fleet: three tables (``public.refunds`` inserts; ``public.orders`` inserts, status updates,
 cancellations; ``public.tickets`` opened, resolved, a few deleted), ``--agents`` agents (40% refunds,
@@ -65,6 +69,18 @@ An incident agent writes nothing after its incident (in production the quarantin
 - ``new_category`` (subtle): 10-30 inserts with a value the table never saw (``reason: goodwill`` or
   ``currency: USDT`` on refunds, ``category: vip_override`` on tickets), normal amounts.
 
+A regime change (issue 14, point 5), ``--per-kind`` established agents (one per table in turn, ordinary sigma,
+among the busiest third):
+
+- ``benign_shift``: between day 1 and day 1.5 the agent's level steps up by 0.6-0.8 of its own per-write sigma
+  (x1.2-x1.4 of its amounts: a price rise) and stays. No single write stands out and no gross detector should
+  fire; a slow one should tell (``info``): its first 200 inserts at the new level are labelled anomalous (the
+  change to report), every other write of the agent is normal, so a quarantine, or an alert after the change
+  was reported and re-baselined, is a false alarm. The run prints which alerts the step got, the regime alerts,
+  and the agents quarantined before their rogue spell (target 0);
+- ``rogue_after_shift`` (gross): 400 writes into its new level, 20-30 inserts of x20 its new level: the agent
+  must still be judged after the shift.
+
 Value incidents (inflation, drift) go to agents with an ordinary sigma: a x20 write is within the normal
 spread of a "wide" agent, so it would not be a gross incident there.
 
@@ -74,13 +90,16 @@ false alarm, counted in the scenario of its last triggering line. Per scenario:
 
 - recall: incidents detected (by at least one true-positive alert) / incidents;
 - time to detect (of the first detecting alert): the incident's anomalous events up to and including the
-  alert's last triggering line, and the commit-time seconds from the incident's first anomalous event to
-  that line;
+  alert's last triggering line, and the commit-time seconds (and hours) from the incident's first anomalous
+  event to that line;
 - precision: true-positive alerts / alerts in the scenario;
 - false alarms per 10,000 normal events: false alarms / (the scenario's events labelled not anomalous /
-  10,000). The overall row divides all false alarms by all normal events.
+  10,000). The overall row divides all false alarms by all normal events;
+- precision after merging repeats (over seeds): detected incidents / (detected incidents + false alarms), so
+  that several alerts on one incident count once.
 
-The default run (300,000 events) takes about a minute on 2 cores.
+The default run (300,000 events) takes about a minute on 2 cores; ``make quality`` (three seeds, and the start
+mid-stream of each) 5 to 6 minutes on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -130,8 +149,13 @@ GROSS = ("amount_inflation", "mass_delete", "retry_duplicates", "first_day_rogue
 SUBTLE = ("slow_drift", "new_category", "sustained_shift", "delete_habit")
 INCIDENT_KINDS = GROSS + SUBTLE
 BENIGN = ("traffic_spike", "benign_burst", "new_agent", "nightly_batch")
+# Regime changes (issue 14, point 5), planned by Generator._plan_shifts: a lasting legitimate step of an agent's
+# level, and a rogue spell of the same agent after it (gross: it must still be judged, against its new level).
+SHIFT, SHIFT_ROGUE = "benign_shift", "rogue_after_shift"
+SHIFTS = (SHIFT, SHIFT_ROGUE)
+GROSS_CHECKED = (*GROSS, SHIFT_ROGUE)  # the kinds that must be caught within 5 anomalous writes
 NORMAL = "normal"
-SCENARIOS = INCIDENT_KINDS + BENIGN + (NORMAL,)
+SCENARIOS = INCIDENT_KINDS + SHIFTS + BENIGN + (NORMAL,)
 
 CURRENCIES = ("EUR", "USD", "GBP")
 REASONS = ("damaged", "late", "wrong_item", "not_received", "other")
@@ -261,7 +285,23 @@ class _Agent:
     new_until: float = -1.0
     retired: bool = False
     batch: str | None = None  # nightly_batch: its id
+    shift: _Shift | None = None  # benign_shift: its step and the rogue spell after it
     soft_deletes: bool = False  # delete_habit: it cancels by setting deleted_at, it does not delete
+
+
+@dataclass(eq=False)
+class _Shift:
+    """benign_shift: from ``start_s`` the agent's level is ``factor`` times what it was, and stays; its first
+    ``report`` inserts at the new level are the change to report; after ``rogue_after`` writes at the new level a
+    rogue spell (x20 of it) follows."""
+
+    change: _Incident
+    rogue: _Incident
+    factor: float
+    report: int = 200
+    rogue_after: int = 400
+    writes: int = 0  # at the new level
+    inserts: int = 0
 
 
 _Write = tuple[str, dict[str, Any] | None, dict[str, Any] | None]  # op, before, after
@@ -318,6 +358,7 @@ class Generator:
                 for t in sorted(t0 + rng.uniform(0.0, 1200.0) for _ in range(n)):
                     if t < self.horizon:
                         self._push_scripted(t, ("batch", _Incident(a.batch, "nightly_batch", a, t0), None))
+        self._plan_shifts()
 
     # -- setup --
 
@@ -421,6 +462,32 @@ class Generator:
                 inc.params = {"column": column, "value": value, "writes": inc.target}
             a.incident = inc
             self.incidents.append(inc)
+
+    def _plan_shifts(self) -> None:
+        """``benign_shift``: ``per_kind`` established agents (one per table in turn, ordinary sigma, among the
+        busiest third, none with another scenario) whose level steps up by 0.6-0.8 of their own per-write sigma
+        (x1.2-x1.4: a price rise) between day 1 and day 1.5, and stays; 400 writes later, a
+        ``rogue_after_shift`` spell of 20-30 inserts at x20 the new level."""
+        rng = self.rng
+        for n in range(self.p.per_kind):
+            table = TABLES[n % 3]
+            cands = [a for a in self.agents if a.table == table and a.start_s == 0.0 and a.incident is None
+                     and a.new_id is None and not a.wide and a.burst is None and a.batch is None]
+            cands.sort(key=lambda a: -a.weight)
+            if not cands:
+                raise ValueError(f"not enough agents on {table} for the benign shifts: raise --agents")
+            a = rng.choice(cands[: max(3, len(cands) // 3)])
+            step = rng.uniform(0.6, 0.8)
+            change = _Incident(f"{SHIFT}-{n + 1}", SHIFT, a, rng.uniform(DAY_S, 1.5 * DAY_S),
+                               factor=math.exp(step * a.sigma))
+            rogue = _Incident(f"{SHIFT_ROGUE}-{n + 1}", SHIFT_ROGUE, a, self.horizon, factor=20.0,
+                              target=rng.randint(20, 30))
+            a.incident, a.shift = change, _Shift(change, rogue, factor=change.factor)
+            change.params = {"factor": round(change.factor, 3), "sigmas": round(step, 2),
+                             "reported_inserts": a.shift.report}
+            rogue.params = {"factor": 20, "of": "the new level", "after_writes": a.shift.rogue_after,
+                            "writes": rogue.target}
+            self.incidents += [change, rogue]
 
     def manifest(self) -> dict[str, Any]:
         us = self.p.start_us
@@ -591,8 +658,28 @@ class Generator:
             return "new_agent", a.new_id
         return NORMAL, None
 
+    def _shift_tick(self, a: _Agent, t: float, s: _Shift) -> tuple[_Write, str, str | None, bool]:
+        change, rogue = s.change, s.rogue
+        if t < change.start_s:
+            scenario, iid = self._benign(a, t)
+            return self._write(a), scenario, iid, False
+        s.writes += 1
+        if s.writes <= s.rogue_after:
+            w = self._write(a, mult=s.factor)
+            # Only an insert carries the new level (an update ships an older order): those are the change to report.
+            report = w[0] == "c" and s.inserts < s.report
+            s.inserts += w[0] == "c"
+            return w, SHIFT, change.id, report
+        if rogue.made == 0:
+            rogue.start_s = t
+        rogue.made += 1
+        a.retired = rogue.made >= rogue.target
+        return self._write(a, mult=s.factor * rogue.factor, create=True), SHIFT_ROGUE, rogue.id, True
+
     def _tick(self, a: _Agent, t: float) -> tuple[_Write, str, str | None, bool] | None:
         self._now_s = t  # delete_habit: the time a soft delete stamps
+        if a.shift is not None:
+            return self._shift_tick(a, t, a.shift)
         inc = a.incident
         if inc is None or t < inc.start_s:
             scenario, iid = self._benign(a, t)
@@ -1007,7 +1094,7 @@ def _p50_max(values: Sequence[float], fmt: str) -> str:
 
 def format_table(sc: Score) -> list[str]:
     head = ("scenario", "incidents", "detected", "recall", "alerts", "TP", "precision", "normal events",
-            "false alarms", "FA/10k normal", "TTD events p50/max", "TTD seconds p50/max")
+            "false alarms", "FA/10k normal", "TTD events p50/max", "TTD seconds p50/max", "TTD hours p50/max")
     body: list[tuple[str, ...]] = []
     for r in [*sc.rows, sc.overall]:
         incident_row = r.incidents > 0 or r.scenario == "overall"
@@ -1024,6 +1111,7 @@ def format_table(sc: Score) -> list[str]:
             _num(r.fa_per_10k),
             _p50_max(r.delays_events, ",.0f"),
             _p50_max(r.delays_s, ",.0f"),
+            _p50_max([d / HOUR_S for d in r.delays_s], ",.1f"),
         ))
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
 
@@ -1039,6 +1127,77 @@ def format_table(sc: Score) -> list[str]:
     return out
 
 
+def combine(scores: Sequence[Score]) -> Score:
+    """Several seeds' scores as one: each scenario's counts added up, its delays pooled."""
+    rows: dict[str, Row] = {}
+    overall = Row("overall")
+    for one in scores:
+        for r in [*one.rows, one.overall]:
+            into = overall if r is one.overall else rows.setdefault(r.scenario, Row(r.scenario))
+            into.incidents += r.incidents
+            into.detected += r.detected
+            into.alerts += r.alerts
+            into.tp += r.tp
+            into.normal_events += r.normal_events
+            into.anomalous_events += r.anomalous_events
+            into.delays_events += r.delays_events
+            into.delays_s += r.delays_s
+    fa_by: Counter[tuple[str, str]] = Counter()
+    for one in scores:
+        fa_by.update(one.false_alarms_by)
+    ordered = [rows[s] for s in SCENARIOS if s in rows] + [r for s, r in rows.items() if s not in SCENARIOS]
+    return Score(ordered, overall, [i for one in scores for i in one.incidents],
+                 sum(one.alerts_without_lines for one in scores), fa_by)
+
+
+def merged_precision(sc: Score) -> float | None:
+    """Precision after merging repeats: the alerts on one incident (several detectors, or a reopened incident)
+    count as one true positive; every false alarm counts."""
+    fa = sc.overall.false_alarms
+    detected = sum(r.detected for r in sc.incidents)
+    return detected / (detected + fa) if detected + fa else None
+
+
+def seeds_report(runs: Sequence[tuple[int, Score]]) -> list[str]:
+    """The per-scenario table over several seeds, per-seed recall, and issue 14's targets with where a seed misses."""
+    both = combine([s for _, s in runs])
+    seeds = ", ".join(str(seed) for seed, _ in runs)
+    per_seed: dict[str, list[str]] = {r.scenario: [] for r in both.rows}
+    for _, one in runs:
+        for r in both.rows:
+            mine = one.row(r.scenario)
+            per_seed[r.scenario].append(f"{mine.detected}/{mine.incidents}" if mine and mine.incidents else "-")
+    per_seed["overall"] = [f"{one.overall.detected}/{one.overall.incidents}" for _, one in runs]
+    table = format_table(both)
+    width = max(17, *(len(" ".join(v)) for v in per_seed.values()))
+    head = f"{table[0]}  {'detected per seed'.rjust(width)}"
+    body = []
+    # format_table: the header, a line per scenario, a rule, the overall line
+    for line, row in zip(table[1:], [*both.rows, None, both.overall], strict=True):
+        body.append(line if row is None else f"{line}  {' '.join(per_seed[row.scenario]).rjust(width)}")
+    gross = [i for i in both.incidents if i.scenario in GROSS_CHECKED]
+    slow = [i for i in gross if i.delay_events is None or i.delay_events > 5]
+    o = both.overall
+    lines = [f"over seeds {seeds} ({len(runs)} fleets, {o.incidents} incidents, {o.normal_events:,} normal events):",
+             head, *body, "", f"targets (issue 14, over seeds {seeds}):"]
+    lines.append(f"  recall over all incidents: {o.detected}/{o.incidents} = {_pct(o.recall)} (target: >= 95%)")
+    lines.append(f"  gross incidents detected within 5 anomalous writes: {len(gross) - len(slow)}/{len(gross)} "
+                 "(target: all)")
+    lines.append(f"  false alarms per 10,000 normal events: {_num(o.fa_per_10k)} (target: <= 0.3)")
+    lines.append(f"  precision after merging repeats of one incident: {_pct(merged_precision(both))} "
+                 f"(target: >= 80%; {_pct(o.precision)} counting every alert)")
+    for seed, one in runs:
+        missed = [i.id for i in one.incidents if not i.detected]
+        late = [f"{i.id} ({i.delay_events})" for i in one.incidents
+                if i.scenario in GROSS_CHECKED and i.detected and (i.delay_events or 0) > 5]
+        fas = ", ".join(f"{s}/{d} {n}" for (s, d), n in sorted(one.false_alarms_by.items()))
+        lines.append(f"  seed {seed}: recall {one.overall.detected}/{one.overall.incidents}, FA/10k "
+                     f"{_num(one.overall.fa_per_10k)}, precision merged {_pct(merged_precision(one))}; missed: "
+                     f"{', '.join(missed) or 'none'}; gross after more than 5: {', '.join(late) or 'none'}; "
+                     f"false alarms: {fas or 'none'}")
+    return lines
+
+
 def format_incidents(sc: Score) -> list[str]:
     out = []
     for r in sc.incidents:
@@ -1051,8 +1210,41 @@ def format_incidents(sc: Score) -> list[str]:
     return out
 
 
+def shift_report(labels: Sequence[Label], raw_alerts: Sequence[bytes]) -> list[str]:
+    """Regime changes: the alerts the ``benign_shift`` agents got for their step (by detector and severity), the
+    regime alerts, whether any was quarantined before its rogue spell, and whether that spell was caught."""
+    agents = {lab.agent_id for lab in labels if lab.scenario == SHIFT}
+    if not agents:
+        return []
+    raws = [orjson.loads(r) for r in raw_alerts if r.strip()]
+    step: Counter[str] = Counter()
+    regime: Counter[str] = Counter()
+    quarantined: set[str] = set()
+    caught: set[str] = set()
+    for raw, ref in zip(raws, read_alerts(raw_alerts), strict=True):
+        valid = [n for n in ref.lines if 1 <= n <= len(labels)]
+        if ref.agent_id not in agents or not valid:
+            continue
+        phase = labels[max(valid) - 1].scenario
+        if phase == SHIFT:
+            quarantined |= {ref.agent_id} if ref.quarantined else set()
+            if ref.detector.endswith(".regime"):
+                regime[ref.detector] += 1
+            else:
+                step[f"{ref.detector} {raw['severity']}" + (" (learning)" if raw.get("learning") else "")] += 1
+        elif phase == SHIFT_ROGUE and raw["severity"] == "critical":
+            caught.add(ref.agent_id)
+    return [
+        f"  regime changes ({SHIFT}, {len(agents)} agents): alerts on the step: "
+        + (", ".join(f"{k} x{n}" for k, n in sorted(step.items())) or "none")
+        + "; regime alerts (info): " + (", ".join(f"{k} x{n}" for k, n in sorted(regime.items())) or "none")
+        + f"; quarantined before their rogue spell: {len(quarantined)} (target 0); {SHIFT_ROGUE} alerted critical: "
+        f"{len(caught)}/{len(agents)}"
+    ]
+
+
 def acceptance(sc: Score) -> list[str]:
-    gross = [r for r in sc.incidents if r.scenario in GROSS]
+    gross = [r for r in sc.incidents if r.scenario in GROSS_CHECKED]
     fast = [r for r in gross if r.delay_events is not None and r.delay_events <= 10]
     o = sc.overall
     return [
@@ -1127,7 +1319,7 @@ def mid_stream(workdir: Path, events: Path, labels: Sequence[Label], cfg: Config
             continue
         at = max(ts[need - 1], ts[0] + int(spec.learning.seconds * 1e6))
         leave_h.append((at - start_us) / (HOUR_S * 1e6))
-    gross = [r for r in sc.incidents if r.scenario in GROSS]
+    gross = [r for r in sc.incidents if r.scenario in GROSS_CHECKED]
     fast = [r for r in gross if r.delay_events is not None and r.delay_events <= 5]
     # An incident already under way at the start: writeguard never saw the agent's normal writes, so only the
     # population model can judge it, and its earlier rogue writes are not counted.
@@ -1268,21 +1460,49 @@ def cmd_run(args: argparse.Namespace) -> int:
         if sc.false_alarms_by:
             lines.append("  false alarms by scenario and detector: "
                          + ", ".join(f"{s}/{d} {n}" for (s, d), n in sorted(sc.false_alarms_by.items())))
+        lines += shift_report(labels, buf.getvalue().splitlines())
         if cli is not None and cli.summary:
             lines.append(f"  CLI summary: {cli.summary}")
+        # More seeds (issue 14: no threshold tuned to one draw): each fleet replayed in process and scored; its
+        # start mid-stream too, while its files exist, if asked for.
+        runs: list[tuple[int, Score]] = [(int(p_.get("seed", args.seed)), sc)]
+        shifts = {runs[0][0]: shift_report(labels, buf.getvalue().splitlines())}
+        mid_blocks: dict[int, list[str]] = {}
+        for seed in args.more_seeds:
+            log(f"seed {seed}: generating, then replaying in process ...")
+            other = Path(tempfile.mkdtemp(prefix=f"scenarios-seed{seed}-"))
+            try:
+                g = generate_to(other, Params(seed=seed, events=args.events, agents=args.agents, days=args.days,
+                                              per_kind=args.per_kind), cfg_path)
+                other_labels = read_labels(g.labels)
+                obuf = io.BytesIO()
+                ostats = replay(g.events, cfg, alerts_out=obuf)
+                log(f"seed {seed}: {ostats.events_per_second:,.0f} events/s, {ostats.alerts} alerts")
+                runs.append((seed, score(other_labels, read_alerts(obuf.getvalue().splitlines()))))
+                shifts[seed] = shift_report(other_labels, obuf.getvalue().splitlines())
+                if args.start_mid_stream >= 0 and seed in args.mid_stream_seeds:
+                    log(f"seed {seed}: a fresh engine from {args.start_mid_stream:g} h on ...")
+                    mid_blocks[seed] = mid_stream(other, g.events, other_labels, cfg, args.start_mid_stream)
+            finally:
+                shutil.rmtree(other, ignore_errors=True)
+        if len(runs) > 1:
+            lines += ["", *seeds_report(runs)]
+            lines += [f"  seed {seed}:{line[1:]}" for seed, block in shifts.items() for line in block]
         if args.start_mid_stream >= 0:
             log(f"replay in process from {args.start_mid_stream:g} h on, on a fresh engine ...")
             lines += ["", *mid_stream(data, events, labels, cfg, args.start_mid_stream)]
             for seed in args.mid_stream_seeds:
-                log(f"seed {seed}: generating, then a fresh engine from {args.start_mid_stream:g} h on ...")
-                other = Path(tempfile.mkdtemp(prefix=f"scenarios-seed{seed}-"))
-                try:
-                    g = generate_to(other, Params(seed=seed, events=args.events, agents=args.agents,
-                                                  days=args.days, per_kind=args.per_kind), cfg_path)
-                    block = mid_stream(other, g.events, read_labels(g.labels), cfg, args.start_mid_stream)
-                    lines += ["", f"seed {seed}: " + block[0], *block[-4:]]
-                finally:
-                    shutil.rmtree(other, ignore_errors=True)
+                block = mid_blocks.get(seed, [])
+                if not block:
+                    log(f"seed {seed}: generating, then a fresh engine from {args.start_mid_stream:g} h on ...")
+                    other = Path(tempfile.mkdtemp(prefix=f"scenarios-seed{seed}-"))
+                    try:
+                        g = generate_to(other, Params(seed=seed, events=args.events, agents=args.agents,
+                                                      days=args.days, per_kind=args.per_kind), cfg_path)
+                        block = mid_stream(other, g.events, read_labels(g.labels), cfg, args.start_mid_stream)
+                    finally:
+                        shutil.rmtree(other, ignore_errors=True)
+                lines += ["", f"seed {seed}: " + block[0], *block[-4:]]
         lines.append(f"  total wall time {time.monotonic() - wall0:.0f} s on {os.cpu_count()} cores"
                      + (f"; data kept in {data}" if tmp is None else ""))
         print("\n".join(lines), flush=True)
@@ -1339,6 +1559,10 @@ def parser() -> argparse.ArgumentParser:
                    help="also start a fresh engine HOURS into the fleet's life (no warm-up history) and report "
                    "its first hour and day: alerts, quarantines of healthy agents, when models leave learning "
                    "(36: Tuesday noon, the fleet in full swing; a negative value skips it)")
+    r.add_argument("--more-seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                   metavar="S1,S2", help="also generate, replay and score these seeds' fleets, and print the "
+                   "per-scenario table over all the seeds with per-seed recall and issue 14's targets (make quality: "
+                   "8,9)")
     r.add_argument("--mid-stream-seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                    metavar="S1,S2", help="also generate these seeds' fleets and report their start mid-stream "
                    "(make quality: 8,9, so that the start-up figures cover three seeds)")

@@ -20,11 +20,14 @@ from detectors.features import Extractor
 from detectors.models import (
     CategoricalNovelty,
     Contribution,
+    Cusum,
     Detector,
     RateCeiling,
     TableCeiling,
     TableValues,
     ZScore,
+    median_levels,
+    regime_shift,
 )
 from detectors.spec import QUARANTINING, SEVERITY_RANK, AnyDetector, Suppression, TableSpec, detector_name
 from detectors.write import Op, Write
@@ -184,6 +187,10 @@ class _Plan:
     population_writes: int = 0
     population_first_us: int | None = None
     population_seen: set[str] = field(default_factory=set)  # agents it learned from, until population_agents
+    # Regime change (detectors.spec.Scoring.regime_writes): writes with an incident open and no quarantine after
+    # which the agent's model re-baselines; 0: never. Its triggers keep their writes, to re-baseline on.
+    regime: int = 0
+    keep_write: bool = False
 
     def learning(self, n: int, first_us: int, now_us: int) -> bool:
         return self.learns and (n < self.learn_writes or now_us - first_us < self.learn_us)
@@ -207,13 +214,14 @@ class _Table:
     learn_writes: int = 0
     learn_us: int = 0
     learning: int = 0  # model sets of this table still learning, in memory
+    regime: bool = False  # some detector of the table re-baselines on a regime change
     # Agents whose model set is in the engine's store and still learning: with ``learning``, the learning count.
     stored_learning: set[str] = field(default_factory=set)
     last_us: int = 0  # the latest commit time seen, for the population models' learning period
 
 
 class _AgentState:
-    __slots__ = ("dets", "first_us", "learning", "lopen", "masks", "n", "open", "recent")
+    __slots__ = ("dets", "first_us", "held", "learning", "lopen", "masks", "n", "open", "recent")
 
     def __init__(self, plans: list[_Plan]) -> None:
         # A table-level detector is not copied per agent: its slot points at the shared instance.
@@ -222,6 +230,8 @@ class _AgentState:
         self.open = 0  # bit i set: an incident is open for detector i, so further anomalies do not re-alert
         self.lopen = 0  # bit i set: that incident was opened by a learning finding (a later full one may follow)
         self.recent: list[list[Trigger]] | None = None
+        # Regime changes: detector index -> [the agent's write that opened its incident, the last one seen open].
+        self.held: dict[int, list[int]] | None = None
         self.n = 0
         self.first_us = 0
         self.learning = False
@@ -242,6 +252,7 @@ def _plan(table: TableSpec, d: AnyDetector, known: TableValues, table_scope: boo
     if table_scope:
         make = partial(_table_ceiling, make)
     learning = s.learning or table.learning
+    regime = (s.regime_writes or 0) if s.learns and not table_scope else 0
     return _Plan(
         name=detector_name(d),
         kind=d.kind,
@@ -262,6 +273,8 @@ def _plan(table: TableSpec, d: AnyDetector, known: TableValues, table_scope: boo
         learn_us=int(learning.seconds * 1e6),
         population_agents=s.population_agents,
         population_writes=s.population_writes,
+        regime=regime,
+        keep_write=s.learned or regime > 0,
     )
 
 
@@ -286,6 +299,7 @@ def compile_table(spec: TableSpec) -> _Table:
         known,
         learn_writes=max((p.learn_writes for p in learners), default=0),
         learn_us=max((p.learn_us for p in learners), default=0),
+        regime=any(p.regime for p in plans),
     )
 
 
@@ -626,7 +640,7 @@ class Engine:
             if st.recent is None:
                 st.recent = [[] for _ in tab.plans]
             recent = st.recent[i]
-            recent.append(Trigger(ch.coords, ch.commit_ts_us, score, w if p.learned else None))
+            recent.append(Trigger(ch.coords, ch.commit_ts_us, score, w if p.keep_write else None))
             if len(recent) > 64:
                 del recent[0]
             if mask.bit_count() < p.k:
@@ -669,7 +683,85 @@ class Engine:
                         p.population_first_us = now
                     if len(p.population_seen) < p.population_agents:
                         p.population_seen.add(ch.agent_id)
+        if st.open and tab.regime and quarantine is None:
+            self._regime(tab, st, ch, findings)
         return findings
+
+    def _regime(self, tab: _Table, st: _AgentState, ch: Change, findings: list[Finding]) -> None:
+        """Regime changes. A model does not learn the writes it finds anomalous, so after a lasting, legitimate
+        shift that nobody quarantined (a warning or an info finding) its incident would stay open and
+        the agent would never be judged again. Once an incident has stayed open for the plan's ``regime`` writes of
+        the agent with no quarantine, say so (one info alert, the level before and after) and re-baseline."""
+        if ch.agent_id in self.quarantined:  # quarantined by this very write
+            return
+        held = getattr(st, "held", None)  # a checkpoint from before regime changes has no such slot
+        if held is None:
+            held = st.held = {}
+        for i, p in enumerate(tab.plans):
+            if not p.regime:
+                continue
+            bit = 1 << i
+            # An incident opened while learning is not a regime: it is alerted in full when the period ends (a rogue
+            # from a deployment's first day must not become the agent's normal by going on long enough).
+            if not st.open & bit or st.lopen & bit:
+                held.pop(i, None)
+                continue
+            since = held.get(i)
+            if since is None or since[1] != st.n - 1:  # newly open, or closed (or quarantined) in between
+                since = held[i] = [st.n, st.n]
+            since[1] = st.n
+            if st.n - since[0] + 1 >= p.regime:
+                del held[i]
+                f = self._rebaseline(tab, p, i, st, ch)
+                if self.suppressions and self.suppressed_by(ch, f.detector) is not None:
+                    self.suppressed += 1
+                else:
+                    findings.append(f)
+
+    def _rebaseline(self, tab: _Table, p: _Plan, i: int, st: _AgentState, ch: Change) -> Finding:
+        """Restart detector ``i``'s model of the agent from the writes of its open incident, close the incident,
+        and return the info finding that says so."""
+        recent = st.recent[i] if st.recent is not None else []
+        triggers = list(recent)
+        writes = [t.write for t in triggers if t.write is not None and t.write.x]
+        old = st.dets[i]
+        before = old.levels() if isinstance(old, ZScore | Cusum) else {}
+        if p.learned:
+            new = p.make()
+            if isinstance(new, ZScore) and isinstance(p.population, ZScore):
+                new.prior = p.population
+            for w in writes:
+                new.learn_one(w)
+            st.dets[i] = new
+        elif isinstance(old, Cusum):
+            old.restart(writes)
+        after = median_levels(writes)
+        if isinstance(old, Cusum):
+            after = {k: v for k, v in after.items() if k == old.feature}
+        bit = 1 << i
+        st.open &= ~bit
+        st.lopen &= ~bit
+        st.masks[i] = 0
+        recent.clear()
+        name = f"{p.name}.regime"
+        return Finding(
+            alert_id=alert_id(ch.table, ch.agent_id, name, ch.coords),
+            table=ch.table,
+            agent_id=ch.agent_id,
+            run_id=ch.run_id,
+            detector=name,
+            kind=p.kind,
+            scope="agent",
+            severity="info",
+            score=float(p.regime),  # writes the incident stayed open ...
+            threshold=float(p.regime),  # ... out of those that make a new regime
+            contributions=regime_shift(before, after, p.regime)[:5],
+            triggers=triggers or [Trigger(ch.coords, ch.commit_ts_us, 1.0)],
+            actions=("alert",),  # telling, never stopping: the agent was judged all along and nobody stopped it
+            quarantine=False,
+            commit_ts_us=ch.commit_ts_us,
+            agent_events=st.n,
+        )
 
     def _table_wide(
         self,
@@ -831,6 +923,7 @@ class Engine:
                 st.lopen = 0
                 st.masks = [0] * len(st.masks)
                 st.recent = None
+                st.held = None
 
     def suppressed_by(self, ch: Change, detector: str) -> Suppression | None:
         t = ch.commit_ts_us / 1e6

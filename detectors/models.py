@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -213,6 +214,15 @@ class ZScore:
             if z is not None and abs(z) > worst:
                 worst = abs(z)
         return worst / (worst + self.half_z)
+
+    def levels(self) -> dict[str, float]:
+        """Each feature's learned mean in the column's own units (a log feature's is a geometric mean)."""
+        out: dict[str, float] = {}
+        for name, s in self._stats.items():
+            if s.mean.n >= 1:
+                m = s.mean.get()
+                out[name] = signed_expm1(m) if name in self._log else m
+        return out
 
     def explain(self, w: Write) -> list[Contribution]:
         """Features by decreasing |z|, each with the mean +/- 3 std range in the data's own units."""
@@ -761,10 +771,32 @@ class Cusum:
     6
     """
 
-    __slots__ = ("_hi", "_lo", "_log", "_over", "_ref", "feature", "h", "k", "n", "rebase", "warmup")
+    __slots__ = (
+        "_hi",
+        "_lo",
+        "_log",
+        "_over",
+        "_ref",
+        "feature",
+        "h",
+        "k",
+        "n",
+        "ops",
+        "rebase",
+        "reference",
+        "warmup",
+    )
 
     def __init__(
-        self, feature: str, k: float = 1.0, h: float = 10.0, warmup: int = 30, log: bool = False, rebase: int = 200
+        self,
+        feature: str,
+        k: float = 1.0,
+        h: float = 10.0,
+        warmup: int = 30,
+        log: bool = False,
+        rebase: int = 200,
+        reference: int | None = None,
+        ops: Iterable[str] | None = None,
     ) -> None:
         self.feature = feature
         self.k, self.h = k, h
@@ -774,11 +806,18 @@ class Cusum:
         self._hi = self._lo = 0.0
         self._over = 0  # writes in a row with S past h
         self.rebase = rebase
+        # A frozen reference: learned from this many writes, then fixed, so that a slow drift is not followed.
+        self.reference = reference
+        # Only these ops' values: an update re-reports a row written before, and its repeats are not independent.
+        self.ops = frozenset(ops) if ops is not None else None
         self.n = 0
 
     def _x(self, w: Write) -> float | None:
         v = w.x.get(self.feature)
         if v is None:
+            return None
+        ops = getattr(self, "ops", None)  # None in a checkpoint from before the option
+        if ops is not None and w.op not in ops:
             return None
         return signed_log1p(v) if self._log else v
 
@@ -821,8 +860,24 @@ class Cusum:
                 self._ref.update(x)
             return
         self._over = 0
-        if s < self.h / 2:
+        frozen = getattr(self, "reference", None)  # None in a checkpoint from before the option
+        if s < self.h / 2 and (frozen is None or self._ref.mean.n < frozen):
             self._ref.update(x)
+
+    def levels(self) -> dict[str, float]:
+        """The reference level of its feature, in the column's own units."""
+        if self._ref.mean.n < 1:
+            return {}
+        m = self._ref.mean.get()
+        return {self.feature: signed_expm1(m) if self._log else m}
+
+    def restart(self, writes: Iterable[Write]) -> None:
+        """Re-baseline on a regime change: the reference starts again from ``writes``, the sums from 0."""
+        self._ref, self._hi, self._lo, self._over = stats.Var(), 0.0, 0.0, 0
+        for w in writes:
+            x = self._x(w)
+            if x is not None:
+                self._ref.update(x)
 
     def explain(self, w: Write) -> list[Contribution]:
         ref = self._ref
@@ -838,6 +893,54 @@ class Cusum:
             f"(sustained shift: summed excess {s:.1f} std, alerts at {self.h:g})"
         )
         return [Contribution(f"{self.feature} (sustained shift)", float(x or 0.0), lo, hi, s, text=text)]
+
+
+def median_levels(writes: Iterable[Write]) -> dict[str, float]:
+    """Each feature's median over ``writes``, in the column's own units: an agent's level in a run of writes.
+
+    >>> median_levels([Write({"amount": 10.0}), Write({"amount": 30.0, "items": 2.0}), Write({"amount": 20.0})])
+    {'amount': 20.0, 'items': 2.0}
+    """
+    values: dict[str, list[float]] = {}
+    for w in writes:
+        for name, v in w.x.items():
+            values.setdefault(name, []).append(v)
+    return {name: statistics.median(vs) for name, vs in values.items()}
+
+
+def regime_shift(before: Mapping[str, float], after: Mapping[str, float], writes: int) -> list[Contribution]:
+    """What a regime-change alert says: each feature's level before and after, the largest move first.
+
+    ``before`` is what the model had learned (empty when the model keeps no level), ``after`` the level of the
+    writes it re-baselines on; both in the column's units.
+
+    >>> c = regime_shift({"amount": 45.0}, {"amount": 900.0}, 50)[0]
+    >>> c.feature, c.value, c.expected_low
+    ('amount level', 900.0, 45.0)
+    >>> print(c.text)  # doctest: +NORMALIZE_WHITESPACE
+    amount: the agent's level moved from about 45 to about 900 and stayed there for 50 writes with no quarantine:
+    a new regime, its model re-baselined on its recent writes (judged against the new level from now on)
+    """
+    tail = (
+        f"stayed there for {writes} writes with no quarantine: a new regime, its model re-baselined on its recent "
+        "writes (judged against the new level from now on)"
+    )
+
+    def move(name: str) -> float:
+        a, b = after[name], before.get(name)
+        if b is None:
+            return 0.0
+        return abs(signed_log1p(a) - signed_log1p(b))
+
+    out: list[Contribution] = []
+    for name in sorted(after, key=move, reverse=True):
+        a, b = after[name], before.get(name)
+        if b is None:
+            text = f"{name}: the agent's level is now about {num(a)} and {tail}"
+        else:
+            text = f"{name}: the agent's level moved from about {num(b)} to about {num(a)} and {tail}"
+        out.append(Contribution(f"{name} level", a, b, b, text=text))
+    return out
 
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {

@@ -141,6 +141,20 @@ class Scoring:
     population_agents: int = 0  # the population model judges no one before it has learned from this many agents
     population_writes: int = 0  # ... and this many writes
     prior_writes: float = 0.0  # n0: weight, in writes, of the population's spread in an agent's own zscore
+    # Regime change: after an incident of this detector has stayed open for this many of the agent's writes with
+    # no quarantine, the engine says so (an info alert) and re-baselines the agent's model from its recent writes.
+    regime_writes: int | None = None
+
+
+# Writes with an incident open and no quarantine before a statistical model accepts the shift as the agent's new
+# regime: long enough that a person has seen the warning, short enough that the agent is not left unjudged long.
+_REGIME_WRITES = 50
+_REGIME_DESCRIPTION = (
+    "Regime change: when an incident of this detector has stayed open for this many of the agent's writes and the "
+    "agent is not quarantined (a warning or info finding, not one opened while learning), publish one info alert "
+    "'<name>.regime' with the level before and after, and re-baseline the agent's model from the incident's "
+    "writes, so that it is judged against its new normal. null: never (the incident stays open)."
+)
 
 
 class _DetectorBase(Strict):
@@ -220,6 +234,7 @@ class ZScoreSpec(_DetectorBase):
         "with weight n0/(n0+n), so that a range learned from few writes is not narrower than the data warrants.",
     )
     learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
+    regime_writes: int | None = Field(_REGIME_WRITES, ge=1, description=_REGIME_DESCRIPTION)
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
         # The warm-up counts per feature too: one seen only on some ops (an update's delta) is scored later.
@@ -245,6 +260,7 @@ class ZScoreSpec(_DetectorBase):
             population_agents=self.population_agents,
             population_writes=self.population_writes,
             prior_writes=self.prior_writes,
+            regime_writes=self.regime_writes,
         )
 
     def conflict(self, table: TableSpec) -> str | None:
@@ -265,6 +281,7 @@ class RiverModelSpec(_DetectorBase):
     warmup: int = Field(100, ge=1)
     debounce: Debounce = Debounce()
     learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
+    regime_writes: int | None = Field(_REGIME_WRITES, ge=1, description=_REGIME_DESCRIPTION)
 
     @field_validator("model")
     @classmethod
@@ -287,6 +304,7 @@ class RiverModelSpec(_DetectorBase):
             warmup=self.warmup,
             learns=True,
             learning=self.learning,
+            regime_writes=self.regime_writes,
         )
 
     def conflict(self, table: TableSpec) -> str | None:
@@ -407,16 +425,44 @@ class CusumSpec(_DetectorBase):
     rebase: int = Field(
         200, ge=1, description="Writes in a row past h after which the shift is the agent's new level (re-baseline)."
     )
+    reference_writes: int | None = Field(
+        None,
+        ge=2,
+        description="Freeze the reference after this many writes (null: it keeps learning the writes under h/2). "
+        "A slow cusum (k: 0.25, a high h, info) against a frozen reference sums a drift of a few percent an hour "
+        "that a learning reference would follow.",
+    )
+    ops: tuple[RowOp, ...] | None = Field(
+        None,
+        description="Only these ops' values are summed (all by default). ['c'] for a table whose updates re-report "
+        "rows written before: repeats of one row are not independent writes and make a slow sum wander.",
+    )
     severity: Severity = "critical"
     debounce: Debounce = Debounce(k=1, n=16)
     learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
+    regime_writes: int | None = Field(_REGIME_WRITES, ge=1, description=_REGIME_DESCRIPTION)
 
     def build(self, table: TableSpec, known: TableValues) -> Detector:
         log = self.feature in table.log_features()
-        return Cusum(self.feature, self.k, self.h, self.warmup, log=log, rebase=self.rebase)
+        return Cusum(
+            self.feature,
+            self.k,
+            self.h,
+            self.warmup,
+            log=log,
+            rebase=self.rebase,
+            reference=self.reference_writes,
+            ops=self.ops,
+        )
 
     def scoring(self) -> Scoring:
-        return Scoring(threshold=1.0, debounce=self.debounce, learns=True, learning=self.learning)
+        return Scoring(
+            threshold=1.0,
+            debounce=self.debounce,
+            learns=True,
+            learning=self.learning,
+            regime_writes=self.regime_writes,
+        )
 
     def conflict(self, table: TableSpec) -> str | None:
         if self.feature not in {f.name for f in table.features}:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import orjson
 import pytest
 
@@ -33,7 +35,7 @@ def test_generate_writes_the_files_and_refuses_bad_params(small, tmp_path):
     assert gen.lines == len(events) == len(labels)
     assert gen.anomalous == sum(lab.anomalous for lab in labels)
     man = orjson.loads(gen.manifest.read_bytes())
-    assert {i["scenario"] for i in man["incidents"]} == set(sc.INCIDENT_KINDS)
+    assert {i["scenario"] for i in man["incidents"]} == set(sc.INCIDENT_KINDS + sc.SHIFTS)
     assert sc.load_config(gen.config).tables
     with pytest.raises(ValueError, match="days"):
         sc.generate_to(tmp_path, Params(days=2))
@@ -52,10 +54,10 @@ def test_labels_align_one_to_one_with_events(small):
         last_ts = lab.ts_us
         assert lab.scenario in sc.SCENARIOS
         if lab.anomalous:
-            assert lab.incident is not None and lab.scenario in sc.INCIDENT_KINDS
+            assert lab.incident is not None and lab.scenario in sc.INCIDENT_KINDS + sc.SHIFTS
         if lab.scenario in sc.BENIGN or lab.scenario == sc.NORMAL:
             assert not lab.anomalous
-    assert {lab.scenario for lab in labels if lab.anomalous} == set(sc.INCIDENT_KINDS)
+    assert {lab.scenario for lab in labels if lab.anomalous} >= set(sc.INCIDENT_KINDS) | {sc.SHIFT}
     assert {"traffic_spike", "new_agent"} <= {lab.scenario for lab in labels}
 
 
@@ -85,6 +87,45 @@ def test_incidents_look_like_their_description(small):
         row = ev["before"] if ev["op"] == "d" else ev["after"]
         used = lab.table == table and row.get(column) == value
         assert used == (lab.scenario == "new_category" and lab.anomalous)
+
+
+def _value(lab, ev):
+    """The value the agent's level is about: a refund's amount, an order's unit price, a ticket's credit."""
+    row = ev["before"] if ev["op"] == "d" else ev["after"]
+    if lab.table == sc.ORDERS:
+        return row["total"] / row["items"]
+    return row["amount"] if lab.table == sc.REFUNDS else row["credit"]
+
+
+def test_a_benign_shift_is_a_lasting_step_labelled_anomalous_only_at_first_then_a_rogue_spell(tmp_path):
+    gen = sc.generate_to(tmp_path, Params(seed=5, events=60_000, agents=80, days=3, per_kind=3))
+    labels = sc.read_labels(gen.labels)
+    rows = [orjson.loads(raw) for raw in gen.events.read_bytes().splitlines()]
+    agents = sorted({lab.agent_id for lab in labels if lab.scenario == sc.SHIFT})
+    assert len(agents) == 3 and {lab.table for lab in labels if lab.agent_id in agents} == set(sc.TABLES)
+    rogues = 0
+    for agent in agents:
+        mine = [(lab, ev) for lab, ev in zip(labels, rows, strict=True) if lab.agent_id == agent]
+        step = next(i for i, (lab, _) in enumerate(mine) if lab.scenario == sc.SHIFT)
+        assert not any(lab.anomalous for lab, _ in mine[:step])  # an established agent, normal until its step
+        assert 86_400 <= (mine[step][0].ts_us - sc.START_US) / 1e6 <= 1.5 * 86_400 + 3_600
+        shift = [(lab, ev) for lab, ev in mine[step:] if lab.scenario == sc.SHIFT]
+        inserts = [lab.anomalous for lab, _ in shift if lab.op == "c"]
+        assert inserts[:200] == [True] * min(200, len(inserts)) and not any(inserts[200:])
+        assert not any(lab.anomalous for lab, _ in shift if lab.op != "c")  # an update re-reports an older row
+        before = sorted(v for lab, ev in mine[:step] if lab.op == "c" and (v := _value(lab, ev)))
+        after = sorted(v for lab, ev in shift if lab.op == "c" and (v := _value(lab, ev)))
+        ratio = after[len(after) // 2] / before[len(before) // 2]
+        assert 1.1 < ratio < 1.6  # x1.2-x1.4, and it lasts: the median of every write at the new level
+        rogue = [(lab, ev) for lab, ev in mine if lab.scenario == sc.SHIFT_ROGUE]
+        if len(shift) < 400:
+            assert rogue == []  # the run ended first
+            continue
+        rogues += 1
+        assert len(shift) == 400 and mine[-len(rogue) :] == rogue  # after 400 writes at the new level, the last ones
+        assert 20 <= len(rogue) <= 30 and all(lab.anomalous and lab.op == "c" for lab, _ in rogue)
+        assert statistics.median(_value(lab, ev) for lab, ev in rogue) > 8 * after[len(after) // 2]
+    assert rogues >= 1
 
 
 def _labels(spec):
