@@ -64,11 +64,12 @@ An incident agent writes nothing after its incident (in production the quarantin
   setting ``deleted_at``, never a delete) begins to hard-delete 2-4 rows an hour, 6-12 in all, among its
   ordinary writes; its hard deletes are the anomalous events;
 - ``short_burst`` (subtle): a low-rate agent (the quietest third of its table's) writes x20 its usual for that
-  hour, in its ordinary writes and values, for 10 minutes (day 1 on, 06:00-21:00 UTC, away from the fleet's
-  spike); its usual is about 0.3 to 1.5 writes in 10 minutes, so the whole burst is 6 to 30 writes, too few for
-  a rate ceiling and hidden in an hourly baseline that absorbs the daily cycle. Every write in the 10 minutes is
-  anomalous. Subtle: no window of 5 writes is surprising enough at such a rate to say so (rhythm alerts within
-  the burst, at about its 10th write);
+  hour (inserts of its ordinary values on top of its own writes) for 10 minutes (day 1 on, 06:00-21:00 UTC, away
+  from the fleet's spike); its usual there is 0.7 to 2 writes in 10 minutes (seeds 7, 8, 9), so the burst adds 13
+  to 37 inserts, a few a minute: too few for a rate ceiling, and hidden in an hourly baseline that absorbs the
+  daily cycle. Every write in the 10 minutes is anomalous; after them the agent goes on as before. Subtle: 5
+  writes in a few minutes are within such an agent's ordinary noise (``rhythm`` alerts within the burst, after
+  9 to 21 of its writes);
 - ``new_category`` (subtle): 10-30 inserts with a value the table never saw (``reason: goodwill`` or
   ``currency: USDT`` on refunds, ``category: vip_override`` on tickets), normal amounts.
 
@@ -328,11 +329,6 @@ class Generator:
                         self._push_scripted(t, ("batch", _Incident(a.batch, "nightly_batch", a, t0), None))
         self._plan_short_bursts()
 
-    def _swap_streams(self) -> None:
-        """Swap the generator's random stream (and its envelopes') with short_burst's, and back."""
-        self.rng, self._rush_rng = self._rush_rng, self.rng
-        self._wal.rng = self.rng
-
     def _plan_short_bursts(self) -> None:
         """short_burst: a low-rate agent (the quietest third of its table's) writes x20 its usual for this hour for
         10 minutes, on day 1 or later between 06:00 and 21:00 UTC, outside the fleet's spike; then it goes on as
@@ -341,9 +337,9 @@ class Generator:
         Planned after every other scenario, and its extra writes (inserts) drawn, from its own random stream, and
         the agent's rows left as they were: every other event of a seed is what it was without it.
         """
-        rng = self._rush_rng = random.Random(self.p.seed * 7_919 + 14)
-        self._rush_id = 95_000_000  # its rows' ids, apart from the others'
-        h = self.horizon
+        self._rush_rng: random.Random = random.Random(self.p.seed * 7_919 + 14)
+        self._rush_id: int = 95_000_000  # its rows' ids, apart from the others'
+        rng, h = self._rush_rng, self.horizon
         for n in range(self.p.per_kind):
             table = TABLES[n % 3]
             cands = [
@@ -371,6 +367,11 @@ class Generator:
                           "writes": extra}
             a.incident = inc
             self.incidents.append(inc)
+
+    def _swap_streams(self) -> None:
+        """Swap the generator's random stream (and its envelopes') with short_burst's, and back."""
+        self.rng, self._rush_rng = self._rush_rng, self.rng
+        self._wal.rng = self.rng
 
     # -- setup --
 

@@ -1515,6 +1515,8 @@ def _ring_sum(c: array[int], lo: int, hi: int) -> int:
     if n >= nb:
         return sum(c)
     a, b = lo % nb, hi % nb
+    if n == 2:
+        return c[a] + c[b]
     return sum(c[a : b + 1]) if a <= b else sum(c[a:]) + sum(c[: b + 1])
 
 
@@ -1803,9 +1805,9 @@ class Rhythm:
         the agent's habit at this hour); empty before the warm-up. A window whose count is well within its usual
         gets p = 1 (not computed)."""
         t = w.t
-        idx = self._advance(t)
         if self._first is None or t - self._first < self.warmup:
-            return []
+            return []  # learn_one moves the buckets on meanwhile
+        idx = self._advance(t)
         rate, shape = self._rate(t)
         r = 1.0 / (1.0 / max(shape, 1e-9) + 1.0 / self.dispersion)
         c = self._counts
@@ -1847,7 +1849,9 @@ class Rhythm:
         self.n += 1
         if self._first is None:
             self._first = w.t
-        idx = self._advance(w.t)
+        idx = int(w.t // self.width)
+        if idx != self._head:
+            self._advance(w.t)
         head = self._head if self._head is not None else idx
         nb = len(self._counts)
         # A late write older than the ring still counts in its oldest bucket, as WindowCounter does.
