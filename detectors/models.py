@@ -1638,9 +1638,12 @@ class Rhythm:
     the agent's ordinary swing from one day to the next (``dispersion``, a Gamma shape: 4 is about +-50%) widen it.
     Scored as ``OpHabit`` is, ``L / (L + L*)`` with ``L = -log10 p`` and ``L* = -log10(p_value)``: 0.5 at
     ``p_value``. Judged once the agent's first write is ``warmup`` seconds old, from ``min_count`` writes in the
-    window. The windows' buckets are half the short window wide, so a window covers between half and all of its
-    length, and is judged over the part it covers. Memory: the windows' buckets and one float32 array of the
-    rates and peaks by hour, about 1.3 KB per agent.
+    window. A window no more than ``PEAK_MARGIN`` (2) times the agent's biggest at this hour on previous days is
+    its habit, whatever the rate says: a nightly job that runs in 20 minutes of an hour, whose hour's rate spreads
+    it over the hour. The windows' buckets are half the short window wide, so a window covers between half and all
+    of its length, and is judged over the part it covers. The counts are plain sums in a float32 array rather than
+    River's ``stats``: 170 of them per agent (rates and peaks by hour) would be about 27 KB as River EWMeans.
+    Memory: the windows' buckets and that array, about 1.3 KB per agent.
 
     >>> table = TableTraffic(bucket=300.0)
     >>> quiet, busy = Rhythm(warmup=86_400, table=table), Rhythm(warmup=86_400, table=table)
