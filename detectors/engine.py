@@ -545,7 +545,10 @@ class Engine:
             for i, p in enumerate(tab.plans)
             if p.population is not None
         ]
-        return pickle.dumps((pops, tab.known, tab.last_us, _traffics(tab)), protocol=5)
+        # The traffic counts (rhythm) only where the table has them: without, the blob is what older workers read.
+        traffics = _traffics(tab)
+        state = (pops, tab.known, tab.last_us, traffics) if traffics else (pops, tab.known, tab.last_us)
+        return pickle.dumps(state, protocol=5)
 
     def restore_table(self, name: str, blob: bytes) -> bool:
         """Take a table checkpoint's population models and values if this engine's are colder (it has learned

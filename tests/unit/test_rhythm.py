@@ -209,6 +209,9 @@ def test_the_engine_shares_one_table_traffic_and_relinks_it_after_eviction() -> 
     assert restored is not None and restored.n == 40 and restored is not plan.traffic
     other.process(change(99, "a0", 200.0))
     assert other.states[("public.t", "a0")].dets[0].table is restored  # type: ignore[attr-defined]
+    # a table without rhythm writes its table checkpoint as before (what an older worker reads)
+    plain = Engine([TableSpec(name="public.t", topic="p.public.t", learning=Learning(writes=0))])
+    assert len(pickle.loads(plain.table_checkpoint("public.t"))) == 3
 
 
 def test_the_engine_alerts_a_burst_once_in_words() -> None:
