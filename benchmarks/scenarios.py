@@ -49,7 +49,8 @@ Benign scenarios, labelled ``anomalous: false`` (an alert there is a false alarm
   of paid orders to shipped within 20 minutes, its first write of the night a burst of updates.
 
 Incidents, ``--per-kind`` of each (3), each in its own agent, from day 1 on (after every agent's warm-up).
-An incident agent writes nothing after its incident (in production the quarantine stops it):
+An incident agent writes nothing after its incident (in production the quarantine stops it), except a
+``short_burst`` agent, whose alert is a warning:
 
 - ``amount_inflation`` (gross): an established agent's next 30-60 writes are inserts of x20 amounts;
 - ``mass_delete`` (gross): 50-200 deletes of the agent's rows within one minute;
@@ -66,6 +67,13 @@ An incident agent writes nothing after its incident (in production the quarantin
 - ``delete_habit`` (subtle): an orders or tickets agent that has always cancelled by soft delete (an update
   setting ``deleted_at``, never a delete) begins to hard-delete 2-4 rows an hour, 6-12 in all, among its
   ordinary writes; its hard deletes are the anomalous events;
+- ``short_burst`` (subtle): a low-rate agent (the quietest third of its table's) writes x20 its usual for that
+  hour (inserts of its ordinary values on top of its own writes) for 10 minutes (day 1 on, 06:00-21:00 UTC, away
+  from the fleet's spike); its usual there is 0.7 to 2 writes in 10 minutes (seeds 7, 8, 9), so the burst adds 13
+  to 37 inserts, a few a minute: too few for a rate ceiling, and hidden in an hourly baseline that absorbs the
+  daily cycle. Every write in the 10 minutes is anomalous; after them the agent goes on as before. Subtle: 5
+  writes in a few minutes are within such an agent's ordinary noise (``rhythm`` alerts within the burst, after
+  9 to 21 of its writes);
 - ``new_category`` (subtle): 10-30 inserts with a value the table never saw (``reason: goodwill`` or
   ``currency: USDT`` on refunds, ``category: vip_override`` on tickets), normal amounts.
 
@@ -144,9 +152,10 @@ START_US = int(datetime(2026, 3, 2, tzinfo=UTC).timestamp()) * 1_000_000  # a Mo
 DAY_S = 86_400.0
 HOUR_S = 3_600.0
 SLICE_S = 300.0  # the rate is constant within a slice of commit time
+SHORT_BURST_S, SHORT_BURST_X = 600.0, 20.0  # short_burst: 10 minutes at x20 the agent's usual for the hour
 
 GROSS = ("amount_inflation", "mass_delete", "retry_duplicates", "first_day_rogue", "multiplied_update")
-SUBTLE = ("slow_drift", "new_category", "sustained_shift", "delete_habit")
+SUBTLE = ("slow_drift", "new_category", "sustained_shift", "delete_habit", "short_burst")
 INCIDENT_KINDS = GROSS + SUBTLE
 BENIGN = ("traffic_spike", "benign_burst", "new_agent", "nightly_batch")
 # Regime changes (issue 14, point 5), planned by Generator._plan_shifts: a lasting legitimate step of an agent's
@@ -359,6 +368,51 @@ class Generator:
                     if t < self.horizon:
                         self._push_scripted(t, ("batch", _Incident(a.batch, "nightly_batch", a, t0), None))
         self._plan_shifts()
+        self._plan_short_bursts()
+
+    def _plan_short_bursts(self) -> None:
+        """short_burst: a low-rate agent (the quietest third of its table's) writes x20 its usual for this hour for
+        10 minutes, on day 1 or later between 06:00 and 21:00 UTC, outside the fleet's spike; then it goes on as
+        before (the alert is a warning: nothing stops it).
+
+        Planned after every other scenario, and its extra writes (inserts) drawn, from its own random stream, and
+        the agent's rows left as they were: every other event of a seed is what it was without it.
+        """
+        self._rush_rng: random.Random = random.Random(self.p.seed * 7_919 + 14)
+        self._rush_id: int = 95_000_000  # its rows' ids, apart from the others'
+        rng, h = self._rush_rng, self.horizon
+        for n in range(self.p.per_kind):
+            table = TABLES[n % 3]
+            cands = [
+                a for a in self.agents
+                if a.table == table and a.start_s == 0.0 and a.incident is None and a.new_id is None
+                and a.burst is None and a.batch is None
+            ]
+            if not cands:
+                raise ValueError(f"not enough agents on {table} for the incidents: raise --agents")
+            cands.sort(key=lambda a: a.weight)
+            a = rng.choice(cands[: max(3, len(cands) // 3)])
+            days = max(int((h - HOUR_S) // DAY_S), 2)
+            start = 0.0
+            for _ in range(100):
+                start = rng.randrange(1, days) * DAY_S + rng.uniform(6.0, 21.0) * HOUR_S
+                if start + SHORT_BURST_S <= h and not (start < self.spike[1] and start + SHORT_BURST_S > self.spike[0]):
+                    break
+            inc = _Incident(f"short_burst-{n + 1}", "short_burst", a, start, end_s=start + SHORT_BURST_S,
+                            factor=SHORT_BURST_X)
+            usual = a.rate * day_factor(start + SHORT_BURST_S / 2) * SHORT_BURST_S
+            extra = max(round((SHORT_BURST_X - 1) * usual), 1)  # on top of its own writes in the 10 minutes
+            for t in sorted(start + rng.uniform(0.0, SHORT_BURST_S) for _ in range(extra)):
+                self._push_scripted(t, ("rush", inc, None))
+            inc.params = {"factor": SHORT_BURST_X, "minutes": SHORT_BURST_S / 60, "usual_writes": round(usual, 2),
+                          "writes": extra}
+            a.incident = inc
+            self.incidents.append(inc)
+
+    def _swap_streams(self) -> None:
+        """Swap the generator's random stream (and its envelopes') with short_burst's, and back."""
+        self.rng, self._rush_rng = self._rush_rng, self.rng
+        self._wal.rng = self.rng
 
     # -- setup --
 
@@ -397,7 +451,10 @@ class Generator:
 
     def _plan_incidents(self) -> None:
         rng, h = self.rng, self.horizon
-        kinds: list[tuple[str, int]] = [(k, n) for n in range(self.p.per_kind) for k in INCIDENT_KINDS]
+        # short_burst is planned last, with its own random stream (_plan_short_bursts): it moved no other scenario.
+        kinds: list[tuple[str, int]] = [
+            (k, n) for n in range(self.p.per_kind) for k in INCIDENT_KINDS if k != "short_burst"
+        ]
         for kind, n in kinds:
             iid = f"{kind}-{n + 1}"
             if kind == "amount_inflation":
@@ -685,6 +742,11 @@ class Generator:
             scenario, iid = self._benign(a, t)
             return self._write(a), scenario, iid, False
         kind = inc.kind
+        if kind == "short_burst":  # its own writes in the 10 minutes are part of the burst; after, it goes on as before
+            if t < inc.end_s:
+                return self._write(a), kind, inc.id, True
+            scenario, iid = self._benign(a, t)
+            return self._write(a), scenario, iid, False
         if kind in ("amount_inflation", "first_day_rogue", "sustained_shift"):
             w = self._write(a, mult=inc.factor, create=True)
             inc.made += 1
@@ -728,6 +790,13 @@ class Generator:
         if action == "retry":
             assert row is not None
             return "c", None, {**row, "id": self._next_id(a.table)}
+        if action == "rush":  # short_burst: one more insert of the agent's; its rows and the ids left as they were
+            live, ids = list(a.live), self._ids[a.table]
+            op, before, after = self._write(a, create=True)
+            a.live, self._ids[a.table] = live, ids
+            assert after is not None
+            self._rush_id += 1
+            return op, before, {**after, "id": self._rush_id}
         if action == "batch":  # the nightly job ships paid orders, older than the run
             before = self._old_row(a, status="paid")
             return "u", before, {**before, "status": "shipped"}
@@ -744,6 +813,7 @@ class Generator:
         us = self.p.start_us
         while self._heap:
             t, seq, ref = heapq.heappop(self._heap)
+            rush = False
             if ref >= 0:
                 a = self.agents[ref]
                 out = self._tick(a, t)
@@ -757,11 +827,16 @@ class Generator:
             else:
                 what = self._scripted.pop(seq)
                 a = what[1].agent
+                rush = what[0] == "rush"
+                if rush:
+                    self._swap_streams()  # short_burst's writes draw from its own stream, and are undone after
                 op, before, after = self._script(what)
                 scenario, iid, anomalous = what[1].kind, what[1].id, what[0] != "batch"
             line += 1
             ts_us = us + int(t * 1e6)
             value = self._wal.value(a.table, op, before, after, ts_us)
+            if rush:
+                self._swap_streams()
             yield value, Label(line, scenario, iid, anomalous, a.agent_id, a.table, op, ts_us)
 
 

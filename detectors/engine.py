@@ -23,7 +23,9 @@ from detectors.models import (
     Cusum,
     Detector,
     RateCeiling,
+    Rhythm,
     TableCeiling,
+    TableTraffic,
     TableValues,
     ZScore,
     median_levels,
@@ -191,6 +193,9 @@ class _Plan:
     # which the agent's model re-baselines; 0: never. Its triggers keep their writes, to re-baseline on.
     regime: int = 0
     keep_write: bool = False
+    # The table's writes per bucket of time, for a detector that judges an agent against how busy its table is
+    # (rhythm): one instance per table, which each agent's detector links to and adds its writes to.
+    traffic: TableTraffic | None = None
 
     def learning(self, n: int, first_us: int, now_us: int) -> bool:
         return self.learns and (n < self.learn_writes or now_us - first_us < self.learn_us)
@@ -239,11 +244,14 @@ class _AgentState:
 
 
 def _link_priors(st: _AgentState, plans: list[_Plan]) -> None:
-    """Point each agent zscore at its table's population model, whose pooled spread is its prior."""
+    """Point each agent zscore at its table's population model, whose pooled spread is its prior, and each rhythm
+    at its table's traffic."""
     for i, p in enumerate(plans):
         det = st.dets[i]
         if isinstance(det, ZScore) and p.shared is None and isinstance(p.population, ZScore):
             det.prior = p.population
+        elif isinstance(det, Rhythm):
+            det.table = p.traffic
 
 
 def _plan(table: TableSpec, d: AnyDetector, known: TableValues, table_scope: bool = False) -> _Plan:
@@ -275,6 +283,7 @@ def _plan(table: TableSpec, d: AnyDetector, known: TableValues, table_scope: boo
         population_writes=s.population_writes,
         regime=regime,
         keep_write=s.learned or regime > 0,
+        traffic=d.table_traffic(),
     )
 
 
@@ -303,6 +312,24 @@ def compile_table(spec: TableSpec) -> _Table:
     )
 
 
+def _traffics(tab: _Table) -> list[tuple[int, str, TableTraffic]]:
+    """The table's traffic counts (rhythm), by plan: part of its table checkpoint."""
+    return [(i, p.name, p.traffic) for i, p in enumerate(tab.plans) if p.traffic is not None]
+
+
+def _traffic_n(tab: _Table) -> int:
+    return sum(p.traffic.n for p in tab.plans if p.traffic is not None)
+
+
+def _restore_traffics(tab: _Table, traffics: list[tuple[int, str, TableTraffic]]) -> None:
+    """Take a table checkpoint's traffic counts for the plans that still have the same name and bucket width."""
+    for i, pname, traffic in traffics:
+        if i < len(tab.plans) and tab.plans[i].name == pname:
+            mine = tab.plans[i].traffic
+            if mine is not None and isinstance(traffic, TableTraffic) and traffic.width == mine.width:
+                tab.plans[i].traffic = traffic
+
+
 def _store_key(key: tuple[str, str]) -> str:
     return f"{key[0]}\x1f{key[1]}"
 
@@ -317,6 +344,8 @@ def _detached(st: _AgentState, tab: _Table) -> _AgentState:
             det.known = None  # type: ignore[assignment]
         elif isinstance(det, ZScore):
             det.prior = None
+        elif isinstance(det, Rhythm):
+            det.table = None
     return st
 
 
@@ -520,7 +549,7 @@ class Engine:
     def table_version(self, name: str) -> int:
         """Grows whenever the table's shared models learn: a table checkpoint is due when it has changed."""
         tab = self.tables[name]
-        return sum(p.population_n[0] for p in tab.plans) + tab.known.n
+        return sum(p.population_n[0] for p in tab.plans) + tab.known.n + _traffic_n(tab)
 
     def table_checkpoint(self, name: str) -> bytes:
         """The table's population models and categorical values (what every agent's model set links to)."""
@@ -530,7 +559,10 @@ class Engine:
             for i, p in enumerate(tab.plans)
             if p.population is not None
         ]
-        return pickle.dumps((pops, tab.known, tab.last_us), protocol=5)
+        # The traffic counts (rhythm) only where the table has them: without, the blob is what older workers read.
+        traffics = _traffics(tab)
+        state = (pops, tab.known, tab.last_us, traffics) if traffics else (pops, tab.known, tab.last_us)
+        return pickle.dumps(state, protocol=5)
 
     def restore_table(self, name: str, blob: bytes) -> bool:
         """Take a table checkpoint's population models and values if this engine's are colder (it has learned
@@ -538,8 +570,10 @@ class Engine:
         tab = self.tables.get(name)
         if tab is None or any(k[0] == name for k in self.states):
             return False
-        pops, known, last_us = pickle.loads(blob)  # noqa: S301 - a verified checkpoint of this code (preload)
+        pops, known, last_us, *rest = pickle.loads(blob)  # noqa: S301 - a verified checkpoint of this code (preload)
+        traffics: list[tuple[int, str, TableTraffic]] = rest[0] if rest else []  # none in older checkpoints
         theirs = sum(n for _, _, _, n, _, _ in pops) + known.n if isinstance(known, TableValues) else -1
+        theirs += sum(t.n for _, _, t in traffics)
         if theirs <= self.table_version(name):
             return False
         for i, pname, pop, n, first, seen in pops:
@@ -549,6 +583,7 @@ class Engine:
             if plan.population is None or type(pop) is not type(plan.population):
                 continue
             plan.population, plan.population_n[0], plan.population_first_us, plan.population_seen = pop, n, first, seen
+        _restore_traffics(tab, traffics)
         for attr in TableValues.__slots__:
             setattr(tab.known, attr, getattr(known, attr))  # in place: the plans' factories hold this object
         tab.last_us = max(tab.last_us, last_us)

@@ -8,6 +8,7 @@ key and the transaction id. Each detector reads the fields its idea needs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import statistics
@@ -1554,3 +1555,434 @@ writes); at that share, 5 or more in 55 writes has a chance of 3.2e-09
             f"of {p:.1e}"
         )
         return [Contribution(f"{op}_per_{self.window:g}s", float(k), 0.0, float(high), None, text=text)]
+
+
+def negative_binomial_tail(k: int, mean: float, shape: float) -> float:
+    """P(X >= k) for a count X whose rate is Gamma-distributed: Negative-Binomial with this ``mean`` and ``shape``
+    (variance ``mean + mean² / shape``; a large shape is Poisson).
+
+    Summed from ``k`` upwards, term by term (the ratio of consecutive terms is exact), until they no longer matter;
+    called only for counts above the mean, where they fall geometrically.
+
+    >>> f"{negative_binomial_tail(12, 0.5, 1e9):.1e}"   # Poisson(0.5): 12 or more
+    '3.2e-13'
+    >>> f"{negative_binomial_tail(12, 0.5, 3.0):.1e}"   # the same mean with a rate that swings
+    '5.0e-09'
+    >>> negative_binomial_tail(0, 4.0, 2.0)
+    1.0
+    """
+    if k <= 0:
+        return 1.0
+    if mean <= 0:
+        return 0.0
+    q = mean / (mean + shape)  # the chance of one more write, in the Negative-Binomial's own terms
+    lg = math.lgamma
+    log_pmf = lg(k + shape) - lg(shape) - lg(k + 1) + shape * math.log1p(-q) + k * math.log(q)
+    if log_pmf < -745:
+        return 0.0
+    term = math.exp(log_pmf)
+    total = term
+    j = k
+    while j < k + 100_000:
+        term *= (j + shape) / (j + 1) * q
+        total += term
+        j += 1
+        if term < total * 1e-9:
+            break
+    return min(total, 1.0)
+
+
+def negative_binomial_quantile(level: float, mean: float, shape: float) -> int:
+    """The smallest count whose cumulative chance reaches ``level``: the top of the usual range of a count.
+
+    >>> negative_binomial_quantile(0.999, 0.5, 1e9), negative_binomial_quantile(0.999, 10.0, 4.0)
+    (4, 37)
+    """
+    if mean <= 0:
+        return 0
+    q = mean / (mean + shape)
+    term = math.exp(shape * math.log1p(-q))
+    total, j = term, 0
+    while total < level and j < 1_000_000:
+        term *= (j + shape) / (j + 1) * q
+        total += term
+        j += 1
+    return j
+
+
+def _ring_sum(c: array[int], lo: int, hi: int) -> int:
+    """The sum of ring buckets ``lo`` to ``hi`` (indices that wrap around ``len(c)``), in slices rather than a loop."""
+    nb, n = len(c), hi - lo + 1
+    if n <= 0:
+        return 0
+    if n >= nb:
+        return sum(c)
+    a, b = lo % nb, hi % nb
+    if n == 2:
+        return c[a] + c[b]
+    return sum(c[a : b + 1]) if a <= b else sum(c[a:]) + sum(c[: b + 1])
+
+
+class TableTraffic:
+    """A table's writes per bucket of commit time, over all its agents, and its usual count per bucket at each hour
+    of the day (UTC): how busy the table is now relative to its own usual at this hour.
+
+    One instance per table, shared by the agents' ``Rhythm`` detectors: each adds its agent's writes, so the table
+    sees them all. It keeps the last day of buckets (the counts an agent's closing bucket is compared with) and 24
+    slowly moving means. Memory: about 1.3 KB per table at 5-minute buckets.
+
+    >>> tt = TableTraffic(bucket=300.0)
+    >>> for day in range(3):                        # 10 writes in each 5 minutes, around the clock
+    ...     for i in range(2880):
+    ...         tt.add(day * 86_400 + i * 30.0)
+    >>> tt.usual(3 * 86_400 + 7200.0)
+    10.0
+    >>> for i in range(30):                         # then 30 in 5 minutes: three times as busy
+    ...     tt.add(3 * 86_400 + 7200.0 + i * 10.0)
+    >>> t = 3 * 86_400 + 7_290.0
+    >>> tt.count(t // 300, 1), tt.busy(t, 1, 0, 300.0)   # 30 in this bucket, 10 usual: (30 + 10) / (10 + 10)
+    (30, 2.0)
+    """
+
+    __slots__ = ("_counts", "_head", "_usual", "_usual_n", "alpha", "n", "width")
+
+    def __init__(self, bucket: float = 300.0, memory_days: float = 7.0) -> None:
+        self.width = bucket
+        self.alpha = 1.0 / max(memory_days, 1e-9)  # per day: one update per bucket of each hour, each day
+        nb = max(math.ceil(86_400 / bucket), 1)
+        self._counts = array("I", bytes(4 * nb))
+        self._head: int | None = None  # index of the newest bucket
+        self._usual = array("f", bytes(4 * 24))  # mean count per bucket, by hour of the day
+        self._usual_n = array("I", bytes(4 * 24))  # closed buckets at that hour, for the plain mean at first
+        self.n = 0
+
+    def _hour(self, idx: int) -> int:
+        return int(idx * self.width % 86_400 // 3_600)
+
+    def _advance(self, idx: int) -> None:
+        """Move the newest bucket to ``idx``: the buckets closed on the way join their hour's usual count."""
+        head = self._head
+        if head is None:
+            self._head = idx
+            return
+        gap = idx - head
+        if gap <= 0:
+            return
+        c, nb, usual, seen = self._counts, len(self._counts), self._usual, self._usual_n
+        step = self.alpha * self.width / 3_600  # one update per bucket, so a day of an hour is 3600/width of them
+        for b in range(head, head + min(gap, nb)):
+            count = c[b % nb] if b == head else 0  # the buckets after the head were never written: quiet ones
+            h = self._hour(b)
+            n = seen[h] = min(seen[h] + 1, 1_000_000)
+            usual[h] += max(step, 1.0 / n) * (count - usual[h])
+        for b in range(head + 1, head + min(gap, nb) + 1):
+            c[b % nb] = 0
+        self._head = idx
+
+    def add(self, t: float) -> None:
+        self.n += 1
+        idx = int(t // self.width)
+        self._advance(idx)
+        head = self._head if self._head is not None else idx
+        nb = len(self._counts)
+        if idx > head - nb:  # a late write within the last day counts in its own bucket; an older one is dropped
+            self._counts[idx % nb] += 1
+
+    def count(self, idx: float, buckets: int) -> int:
+        """Writes in the ``buckets`` buckets that end with bucket ``idx`` (as far as the last day reaches)."""
+        i = int(idx)
+        head = self._head
+        if head is None:
+            return 0
+        return _ring_sum(self._counts, max(i - buckets + 1, head - len(self._counts) + 1), min(i, head))
+
+    def usual(self, t: float) -> float | None:
+        """The table's usual writes per bucket at the hour of ``t``, once that hour has closed a bucket on a previous
+        day (a day's worth of buckets) ; None before."""
+        h = int(t % 86_400 // 3_600)
+        per_day = 3_600 / self.width
+        return float(self._usual[h]) if self._usual_n[h] >= per_day else None
+
+    def busy(self, t: float, buckets: int, own: int, span: float, slack: float = 10.0) -> float:
+        """How many times busier than usual at this hour the table's other agents are in the ``buckets`` buckets up
+        to ``t`` (``own``: the agent's own writes there, left out so that its burst does not excuse itself), over
+        ``span`` seconds; ``slack`` writes on both sides keep a quiet table's noise from moving it. Never below 1:
+        a quiet fleet does not make an agent's usual count suspect, and a worker that sees fewer partitions of the
+        table than it used to does not raise every agent's score."""
+        usual = self.usual(t)
+        if usual is None:
+            return 1.0
+        others = self.count(t // self.width, buckets) - own
+        expected = usual * span / self.width
+        return max(1.0, (others + slack) / (expected + slack))
+
+
+@functools.cache
+def _rhythm_windows(windows: tuple[float, ...]) -> tuple[tuple[float, ...], float, tuple[int, ...]]:
+    """(windows in order, bucket width, buckets per window): one tuple for all the agents of a spec."""
+    ordered = tuple(sorted(windows))
+    width = ordered[0] / 2
+    return ordered, width, tuple(max(2, round(w / width)) for w in ordered)
+
+
+class Rhythm:
+    """An agent's writes in a short and a long window against what this agent does at this hour of the day, scaled
+    by how busy its table is now: a burst is judged against the agent's own rhythm while the fleet is as busy as it
+    is.
+
+    ``Volume`` compares a window with a baseline whose variance absorbs the daily cycle, so a low-rate agent's
+    10-minute burst hides in it, and a fleet-wide peak (a sale) looks like a burst of every agent. Here the agent's
+    rate is learned per hour of the day (UTC), in writes per second of its past 5-minute buckets, each divided by
+    how busy the table's other agents were then relative to their usual at that hour (``TableTraffic``, shared by
+    the table's agents). A window's count, this write included, is judged against that rate (the highest of this
+    hour and its two neighbours, so that a job a few minutes early or late is still its own habit) times the
+    window's span times how busy the table's other agents are now (never below 1). The count's chance is a
+    Negative-Binomial upper tail: the rate's own uncertainty (its Gamma posterior, from the writes behind it) and
+    the agent's ordinary swing from one day to the next (``dispersion``, a Gamma shape: 4 is about +-50%) widen it.
+    Scored as ``OpHabit`` is, ``L / (L + L*)`` with ``L = -log10 p`` and ``L* = -log10(p_value)``: 0.5 at
+    ``p_value``. Judged once the agent's first write is ``warmup`` seconds old, from ``min_count`` writes in the
+    window. A window no more than ``PEAK_MARGIN`` (2) times the agent's biggest at this hour on previous days is
+    its habit, whatever the rate says: a nightly job that runs in 20 minutes of an hour, whose hour's rate spreads
+    it over the hour. The windows' buckets are half the short window wide, so a window covers between half and all
+    of its length, and is judged over the part it covers. The counts are plain sums in a float32 array rather than
+    River's ``stats``: 170 of them per agent (rates and peaks by hour) would be about 27 KB as River EWMeans.
+    Memory: the windows' buckets and that array, about 1.3 KB per agent.
+
+    >>> table = TableTraffic(bucket=300.0)
+    >>> quiet, busy = Rhythm(warmup=86_400, table=table), Rhythm(warmup=86_400, table=table)
+    >>> for i in range(3 * 288):                      # 3 days: a quiet agent writes once in 10 minutes ...
+    ...     t = i * 300.0
+    ...     if i % 2 == 0:
+    ...         quiet.learn_one(Write(t=t + 7.0))
+    ...     for j in range(10):                       # ... among the rest of the fleet's 10 writes in 5 minutes
+    ...         busy.learn_one(Write(t=t + 30.0 * j))
+    >>> t = 3 * 86_400.0 + 12 * 3_600
+    >>> scores = []
+    >>> for i in range(20):                           # then 20 writes in 10 minutes: x20
+    ...     w = Write(t=t + 30.0 * i)
+    ...     scores.append(round(quiet.score_one(w), 2)); quiet.learn_one(w)
+    >>> scores.index(next(s for s in scores if s >= 0.5)) + 1   # the write that passes p_value (1e-6)
+    11
+    >>> print(quiet.explain(Write(t=t + 590.0))[0].text)
+    21 writes in the last 10 minutes (usually 0 to 6 at this hour); a chance of 7.2e-12
+    """
+
+    __slots__ = (
+        "_counts",
+        "_first",
+        "_head",
+        "_s",
+        "dispersion",
+        "memory_days",
+        "min_count",
+        "n",
+        "p_value",
+        "prior_seconds",
+        "spans",
+        "table",
+        "warmup",
+        "width",
+        "windows",
+    )
+
+    SLACK = 10.0  # writes added to both sides of the table's busy ratio (TableTraffic.busy)
+    # A window within twice the agent's biggest at this hour on previous days is its habit (a job's night-to-night
+    # swing of x2 included), whatever the hour's rate says.
+    PEAK_MARGIN = 2.0
+    _RC, _RS, _ALL, _DAY, _PEAK = 0, 24, 48, 50, 74  # offsets in the state array
+
+    def __init__(
+        self,
+        windows: tuple[float, ...] = (600.0, 3600.0),
+        warmup: float = 86_400.0,
+        p_value: float = 1e-6,
+        dispersion: float = 4.0,
+        min_count: int = 5,
+        prior_seconds: float = 1_800.0,
+        memory_days: float = 7.0,
+        table: TableTraffic | None = None,
+    ) -> None:
+        self.windows, self.width, self.spans = _rhythm_windows(tuple(windows))
+        self.warmup = warmup
+        self.p_value = p_value
+        self.dispersion = dispersion
+        self.min_count = min_count
+        self.prior_seconds = prior_seconds
+        self.memory_days = memory_days
+        self.table = table  # the engine links its table's one instance (None: judged as if the table were steady)
+        self._counts = array("I", bytes(4 * max(self.spans)))  # the agent's writes per bucket, a ring
+        self._head: int | None = None
+        # One flat float32 array (as DailyProfile): per hour of the day, the agent's writes (each divided by how busy
+        # its table was) at _RC and bucket seconds at _RS, both fading by memory_days; the same over all hours at
+        # _ALL, the prior of an hour not yet seen. Then per hour the day of its peaks (_DAY), and per window and
+        # hour the most writes the agent had in that window at that hour on previous days (_PEAK, fading by
+        # memory_days a day) and today so far (after those): a job that runs in a few minutes of one hour is a
+        # habit of that hour, not a burst, although the hour's rate spreads it out.
+        self._s = array("f", bytes(4 * (self._PEAK + 48 * len(self.spans))))
+        self._first: float | None = None
+        self.n = 0
+
+    def _note_peaks(self, b: int) -> None:
+        """Bucket ``b``, the newest, is over: each window that ends with it may be today's peak of its hour."""
+        c, width = self._counts, self.width
+        h, day = int(b * width % 86_400 // 3_600), int(b * width // 86_400)
+        self._fold(h, day)
+        for j, m in enumerate(self.spans):
+            count = _ring_sum(c, b - m + 1, b)
+            i = self._PEAK + 24 * (len(self.spans) + j) + h
+            if count > self._s[i]:
+                self._s[i] = count
+
+    def _fold(self, h: int, day: int) -> None:
+        """A new day for hour ``h``: yesterday's peaks join the previous days'."""
+        st = self._s
+        if st[self._DAY + h] >= day:
+            return
+        keep = 1.0 - 1.0 / max(self.memory_days, 1.0)
+        nw = len(self.spans)
+        for j in range(nw):
+            prev, now = self._PEAK + 24 * j + h, self._PEAK + 24 * (nw + j) + h
+            st[prev], st[now] = max(st[prev] * keep, st[now]), 0.0
+        st[self._DAY + h] = day
+
+    def _peak(self, j: int, t: float) -> float:
+        """The most writes in window ``j`` at this hour or its neighbours on previous days."""
+        h, day = int(t % 86_400 // 3_600), int(t // 86_400)
+        best = 0.0
+        for k in (h - 1, h, (h + 1) % 24):
+            self._fold(k % 24, day)
+            best = max(best, self._s[self._PEAK + 24 * j + k % 24])
+        return best
+
+    def _close(self, b: int, count: int) -> None:
+        """Bucket ``b`` of the agent is over with ``count`` writes: it joins its hour's rate."""
+        busy = 1.0
+        table = self.table
+        if count and table is not None and table.width == self.width:
+            usual = table.usual(b * self.width)
+            if usual is not None:
+                others = table.count(b, 1) - count
+                busy = max(1.0, (others + self.SLACK) / (usual + self.SLACK))
+        x, width = count / busy, self.width
+        h = int(b * width % 86_400 // 3_600)
+        fade = 1.0 - width / (3_600 * self.memory_days)  # about 12 buckets of an hour a day, over memory_days
+        st, fade_all = self._s, 1.0 - width / (86_400 * self.memory_days)
+        st[h] = st[h] * fade + x
+        st[self._RS + h] = st[self._RS + h] * fade + width
+        st[self._ALL] = st[self._ALL] * fade_all + x
+        st[self._ALL + 1] = st[self._ALL + 1] * fade_all + width
+
+    def _advance(self, t: float) -> int:
+        idx = int(t // self.width)
+        head = self._head
+        if head is None:
+            self._head = idx
+            return idx
+        gap = idx - head
+        if gap > 0:
+            self._note_peaks(head)
+            c, nb = self._counts, len(self._counts)
+            # Buckets that leave the ring are closed; after a long silence, a day of quiet buckets at most.
+            quiet = min(gap, int(86_400 // self.width))
+            for b in range(head - nb + 1, head - nb + 1 + min(gap, nb)):
+                self._close(b, c[b % nb])
+                c[b % nb] = 0
+            for b in range(head + 1, head + 1 + max(quiet - nb, 0)):
+                self._close(b, 0)
+            self._head = idx
+        return idx
+
+    def _rate(self, t: float) -> tuple[float, float]:
+        """(writes per second, Gamma shape of that rate) at the hour of ``t``: the busiest of it and its neighbours."""
+        st = self._s
+        c_all, s_all = st[self._ALL], st[self._ALL + 1]
+        prior = c_all / s_all if s_all > 0 else 0.0
+        h = int(t % 86_400 // 3_600)
+        best = (0.0, 0.0)
+        for j in (h - 1, h, (h + 1) % 24):
+            shape = st[self._RC + j] + prior * self.prior_seconds
+            rate = shape / (st[self._RS + j] + self.prior_seconds)
+            if rate > best[0]:
+                best = (rate, shape)
+        return best
+
+    def _judge(self, w: Write) -> list[tuple[float, int, float, float, float, float, bool]]:
+        """Per window: (span seconds, count with ``w``, expected mean, NB shape, table's busy factor, tail p, within
+        the agent's habit at this hour); empty before the warm-up. A window whose count is well within its usual
+        gets p = 1 (not computed)."""
+        t = w.t
+        if self._first is None or t - self._first < self.warmup:
+            return []  # learn_one moves the buckets on meanwhile
+        idx = self._advance(t)
+        rate, shape = self._rate(t)
+        r = 1.0 / (1.0 / max(shape, 1e-9) + 1.0 / self.dispersion)
+        c = self._counts
+        table = self.table if self.table is not None and self.table.width == self.width else None
+        out = []
+        for j, m in enumerate(self.spans):
+            own = _ring_sum(c, idx - m + 1, idx)
+            k = own + 1
+            span = t - (idx - m + 1) * self.width
+            busy = table.busy(t, m, own, span, self.SLACK) if table is not None else 1.0
+            mean = rate * span * busy
+            p, habit = 1.0, False
+            if k >= self.min_count and k > mean * (1 + 2 / math.sqrt(r)) + 2:
+                p = negative_binomial_tail(k, mean, r)
+                habit = p < self.p_value and self._habit(j, t, k, span, busy)
+            out.append((span, k, mean, r, busy, p, habit))
+        return out
+
+    def _habit(self, j: int, t: float, k: int, span: float, busy: float) -> bool:
+        """Whether a window that stands out from the hour's rate is still within this agent's habit at this hour:
+        no more than ``PEAK_MARGIN`` times its biggest such window at this hour on previous days (for the part of
+        the window it covers, and as busy as the table is). A job that runs in a few minutes of one hour is such a
+        habit, though the hour's rate spreads it over the hour; an ordinary agent's peaks are its rate's noise, a
+        few writes, and hardly move the count at which its bursts alert."""
+        peak = self._peak(j, t)
+        return k <= self.PEAK_MARGIN * peak * min(span / self.windows[j], 1.0) * busy
+
+    def score_one(self, w: Write) -> float:
+        judged = self._judge(w)
+        if not judged:
+            return 0.0
+        p = min(1.0 if j[6] else j[5] for j in judged)
+        if p >= 1.0:
+            return 0.0
+        surprise = -math.log10(max(p, 1e-300))
+        return surprise / (surprise - math.log10(self.p_value))
+
+    def learn_one(self, w: Write) -> None:
+        self.n += 1
+        if self._first is None:
+            self._first = w.t
+        idx = int(w.t // self.width)
+        if idx != self._head:
+            self._advance(w.t)
+        head = self._head if self._head is not None else idx
+        nb = len(self._counts)
+        # A late write older than the ring still counts in its oldest bucket, as WindowCounter does.
+        slot = idx if idx > head - nb else head - nb + 1
+        self._counts[slot % nb] += 1
+        if self.table is not None:
+            self.table.add(w.t)
+
+    def explain(self, w: Write) -> list[Contribution]:
+        judged = self._judge(w)
+        if not judged:
+            return []
+        out = []
+        ranked = sorted(zip(self.windows, judged, strict=True), key=lambda j: (j[1][6], j[1][5]))
+        for window, (span, k, mean, r, busy, p, habit) in ranked:
+            if p == 1.0:
+                p = negative_binomial_tail(k, mean, r)
+            lo, hi = negative_binomial_quantile(0.001, mean, r), negative_binomial_quantile(0.999, mean, r)
+            minutes = max(round(span / 60), 1)
+            fleet = f" with the table {busy:.1f}x as busy as usual" if busy >= 1.05 else ""
+            text = (
+                f"{num(k)} writes in the last {num(minutes)} minutes (usually {num(lo)} to {num(hi)} at this hour"
+                f"{fleet}); a chance of {p:.1e}"
+            )
+            if habit:
+                text += ", but no more than twice its biggest at this hour on previous days (its habit)"
+            out.append(Contribution(f"writes_per_{window:g}s", float(k), float(lo), float(hi), None, text=text))
+        return out

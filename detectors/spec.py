@@ -24,8 +24,10 @@ from detectors.models import (
     OpHabit,
     OpMix,
     RateCeiling,
+    Rhythm,
     RiverModel,
     Rule,
+    TableTraffic,
     TableValues,
     Volume,
     ZScore,
@@ -174,6 +176,10 @@ class _DetectorBase(Strict):
 
     def table_wide(self) -> Self | None:
         """The table-wide twin of this detector (one instance over all agents), when it has a table limit."""
+        return None
+
+    def table_traffic(self) -> TableTraffic | None:
+        """The table's shared traffic counts that this kind's detectors judge against (one per table), if any."""
         return None
 
 
@@ -583,6 +589,77 @@ class OpHabitSpec(_DetectorBase):
         return Scoring(threshold=0.5, debounce=self.debounce, learns=True, learning=self.learning)
 
 
+class RhythmSpec(_DetectorBase):
+    """An agent's writes in a short and a long window against what this agent does at this hour of the day, scaled
+    by how busy its table is now relative to its usual at this hour: a low-rate agent's 10-minute burst stands out,
+    a fleet-wide peak (a sale) does not. ``volume``'s hourly baseline absorbs the daily cycle and misses the first,
+    and fires on the second."""
+
+    kind: Literal["rhythm"] = "rhythm"
+    windows_seconds: tuple[float, ...] = Field(
+        (600.0, 3600.0),
+        min_length=1,
+        description="The windows whose counts are judged, each on its own: a short one alerts within a burst, a "
+        "long one sees a steadier excess. They are counted in buckets half the shortest wide, so each covers "
+        "between half and all of its length (judged over what it covers).",
+    )
+    warmup_seconds: float = Field(
+        86_400.0, ge=0, description="Commit time since the agent's first write before it may alert: a day's rhythm."
+    )
+    p_value: float = Field(
+        1e-6,
+        gt=0,
+        lt=1,
+        description="Anomalous when a window's count has a smaller chance than this at the agent's usual rate for "
+        "this hour and the table's current busyness (score 0.5 at it).",
+    )
+    dispersion: float = Field(
+        4.0,
+        gt=0,
+        description="The agent's ordinary swing from one day to the next at the same hour, as a Gamma shape on its "
+        "rate: 4 is about +-50% (a benign doubling for an hour stays far from p_value); larger is stricter.",
+    )
+    min_count: int = Field(5, ge=1, description="Writes in a window before its count is judged.")
+    prior_seconds: float = Field(
+        1_800.0,
+        gt=0,
+        description="Weight, in seconds of history, of the agent's rate over all hours in an hour's own rate: an "
+        "hour seen little borrows the agent's day.",
+    )
+    memory_days: float = Field(7.0, gt=0, description="How many days of an hour's history its rate mostly reflects.")
+    severity: Severity = "warning"
+    debounce: Debounce = Debounce(k=1, n=16)
+    learning: Learning | None = Field(None, description="This detector's learning period (default: the table's).")
+
+    @field_validator("windows_seconds")
+    @classmethod
+    def _windows(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(w <= 0 for w in v):
+            raise ValueError("windows_seconds must be positive")
+        if max(v) > 288 * min(v) / 2:
+            raise ValueError("the longest window may span at most 288 buckets of half the shortest")
+        return v
+
+    def build(self, table: TableSpec, known: TableValues) -> Detector:
+        # The engine links the table's one TableTraffic (table_traffic) into every agent's detector.
+        return Rhythm(
+            self.windows_seconds,
+            self.warmup_seconds,
+            self.p_value,
+            self.dispersion,
+            self.min_count,
+            self.prior_seconds,
+            self.memory_days,
+        )
+
+    def table_traffic(self) -> TableTraffic | None:
+        return TableTraffic(min(self.windows_seconds) / 2, self.memory_days)
+
+    def scoring(self) -> Scoring:
+        # It learns every write (counts need no features); its own warm-up is in commit time.
+        return Scoring(threshold=0.5, debounce=self.debounce, learns=True, learning=self.learning)
+
+
 class Condition(Strict):
     """``field <op> value``; ``field`` is a feature or a categorical column."""
 
@@ -622,6 +699,7 @@ AnyDetector = (
     | VolumeSpec
     | OpMixSpec
     | OpHabitSpec
+    | RhythmSpec
 )
 DetectorSpec = Annotated[AnyDetector, Field(discriminator="kind")]
 # Every detector kind, from the union above: the config's error messages need them.

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from detectors.spec import OpBurstSpec, RateSpec, ZScoreSpec
+from detectors.spec import OpBurstSpec, RateSpec, RhythmSpec, ZScoreSpec
 from stream import cli
 from stream.config import EXAMPLE_CONFIG, ConfigError, client_settings, load_config, parse_config
 
@@ -41,7 +41,8 @@ def test_example_config_loads():
     assert cfg.worker.metrics.port == 9464
 
     refunds, orders = cfg.tables
-    z, rate, burst = refunds.detectors
+    z, rate, burst, rhythm = refunds.detectors
+    assert isinstance(rhythm, RhythmSpec) and rhythm.windows_seconds == (600.0, 3600.0)
     assert isinstance(z, ZScoreSpec) and (z.threshold, z.warmup, z.debounce.k, z.debounce.n) == (0.6, 30, 2, 4)
     assert isinstance(rate, RateSpec) and (rate.max_events, rate.window_seconds) == (1200, 60.0)
     assert isinstance(burst, OpBurstSpec) and burst.ops == ("d", "t") and burst.max_events == 20

@@ -130,9 +130,10 @@ def test_eviction_checkpoints_agents_and_restores_them_unchanged() -> None:
     assert "a7" in {f.agent_id for f in found_b}
 
 
-# Measured with this config: 1.7-1.9 KB per (table, agent) for 50 to 400 agents (the README says about 2 KB).
+# Measured with this config: 3.9-4.0 KB per (table, agent) at 200 agents, 1.3 KB of it rhythm's (the README says
+# about 4 KB).
 KB = 1024
-PER_AGENT_LOW, PER_AGENT_HIGH = 1 * KB, 4 * KB
+PER_AGENT_LOW, PER_AGENT_HIGH = 2 * KB, 6 * KB
 
 
 def test_default_detectors_take_about_2_kb_per_agent_and_table() -> None:
@@ -153,7 +154,7 @@ def test_default_detectors_take_about_2_kb_per_agent_and_table() -> None:
     per_agent = grown / len(engine.states)
     print(f"bytes per (table, agent) with the example config: {per_agent:,.0f}")
     assert PER_AGENT_LOW <= per_agent <= PER_AGENT_HIGH, (
-        f"{per_agent:,.0f} bytes per (table, agent); the README says about 2 KB: update it if this moved"
+        f"{per_agent:,.0f} bytes per (table, agent); the README says about 4 KB: update it if this moved"
     )
 
 

@@ -12,6 +12,8 @@ from detectors.models import (
     OpBurstCeiling,
     OpMix,
     RateCeiling,
+    Rhythm,
+    TableTraffic,
     TableValues,
     Volume,
     ZScore,
@@ -79,6 +81,30 @@ def test_volume_gives_the_usual_ceiling_in_writes() -> None:
     for i in range(80):
         v.learn_one(Write(t=31 * 60.0 + i * 0.5))
     assert summarize(v.explain(Write(t=31 * 60.0 + 41))[0]) == "81 writes in 60 s (usually up to 11)"
+
+
+def test_rhythm_gives_the_count_its_usual_range_at_this_hour_and_how_busy_the_table_is() -> None:
+    table = TableTraffic(bucket=300.0)
+    quiet, fleet = Rhythm(table=table), Rhythm(table=table)
+    for i in range(2 * 288):  # two days: the quiet agent writes once in 10 minutes, the fleet 10 times in 5
+        t = i * 300.0
+        if i % 2 == 0:
+            quiet.learn_one(Write(t=t + 7.0))
+        for j in range(10):
+            fleet.learn_one(Write(t=t + 30.0 * j))
+    t = 2 * 86_400.0 + 9 * 3_600 + 60
+    for i in range(12):
+        quiet.learn_one(Write(t=t + 20.0 * i))
+    w = Write(t=t + 240.0)
+    assert summarize(quiet.explain(w)[0]) == (
+        "13 writes in the last 5 minutes (usually 0 to 4 at this hour); a chance of 4.5e-10"
+    )
+    for i in range(60):  # the rest of the table three times as busy
+        fleet.learn_one(Write(t=t + 4.0 * i))
+    assert summarize(quiet.explain(w)[0]) == (
+        "13 writes in the last 5 minutes (usually 0 to 9 at this hour with the table 3.4x as busy as usual); "
+        "a chance of 5.8e-05"
+    )
 
 
 def test_value_models_give_the_value_and_its_usual_range_in_the_columns_units() -> None:

@@ -120,7 +120,7 @@ def test_scores_file_lines_match_the_input(run):
         assert s["agent_id"] == row["agent_id"]
         assert s["table"] == f"{ev['source']['schema']}.{ev['source']['table']}"
         assert s["op"] == ev["op"]
-        assert s["detector"] in {"zscore", "rate", "op_burst", "op_habit"}  # the example config's detectors
+        assert s["detector"] in {"zscore", "rate", "op_burst", "op_habit", "rhythm"}  # the example config's
         assert 0.0 <= s["score"] <= 1.0
     # Every decodable line is scored (the guards always score), the bad and null lines are not.
     assert scored_lines == set(range(1, len(run.lines) + 1)) - {run.bad_line, run.tombstone_line}

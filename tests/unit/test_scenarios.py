@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 
 import orjson
@@ -219,3 +220,35 @@ def test_a_mid_stream_start_replays_only_the_events_after_it_and_reports_its_fir
     assert "quarantines (target 0)" in hour and "quarantines (target 0)" in day
     assert any("leaving their learning period" in line for line in out)
     assert not (tmp_path / "events-mid-stream.jsonl").exists()
+
+
+def test_short_burst_is_a_low_rate_agents_ten_minutes_at_x20_and_leaves_the_rest_of_the_stream_alone(small):
+    gen, events, labels = small
+    man = orjson.loads(gen.manifest.read_bytes())
+    (inc,) = [i for i in man["incidents"] if i["scenario"] == "short_burst"]
+    g = Generator(SMALL)
+    agent = next(a for a in g.agents if a.agent_id == inc["agent_id"])
+    peers = sorted(a.rate for a in g.agents if a.table == agent.table and a.start_s == 0.0)
+    assert agent.rate <= peers[len(peers) // 2]  # a quiet agent of its table
+    start, end = inc["start_us"], inc["start_us"] + 600_000_000
+    burst = [lab for lab in labels if lab.incident == "short_burst-1"]
+    assert burst and all(start <= lab.ts_us < end and lab.anomalous for lab in burst)
+    assert len(burst) >= inc["writes"] >= 19 * inc["usual_writes"] - 1  # x20 its usual for the hour
+    # every other event is what the fleet writes without the scenario: its extra inserts (their own ids) aside,
+    # the same rows at the same times (the envelopes' LSNs and transaction ids move on by its events)
+
+    class NoBurst(Generator):
+        def _plan_short_bursts(self) -> None:
+            self._rush_rng, self._rush_id = random.Random(0), 0
+
+    def rows(values):
+        out = []
+        for raw in values:
+            e = orjson.loads(raw)
+            if (e["after"] or {}).get("id", 0) < 95_000_000:
+                out.append((e["op"], e["before"], e["after"], e["source"]["ts_us"]))
+        return out
+
+    plain = [v for v, _ in NoBurst(SMALL).events()]
+    assert len(events) - len(plain) == inc["writes"]
+    assert rows(events) == rows(plain)
