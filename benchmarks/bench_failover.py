@@ -189,8 +189,12 @@ def start_pair(
     *,
     edit: Callable[[dict[str, Any]], None] | None = None,
     loglevel: str = "info",
+    message_partitions: int | None = None,
 ) -> Iterator[Pair]:
     """Start the survivor, wait until it alone holds every partition, then the victim, and wait for both.
+
+    ``message_partitions``: create Debezium's messages topic (worker.agent_messages.topic) with that many
+    partitions first, so that the ingest group assigns it from the start.
 
     The victim is the member that was not there before: Kafka keeps a member's id across rebalances.
     Both workers are stopped on exit (the victim, if still alive, with SIGTERM).
@@ -200,7 +204,11 @@ def start_pair(
     workdir.mkdir(parents=True, exist_ok=True)
     path = write_config(workdir, bootstrap, prefix, edit)
     cfg = load_config(path)
-    create_topics(bootstrap, {t.topic: 3 for t in cfg.tables})
+    topics = {t.topic: 3 for t in cfg.tables}
+    msgs = cfg.worker.agent_messages
+    if message_partitions is not None and msgs is not None:
+        topics[msgs.topic] = message_partitions
+    create_topics(bootstrap, topics)
     groups = Group(bootstrap, cfg.kafka.group_id), Group(bootstrap, ingest_group(cfg))
     procs: list[WorkerProcess] = []
     try:

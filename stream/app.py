@@ -40,11 +40,12 @@ from stream.checkpoints import Checkpointer
 from stream.config import Config, client_settings, make_engine
 from stream.enforce import Enforcer
 from stream.ingest import BulkIngest, decode_changes
+from stream.join import MessageJoiner
 from stream.logs import install as install_log_filters
 from stream.logs import kafka_logging, printable
 from stream.metrics import Metrics
 from stream.modelstore import ModelStore
-from stream.pipeline import Intake, build_alert, router_for
+from stream.pipeline import SKIP_PENDING, Intake, build_alert, router_for
 
 log = logging.getLogger("writeguard.worker")
 BATCH = 500
@@ -262,14 +263,30 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
     # Without the hop: the shared intake (stream.pipeline) collects, the Faust agent sends and scores.
     routed: list[Change] = []
     dead: list[tuple[str, str]] = []
-    intake = Intake(
-        router, routed.append, lambda reason: metrics.skipped.labels(reason).inc(), lambda *d: dead.append(d)
-    )
+    feeding_ts_ms = [0]  # the Kafka timestamp of the record being fed
+
+    def skipped(reason: str) -> None:
+        metrics.skipped.labels(reason).inc()
+        if reason == SKIP_PENDING and joiner is not None:
+            joiner.held(feeding_ts_ms[0])
+
+    intake = Intake(router, routed.append, skipped, lambda *d: dead.append(d))
+    # Every message, whichever member reads its partition in the group: the join of rows read here needs them.
+    joiner = MessageJoiner(cfg, router, message_topic) if message_topic and not cfg.worker.repartition else None
 
     async def ingest_one(event: Any) -> None:
         msg = event.message
+        ts = msg.timestamp  # Faust gives seconds
+        feeding_ts_ms[0] = int(ts * 1000) if isinstance(ts, float) else -1
         intake.feed(msg.topic, event.value, KafkaCoords(msg.topic, msg.partition, msg.offset))
         await drain(msg, event)
+
+    async def join_messages() -> None:
+        """The joiner's messages, then the rows they released; held rows expire only once it has read them all."""
+        assert joiner is not None
+        joiner.poll()
+        intake.release(time.time_ns() // 1000 if joiner.caught_up else None)
+        await drain()
 
     async def drain(msg: Any = None, event: Any = None) -> None:
         for reason, detail in dead:
@@ -314,8 +331,12 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
                     # A transaction's message (an agent's name, an undo's signature) is routed before the
                     # batch's rows, which it may concern. Each topic keeps its own order.
                     events = sorted(events, key=lambda e: e.message.topic != message_topic)
+                    if joiner is not None:
+                        joiner.poll()  # messages read by other members too, before the rows that need them
                 for event in events:
                     await ingest_one(event)
+                if joiner is not None:
+                    await join_messages()
 
     if cfg.worker.repartition:
 
@@ -355,9 +376,18 @@ def build_app(cfg: Config, engine: Engine, metrics: Metrics, *, datadir: str | N
                 await asyncio.sleep(0.2)
 
     if not cfg.worker.repartition:
+        if joiner is not None:
+
+            async def close_joiner(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+                joiner.close()
+
+            app.on_before_shutdown.connect(cast(Any, close_joiner))
 
         @app.timer(0.5)
         async def expire_held() -> None:
+            if joiner is not None:
+                await join_messages()
+                return
             intake.release(time.time_ns() // 1000)  # held rows are scored as unattributed, not dropped
             await drain()
 
