@@ -498,7 +498,8 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
     elif f.scope == "table":
         tops = ", ".join(f"{c.feature.removeprefix('agent ')} {c.value:g}" for c in f.contributions[1:])
         summary = f"{f.table}: all agents together: {summarize(top) if top else ''}; top agents: {tops}"
-    undo = undo_command(f) if f.quarantine else None
+    quarantined = f.quarantine or f.requarantine  # a repeat of the quarantining alert says so too
+    undo = undo_command(f) if quarantined else None
     if undo is not None:
         summary += f"; quarantined: plan its undo with `{undo}`"
     return Alert(
@@ -531,7 +532,7 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
         anomalous_events=len(f.triggers),
         agent_events=f.agent_events,
         actions=list(f.actions),
-        quarantined=f.quarantine,
+        quarantined=quarantined,
         learning=f.learning,
         undo_command=undo,
     )

@@ -10,7 +10,6 @@ guard-rails refusal alerted once, although both workers read them.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from pathlib import Path
@@ -23,45 +22,13 @@ from benchmarks.bench_failover import Pair, produce_all, start_pair
 from detectors.engine import UNATTRIBUTED, Change
 from stream.ingest import decode_changes
 from testbed.broker import LocalKafka
-from testbed.fleet import Fleet, Record
+from testbed.fleet import Fleet, logical_message, without_agent
 from tests.integration.conftest import read_topic
 
 pytestmark = pytest.mark.integration
 
 S = 1_000_000
 Out = tuple[str, int | None, bytes, bytes]
-
-
-def anonymous(rec: Record) -> tuple[bytes, int]:
-    """The row without its agent and run columns, and its transaction id."""
-    ev = orjson.loads(rec.value)
-    for image in (ev["before"], ev["after"]):
-        if image:
-            image["agent_id"] = image["run_id"] = None
-    return orjson.dumps(ev), ev["source"]["txId"]
-
-
-def message(prefix: str, tx: int, ts_us: int, content: bytes, msg_prefix: str = "writeguard") -> tuple[bytes, bytes]:
-    """A transactional logical decoding message as Debezium writes it (op m): key and value."""
-    source = {
-        "version": "3.6.1.Final",
-        "connector": "postgresql",
-        "name": prefix,
-        "ts_ms": ts_us // 1000,
-        "ts_us": ts_us,
-        "snapshot": "false",
-        "db": "shop",
-        "schema": "",
-        "table": "",
-        "txId": tx,
-    }
-    value = {
-        "op": "m",
-        "ts_ms": ts_us // 1000 + 3,
-        "source": source,
-        "message": {"prefix": msg_prefix, "content": base64.b64encode(content).decode()},
-    }
-    return orjson.dumps({"prefix": msg_prefix}), orjson.dumps(value)
 
 
 def alerts(pair: Pair) -> list[dict[str, Any]]:
@@ -118,11 +85,10 @@ def test_rows_are_joined_to_messages_read_by_the_other_worker(kafka: LocalKafka,
 
         def write(i: int, agent: Any, ts_us: int) -> None:
             rec = fleet.write(agent, ts_us)
-            value, tx = anonymous(rec)
+            value, tx = without_agent(rec.value)
             part = i % 3  # every partition of the table's topic: both workers' rows
-            key, msg = message(
-                pair.prefix, tx, ts_us, orjson.dumps({"agent_id": agent.agent_id, "run_id": agent.run_id})
-            )
+            content = orjson.dumps({"agent_id": agent.agent_id, "run_id": agent.run_id})
+            key, msg = logical_message(tx, ts_us, content, prefix=pair.prefix)
             row: Out = (rec.topic, part, rec.key, value)
             note: Out = (msgs.topic, 0, key, msg)
             # Either may reach its reader first: half the rows come before their message, half after.
@@ -134,7 +100,7 @@ def test_rows_are_joined_to_messages_read_by_the_other_worker(kafka: LocalKafka,
             write(i, fleet.agents[i % len(fleet.agents)], t0 + i * 250_000)
         # What only one worker may act on, though both read it: a bad message and a refusal of the guard rails.
         # Before the rogue's last rows: once both workers forwarded those, both joiners had read these.
-        bad_key, bad = message(pair.prefix, 99_999_001, t0 + 65 * S, b"{not json")
+        bad_key, bad = logical_message(99_999_001, t0 + 65 * S, b"{not json", prefix=pair.prefix)
         refusal = orjson.dumps(
             {
                 "v": 1,
@@ -146,7 +112,9 @@ def test_rows_are_joined_to_messages_read_by_the_other_worker(kafka: LocalKafka,
                 "at": "2026-03-01T12:00:00+00:00",
             }
         )
-        ref_key, ref = message(pair.prefix, 99_999_002, t0 + 65 * S, refusal, msg_prefix="writeguard.refused")
+        ref_key, ref = logical_message(
+            99_999_002, t0 + 65 * S, refusal, prefix=pair.prefix, message_prefix="writeguard.refused"
+        )
         batch += [(msgs.topic, 0, bad_key, bad), (msgs.topic, 0, ref_key, ref)]
         produce_all(pair.group.bootstrap, batch)
         # The models warm first: two ingest workers forward one agent's rows in their own batches, so a burst
