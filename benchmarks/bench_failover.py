@@ -65,7 +65,18 @@ class Group:
     group_id: str
 
     def __post_init__(self) -> None:
-        self._admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        self._client: AdminClient | None = None
+
+    @property
+    def _admin(self) -> AdminClient:
+        if self._client is None:
+            self._client = AdminClient({"bootstrap.servers": self.bootstrap})
+        return self._client
+
+    def close(self) -> None:
+        """Let go of the admin client while the broker is up: one still referenced when the process exits (by a
+        failed test's traceback) is destroyed after the broker stopped, and librdkafka's destroy then hangs."""
+        self._client = None
 
     def describe(self) -> tuple[str, dict[str, frozenset[TP]]]:
         """The group's state (``STABLE``, ``PREPARING_REBALANCE``, ...) and each member's assigned partitions."""
@@ -234,6 +245,8 @@ def start_pair(
     finally:
         for w in reversed(procs):
             stop_process(w.proc)
+        for g in groups:
+            g.close()
 
 
 def create_topics(bootstrap: str, topics: dict[str, int]) -> None:

@@ -33,6 +33,9 @@ from stream.pipeline import Router
 log = logging.getLogger("writeguard.join")
 
 BATCH = 1_000
+# Short waits on the broker: on the direct path (worker.repartition: false) these run on Faust's event loop.
+METADATA_TIMEOUT_S = 1.0
+POSITION_TIMEOUT_S = 2.0
 REFRESH_S = 10.0  # how often a messages topic that Debezium creates later (or more partitions) is looked for
 STALL_S = 30.0  # behind for longer (a broker that will not serve it): held rows expire as without a joiner
 
@@ -149,7 +152,7 @@ class MessageJoiner:
             return
         self._refresh_at = now + REFRESH_S
         try:
-            md = self.consumer.list_topics(self.topic, timeout=5)
+            md = self.consumer.list_topics(self.topic, timeout=METADATA_TIMEOUT_S)
         except KafkaException as e:
             log.debug("join: metadata of %s: %s", self.topic, printable(e))
             return
@@ -164,7 +167,7 @@ class MessageJoiner:
     def _assign(self, parts: list[int]) -> None:
         try:
             found = self.consumer.offsets_for_times(
-                [TopicPartition(self.topic, p, self.floor_ms) for p in parts], timeout=10
+                [TopicPartition(self.topic, p, self.floor_ms) for p in parts], timeout=POSITION_TIMEOUT_S
             )
         except KafkaException as e:  # the broker is away: try again at the next refresh
             log.warning("join: cannot position %s: %s", printable(self.topic), printable(e))

@@ -163,3 +163,50 @@ def test_rows_are_joined_to_messages_read_by_the_other_worker(kafka: LocalKafka,
         assert [a["agent_id"] for a in refusals] == ["refusal-agent"], refusals
         dead = [json.loads(v) for _, v, _, _ in read_topic(pair.group.bootstrap, pair.config.topics.dead_letter) if v]
         assert [d["reason"] for d in dead] == ["invalid_message"], dead
+
+
+def test_a_worker_started_after_its_backlog_finds_the_older_messages(kafka: LocalKafka, tmp_path: Path) -> None:
+    """Rows and messages written well before the worker starts (a restart, a takeover with a backlog): its reader
+    of the messages topic starts at its start time minus ``hold_s``, then moves back for the older rows it holds."""
+    import uuid
+
+    from stream.config import load_config
+    from testbed.process import spawn_worker
+    from tests.integration.conftest import Worker, make_config
+
+    prefix = f"j{uuid.uuid4().hex[:8]}"
+    cfg_path = make_config(tmp_path, kafka.bootstrap_servers, prefix, with_messages)
+    cfg = load_config(cfg_path)
+    msgs = cfg.worker.agent_messages
+    assert msgs is not None
+    kafka.create_topics({cfg.tables[0].topic: 3, cfg.tables[1].topic: 3, msgs.topic: 1})
+    fleet = Fleet(n_agents=4, seed=43, prefix=prefix)
+    batch: list[Out] = []
+    expected: dict[str, int] = {}
+    t0 = time.time_ns() // 1000 - 100 * S
+    for i, r in enumerate(fleet.stream(200, t0)):
+        value, tx = without_agent(r.value)
+        key, note = logical_message(tx, r.commit_ts_us, orjson.dumps({"agent_id": r.agent_id}), prefix=prefix)
+        batch += [(msgs.topic, 0, key, note), (r.topic, i % 3, r.key, value)]
+        expected[r.agent_id] = expected.get(r.agent_id, 0) + 1
+    produce_all(kafka.bootstrap_servers, batch)
+    time.sleep(msgs.hold_s + 1)  # what is being tested: messages older than a new reader's start minus hold_s
+    w = Worker(spawn_worker(cfg_path, tmp_path, loglevel="info"), cfg, cfg_path, kafka.bootstrap_servers, prefix)
+    try:
+        cdc = {t.topic for t in cfg.tables}
+
+        def forwarded() -> tuple[bool, dict[str, int]]:
+            got: dict[str, int] = {}
+            for _, v, _, _ in read_topic(w.bootstrap, cfg.topics.changes):
+                for c in decode_changes(v or b"[]"):
+                    if c.coords.topic in cdc:  # type: ignore[union-attr]
+                        got[c.agent_id] = got.get(c.agent_id, 0) + 1
+            return sum(got.values()) >= len(batch) // 2, got
+
+        deadline = time.monotonic() + 120
+        while not (seen := forwarded())[0]:
+            assert w.proc.poll() is None and time.monotonic() < deadline, (seen, w.process.log_tail())
+            time.sleep(0.5)
+        assert seen[1] == expected, seen[1]  # every row with its agent, none unattributed
+    finally:
+        w.process.stop()
