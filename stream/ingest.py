@@ -173,12 +173,14 @@ class BulkIngest:
         if not self._started:
             self.start()
         msgs = self.consumer.consume(self.batch, self.wait_s)
+        j = self.joiner
+        if j is not None:
+            j.poll()  # messages first (read by other members too): an undo's signature, the agents of these rows
         if msgs:
             self._route(msgs)
         now_us: int | None = time.time_ns() // 1000
-        j = self.joiner
         if j is not None:
-            j.poll()
+            j.poll()  # and what the rows just held need (it moves back for old ones)
             if not j.caught_up:
                 now_us = None  # a held row's message may be just behind: none expires until it is read
         self.intake.release(now_us)  # held rows are scored as unattributed, not dropped

@@ -8,7 +8,8 @@ topic, a second group and a second commit for every row without an agent column 
 every row). Messages are few (one per transaction at most), so instead every worker reads *every* message:
 :class:`MessageJoiner` is a consumer outside any group, manually assigned all partitions of the messages topic,
 that only feeds the router's join (:meth:`stream.pipeline.Router.join`). The group's reader of a messages
-partition (one member) still does everything else with its messages: dead letters, refusal and mismatch alerts.
+partition (one member) still does everything with its messages: the join too (twice is harmless), and what
+must happen once: dead letters, refusal and mismatch alerts.
 
 Where it starts: the messages that a held row may need have Kafka timestamps from about the row's own minus the
 hold on. It starts at its start time minus the hold (by ``offsets_for_times``) and moves back whenever a row
@@ -61,7 +62,6 @@ class MessageJoiner:
 
     def __init__(self, cfg: Config, router: Router, topic: str) -> None:
         self.router = router
-        router.external_join = True  # the group's reader of a message only checks it from now on
         # A row waits hold_s from when it was read: a backlog is old by commit time, its messages are not farther.
         router.arrival_clock = _now_us
         self.topic = topic

@@ -69,9 +69,10 @@ class Router:
     learned, never alerted on).
 
     With several workers a row and its transaction's message may be read by different members of the ingest group.
-    Then every member reads all of the messages topic for the join (:meth:`join`, from
-    :class:`stream.join.MessageJoiner`) and sets ``external_join``: a message read through the group is only
-    checked there (dead letters, refusal and mismatch alerts, from that one member), never joined twice.
+    Then every member also reads all of the messages topic for the join alone (:meth:`join`, from
+    :class:`stream.join.MessageJoiner`); the member that reads a message through the group does the rest with it
+    (dead letters, refusal and mismatch alerts: from that one member). A message joined twice (by both readers of
+    one member) changes nothing the second time.
     """
 
     __slots__ = (
@@ -86,7 +87,6 @@ class Router:
         "_undo_tx",
         "arrival_clock",
         "database_identity",
-        "external_join",
         "hold_s",
         "max_tx",
         "pending",
@@ -116,9 +116,8 @@ class Router:
         self.max_tx = max_tx  # transactions remembered and transactions held: bounded, whatever the input
         self._tx_agents: OrderedDict[str, tuple[str, str | None]] = OrderedDict()  # the join: txId -> agent, run
         # The database's identity per transaction as the checks saw it: a second one is a forged message. Apart from
-        # the join's, because with external_join the two are fed by different readers of the same messages.
+        # the join's, which :meth:`join` also feeds, from another reader of the same messages.
         self._tx_identity: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
-        self.external_join = False
         self.pending: OrderedDict[str, list[tuple[ChangeEvent, _Watched, Coords]]] = OrderedDict()
         self.ready: list[Change] = []
         self.arrival_clock: Callable[[], int] | None = None  # µs; None: rows wait by commit time
@@ -139,8 +138,6 @@ class Router:
             assert isinstance(ev, TransactionMarker)
             return SKIP_TRANSACTION
         if ev.op == "m":
-            if self.external_join:
-                return self._message(ev, coords, attribute=False)
             return self._message(ev, coords)
         hit = self._by_topic.get(topic) if topic is not None else None
         if hit is None:
@@ -189,7 +186,7 @@ class Router:
 
         Rows it concerns are released to ``ready``. Nothing else happens here: no dead letter, no alert, no count,
         since every member of the group reads every message this way and the group's reader of its partition
-        does the rest (:attr:`external_join`).
+        does the rest (:meth:`route`).
         """
         try:
             ev = decode(value)

@@ -172,9 +172,7 @@ def test_an_undo_message_without_a_valid_signature_exempts_nothing(body: dict[st
 
 
 def split_router(**kw: object) -> Router:
-    r = Router([SPEC], message_prefix="writeguard", hold_s=5.0, **kw)  # type: ignore[arg-type]
-    r.external_join = True  # as stream.join.MessageJoiner sets it
-    return r
+    return Router([SPEC], message_prefix="writeguard", hold_s=5.0, **kw)  # type: ignore[arg-type]
 
 
 def test_a_message_joined_by_another_reader_attributes_rows_read_here() -> None:
@@ -186,12 +184,12 @@ def test_a_message_joined_by_another_reader_attributes_rows_read_here() -> None:
     assert isinstance(out, Change) and out.agent_id == "a2"
 
 
-def test_the_group_reader_of_a_message_neither_joins_it_nor_releases_rows() -> None:
-    # Its rows are joined by the joiner of the same worker; the group path must not count it twice.
+def test_a_message_read_by_both_readers_of_one_worker_releases_its_rows_once() -> None:
     r = split_router()
     assert r.route("shop.public.refunds", row("c", 9, 1_000), ROW1) == SKIP_PENDING
-    assert r.route("shop.message", message(9, 1_000, {"agent_id": "a2"}), MSG) == SKIP_MESSAGE
-    assert r.ready == [] and list(r.pending) == ["9"]
+    assert r.route("shop.message", message(9, 1_000, {"agent_id": "a2"}), MSG) == SKIP_MESSAGE  # the group's
+    r.join(message(9, 1_000, {"agent_id": "a2"}), MSG)  # the joiner's
+    assert [(c.agent_id, c.coords) for c in r.ready] == [("a2", ROW1)] and not r.pending
 
 
 def test_only_the_group_reader_dead_letters_a_bad_message_and_alerts_a_refusal() -> None:
@@ -217,7 +215,7 @@ def test_only_the_group_reader_dead_letters_a_bad_message_and_alerts_a_refusal()
     assert [(c.op, c.agent_id, c.refused) for c in r.ready] == [("m", "x", "truncate: TRUNCATE")]
 
 
-def test_database_identity_checks_on_the_group_reader_and_joins_on_every_member() -> None:
+def test_database_identity_is_checked_by_the_group_reader_and_joined_on_every_worker() -> None:
     r = split_router(database_identity=True)
     trig = {"agent_id": "owner", "role": "owner", "table": "public.refunds"}
     forged = {"agent_id": "other", "role": "impostor", "table": "public.refunds"}
@@ -228,12 +226,18 @@ def test_database_identity_checks_on_the_group_reader_and_joins_on_every_member(
     assert r.route("shop.message", message(5, 7, forged), MSG) == SKIP_MESSAGE
     assert sorted((c.agent_id, c.claimed) for c in r.ready) == [("owner", "other"), ("owner", "victim")]
     r.ready.clear()
-    # The joiner of the same worker reads them too (before or after, whichever): attribution from the first
-    # identity only, no second mismatch.
-    assert r.route("shop.public.refunds", row("c", 5, 7), ROW1) == SKIP_PENDING
+    # The joiner of the same worker reads them too: no second mismatch, the first identity names the rows.
     for body in (claim, trig, forged):
         r.join(message(5, 7, body), MSG)
-    assert [(c.agent_id, c.claimed, c.coords) for c in r.ready] == [("owner", None, ROW1)]
+    assert r.ready == []
+    out = r.route("shop.public.refunds", row("c", 5, 7), ROW1)
+    assert isinstance(out, Change) and out.agent_id == "owner"
+    # On a worker that does not read the partition through the group, the joiner alone: the same attribution.
+    other = split_router(database_identity=True)
+    assert other.route("shop.public.refunds", row("c", 5, 7), ROW1) == SKIP_PENDING
+    for body in (claim, trig, forged):
+        other.join(message(5, 7, body), MSG)
+    assert [(c.agent_id, c.claimed, c.coords) for c in other.ready] == [("owner", None, ROW1)]
 
 
 def test_revoked_partitions_drop_their_held_rows_for_the_next_owner() -> None:
