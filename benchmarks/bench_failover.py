@@ -65,7 +65,18 @@ class Group:
     group_id: str
 
     def __post_init__(self) -> None:
-        self._admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        self._client: AdminClient | None = None
+
+    @property
+    def _admin(self) -> AdminClient:
+        if self._client is None:
+            self._client = AdminClient({"bootstrap.servers": self.bootstrap})
+        return self._client
+
+    def close(self) -> None:
+        """Let go of the admin client while the broker is up: one still referenced when the process exits (by a
+        failed test's traceback) is destroyed after the broker stopped, and librdkafka's destroy then hangs."""
+        self._client = None
 
     def describe(self) -> tuple[str, dict[str, frozenset[TP]]]:
         """The group's state (``STABLE``, ``PREPARING_REBALANCE``, ...) and each member's assigned partitions."""
@@ -189,8 +200,12 @@ def start_pair(
     *,
     edit: Callable[[dict[str, Any]], None] | None = None,
     loglevel: str = "info",
+    message_partitions: int | None = None,
 ) -> Iterator[Pair]:
     """Start the survivor, wait until it alone holds every partition, then the victim, and wait for both.
+
+    ``message_partitions``: create Debezium's messages topic (worker.agent_messages.topic) with that many
+    partitions first, so that the ingest group assigns it from the start.
 
     The victim is the member that was not there before: Kafka keeps a member's id across rebalances.
     Both workers are stopped on exit (the victim, if still alive, with SIGTERM).
@@ -200,7 +215,11 @@ def start_pair(
     workdir.mkdir(parents=True, exist_ok=True)
     path = write_config(workdir, bootstrap, prefix, edit)
     cfg = load_config(path)
-    create_topics(bootstrap, {t.topic: 3 for t in cfg.tables})
+    topics = {t.topic: 3 for t in cfg.tables}
+    msgs = cfg.worker.agent_messages
+    if message_partitions is not None and msgs is not None:
+        topics[msgs.topic] = message_partitions
+    create_topics(bootstrap, topics)
     groups = Group(bootstrap, cfg.kafka.group_id), Group(bootstrap, ingest_group(cfg))
     procs: list[WorkerProcess] = []
     try:
@@ -226,6 +245,8 @@ def start_pair(
     finally:
         for w in reversed(procs):
             stop_process(w.proc)
+        for g in groups:
+            g.close()
 
 
 def create_topics(bootstrap: str, topics: dict[str, int]) -> None:

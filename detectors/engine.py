@@ -147,6 +147,9 @@ class Finding:
     refused: str | None = None  # guard_refusal: what the database refused the agent, "<kind>: <command>"
     # The model that judged is in its learning period: severity at most warning, and it never quarantines.
     learning: bool = False
+    # The event that quarantined the agent, scored again (a restart re-reads from the committed offset): the
+    # alert repeats as it was (quarantined), though no second quarantine is sent.
+    requarantine: bool = False
 
 
 @dataclass(slots=True)
@@ -888,7 +891,9 @@ class Engine:
             actions = ("alert",)
         aid = alert_id(ch.table, ch.agent_id, name, ch.coords)
         # Read the live state: two detectors firing on one event must quarantine once.
-        quarantines = not QUARANTINING.isdisjoint(actions) and ch.agent_id not in self.quarantined
+        quarantining = not QUARANTINING.isdisjoint(actions)
+        current = self.quarantined.get(ch.agent_id)
+        quarantines = quarantining and current is None
         if quarantines:
             self.quarantined[ch.agent_id] = Quarantine(aid, f"{name} on {ch.table}", ch.commit_ts_us)
         return Finding(
@@ -911,6 +916,7 @@ class Engine:
             claimed=ch.claimed if ch.op == "m" else None,
             refused=ch.refused if ch.op == "m" else None,
             learning=learning,
+            requarantine=quarantining and current is not None and current.alert_id == aid,
         )
 
     def apply_control(

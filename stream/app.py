@@ -40,11 +40,12 @@ from stream.checkpoints import Checkpointer
 from stream.config import Config, client_settings, make_engine
 from stream.enforce import Enforcer
 from stream.ingest import BulkIngest, decode_changes
+from stream.join import MessageJoiner
 from stream.logs import install as install_log_filters
 from stream.logs import kafka_logging, printable
 from stream.metrics import Metrics
 from stream.modelstore import ModelStore
-from stream.pipeline import Intake, build_alert, router_for
+from stream.pipeline import SKIP_PENDING, Intake, build_alert, router_for
 
 log = logging.getLogger("writeguard.worker")
 BATCH = 500
@@ -245,12 +246,14 @@ class WriteguardApp:
         # Without the hop: the shared intake (stream.pipeline) collects, the Faust agent sends and scores.
         self._routed: list[Change] = []
         self._dead: list[tuple[str, str]] = []
-        self.intake = Intake(
-            self.router,
-            self._routed.append,
-            lambda reason: metrics.skipped.labels(reason).inc(),
-            lambda *d: self._dead.append(d),
+        self._feeding_ts_ms = 0  # the Kafka timestamp of the record being fed
+        # Every message, whichever member reads its partition in the group: the join of rows read here needs them.
+        self.joiner = (
+            MessageJoiner(cfg, self.router, self.message_topic)
+            if self.message_topic and not cfg.worker.repartition
+            else None
         )
+        self.intake = Intake(self.router, self._routed.append, self._skipped, lambda *d: self._dead.append(d))
 
         # Agents, tasks and timers
         if cfg.worker.repartition:
@@ -262,6 +265,8 @@ class WriteguardApp:
             self.cdc = app.topic(*self.inputs, key_serializer="raw", value_serializer="raw")
             app.agent(self.cdc, name="ingest_direct")(self.ingest_direct)
             app.timer(0.5)(self.expire_held)
+            if self.joiner is not None:
+                app.on_before_shutdown.connect(cast(Any, self._close_joiner))
         app.task(self.follow_control)
         app.timer(5.0)(self.gauges)
         app.on_partitions_assigned.connect(cast(Any, self._count_assignment))
@@ -315,13 +320,22 @@ class WriteguardApp:
                 # A transaction's message (an agent's name, an undo's signature) is routed before the
                 # batch's rows, which it may concern. Each topic keeps its own order.
                 events = sorted(events, key=lambda e: e.message.topic != message_topic)
+                if self.joiner is not None:
+                    self.joiner.poll()  # messages read by other members too, before the rows that need them
             for event in events:
                 msg = event.message
+                ts = msg.timestamp  # Faust gives seconds
+                self._feeding_ts_ms = int(ts * 1000) if isinstance(ts, float) else -1
                 self.intake.feed(msg.topic, event.value, KafkaCoords(msg.topic, msg.partition, msg.offset))
                 await self._drain(msg, event)
+            if self.joiner is not None:
+                await self._join_messages()
 
     async def expire_held(self) -> None:
         """Rows held past the hold for their transaction's agent message: scored as unattributed, not dropped."""
+        if self.joiner is not None:
+            await self._join_messages()
+            return
         self.intake.release(time.time_ns() // 1000)
         await self._drain()
 
@@ -381,6 +395,19 @@ class WriteguardApp:
         headers = [(CONTROL_SIGNATURE_HEADER, sign_control(sig, key, value))] if sig else None
         await self.control.send(key=key, value=value, headers=headers)
 
+    def _skipped(self, reason: str) -> None:
+        self.metrics.skipped.labels(reason).inc()
+        if reason == SKIP_PENDING and self.joiner is not None:
+            self.joiner.held(self._feeding_ts_ms)
+
+    async def _join_messages(self) -> None:
+        """The joiner's messages, then the rows they released; held rows expire only once it has read them all."""
+        joiner = self.joiner
+        assert joiner is not None
+        joiner.poll()
+        self.intake.release(time.time_ns() // 1000 if joiner.caught_up else None)
+        await self._drain()
+
     def _current(self, agent_id: str, alert_id: str) -> bool:
         q = self.engine.quarantined.get(agent_id)
         return q is not None and q.alert_id == alert_id
@@ -400,6 +427,10 @@ class WriteguardApp:
     # mode's stubs do not accept an async receiver with these keywords, though its Signal.send awaits one.
     async def _close_ingest(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(self.bulk.executor, self.bulk.close)
+
+    async def _close_joiner(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        if self.joiner is not None:
+            self.joiner.close()
 
     async def _count_assignment(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         group = self.cfg.kafka.group_id

@@ -14,6 +14,10 @@ agent message. A worker killed between produce and commit re-sends the batch; al
 The consumer group is the worker's ``kafka.group_id`` with ``.ingest`` appended: Faust's group (the changes
 topic) uses its own assignor protocol, which a librdkafka member could not join.
 
+With ``worker.agent_messages``, every worker also reads all of the messages topic outside the group
+(:class:`stream.join.MessageJoiner`), so that a row held for its transaction's message is joined whichever member
+read that message.
+
 Everything here runs on one thread (:attr:`BulkIngest.executor`): the router's state is never shared.
 """
 
@@ -31,9 +35,10 @@ from connectors.messages import DeadLetter
 from detectors.engine import Change, KafkaCoords
 from stream.checkpoints import partition_for
 from stream.config import Config, client_settings
+from stream.join import MessageJoiner
 from stream.logs import kafka_logging, printable
 from stream.metrics import Metrics
-from stream.pipeline import Intake, Router
+from stream.pipeline import SKIP_PENDING, Intake, Router
 
 log = logging.getLogger("writeguard.ingest")
 
@@ -101,9 +106,11 @@ class BulkIngest:
         self.router = router
         self.metrics = metrics
         self._current: Message | None = None  # the record being fed: a dead letter carries its coordinates and bytes
-        self.intake = Intake(router, self._add, lambda reason: metrics.skipped.labels(reason).inc(), self._dead_current)
+        self.intake = Intake(router, self._add, self._skipped, self._dead_current)
         self.inputs = inputs
         self.message_topic = message_topic
+        # Every message, whichever member the group gives its partition: the join of rows read here needs them.
+        self.joiner = MessageJoiner(cfg, router, message_topic) if message_topic is not None else None
         self.batch = batch
         self.wait_s = wait_s
         self.changes_topic = cfg.topics.changes
@@ -130,6 +137,8 @@ class BulkIngest:
         self.producer = Producer({**settings, "linger.ms": 2})
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeguard-ingest")
         self._next: dict[tuple[str, int], int] = {}  # the offset to commit per CDC partition, once delivered
+        # Partitions whose commit stopped short at a held row: committed further once it is released.
+        self._short: dict[tuple[str, int], int] = {}
         self._out: dict[int, list[Change]] = {}
         self._failed: list[str] = []
         self._partition_of: dict[str, int] = {}
@@ -164,9 +173,17 @@ class BulkIngest:
         if not self._started:
             self.start()
         msgs = self.consumer.consume(self.batch, self.wait_s)
+        j = self.joiner
+        if j is not None:
+            j.poll()  # messages first (read by other members too): an undo's signature, the agents of these rows
         if msgs:
             self._route(msgs)
-        self.intake.release(time.time_ns() // 1000)  # held rows are scored as unattributed, not dropped
+        now_us: int | None = time.time_ns() // 1000
+        if j is not None:
+            j.poll()  # and what the rows just held need (it moves back for old ones)
+            if not j.caught_up:
+                now_us = None  # a held row's message may be just behind: none expires until it is read
+        self.intake.release(now_us)  # held rows are scored as unattributed, not dropped
         n = self._forward()
         if time.monotonic() >= self._lag_at:
             self._lag_at = time.monotonic() + LAG_EVERY_S
@@ -208,6 +225,11 @@ class BulkIngest:
             self._out[p] = [ch]
         else:
             out.append(ch)
+
+    def _skipped(self, reason: str) -> None:
+        self.metrics.skipped.labels(reason).inc()
+        if reason == SKIP_PENDING and self.joiner is not None and self._current is not None:
+            self.joiner.held(self._current.timestamp()[1])
 
     def _dead_current(self, reason: str, detail: str) -> None:
         assert self._current is not None  # called by the intake while a record is fed
@@ -254,7 +276,7 @@ class BulkIngest:
                 self.producer.poll(0.1)
 
     def _commit(self) -> None:
-        if not self._next:
+        if not self._next and not self._short:
             return
         # A row held for its transaction's agent message is not forwarded yet: its offset stays uncommitted.
         held: dict[tuple[str, int], int] = {}
@@ -263,8 +285,13 @@ class BulkIngest:
                 if isinstance(coords, KafkaCoords):
                     tp = (coords.topic, coords.partition)
                     held[tp] = min(held.get(tp, coords.offset), coords.offset)
-        offsets = [TopicPartition(t, p, min(o, held.get((t, p), o))) for (t, p), o in self._next.items()]
+        short = self._short
+        short.update(self._next)
         self._next.clear()
+        offsets = [TopicPartition(t, p, min(o, held.get((t, p), o))) for (t, p), o in short.items()]
+        for done in offsets:
+            if short[(done.topic, done.partition)] == done.offset:
+                del short[(done.topic, done.partition)]
         try:
             self.consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as e:  # e.g. during a rebalance: the next batch's commit covers these offsets
@@ -276,9 +303,12 @@ class BulkIngest:
         log.info("ingest: assigned %s", printable(", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions)))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Called inside consume(), after the previous batch was committed: nothing of these is outstanding.
+        # Called inside consume(), after the previous batch was committed: nothing of these is outstanding but
+        # rows held for their message, which were not committed: the partitions' next owner reads them again.
         for tp in partitions:
             self._next.pop((tp.topic, tp.partition), None)
+            self._short.pop((tp.topic, tp.partition), None)
+        self.router.forget({(tp.topic, tp.partition) for tp in partitions})
 
     def _consumer_lag(self) -> None:
         try:
@@ -300,3 +330,5 @@ class BulkIngest:
         if not self.closed:
             self.closed = True
             self.consumer.close()
+            if self.joiner is not None:
+                self.joiner.close()

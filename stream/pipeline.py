@@ -55,6 +55,8 @@ class Router:
     transaction, which Debezium emits as an op ``m`` event with the same ``source.txId``. The message and
     the rows travel on different topics, so either may arrive first: a row without an agent waits up to
     ``hold_s`` of commit time for its transaction's message (in ``pending``), then is scored as unattributed.
+    With ``arrival_clock`` set (the worker) it waits ``hold_s`` from when it was read instead: a backlog read after
+    a restart or from a lagging connector is old by commit time, yet its messages are just as near.
     Changes released by a late message are put in ``ready`` for the caller to take. A row that names no agent
     is scored under the reserved identity ``UNATTRIBUTED``, never dropped: otherwise a NULL agent id escapes.
 
@@ -65,16 +67,25 @@ class Router:
     overwrites it, or a message of its own) becomes an op ``m`` Change with ``claimed`` set, which the engine
     alerts as ``identity_mismatch``. A snapshot read has no transaction to join: it keeps the row's column (it is
     learned, never alerted on).
+
+    With several workers a row and its transaction's message may be read by different members of the ingest group.
+    Then every member also reads all of the messages topic for the join alone (:meth:`join`, from
+    :class:`stream.join.MessageJoiner`); the member that reads a message through the group does the rest with it
+    (dead letters, refusal and mismatch alerts: from that one member). A message joined twice (by both readers of
+    one member) changes nothing the second time.
     """
 
     __slots__ = (
         "_by_source",
         "_by_topic",
         "_claims",
+        "_held_at",
         "_prefix",
         "_tx_agents",
+        "_tx_identity",
         "_undo_keys",
         "_undo_tx",
+        "arrival_clock",
         "database_identity",
         "hold_s",
         "max_tx",
@@ -103,9 +114,14 @@ class Router:
         self._prefix = message_prefix
         self.hold_s = hold_s
         self.max_tx = max_tx  # transactions remembered and transactions held: bounded, whatever the input
-        self._tx_agents: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self._tx_agents: OrderedDict[str, tuple[str, str | None]] = OrderedDict()  # the join: txId -> agent, run
+        # The database's identity per transaction as the checks saw it: a second one is a forged message. Apart from
+        # the join's, which :meth:`join` also feeds, from another reader of the same messages.
+        self._tx_identity: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
         self.pending: OrderedDict[str, list[tuple[ChangeEvent, _Watched, Coords]]] = OrderedDict()
         self.ready: list[Change] = []
+        self.arrival_clock: Callable[[], int] | None = None  # µs; None: rows wait by commit time
+        self._held_at: dict[str, int] = {}  # txId -> when its first row was held, by arrival_clock
         # The control signing keys: an undo message counts only with their HMAC over its plan and transaction, so
         # an agent cannot pass its own writes off as an undo's.
         self._undo_keys = undo_keys
@@ -143,8 +159,10 @@ class Router:
                 held = self.pending.get(ev.tx_id)
                 if held is None:
                     if len(self.pending) >= self.max_tx:
-                        self.pending.popitem(last=False)
+                        self._held_at.pop(self.pending.popitem(last=False)[0], None)
                     held = self.pending[ev.tx_id] = []
+                    if self.arrival_clock is not None:
+                        self._held_at[ev.tx_id] = self.arrival_clock()
                 held.append((ev, hit, coords))
                 return SKIP_PENDING
             agent, run = known
@@ -163,9 +181,24 @@ class Router:
         if row_agent is not None and row_agent != agent:
             self.ready.append(_mismatch(hit.name, agent, run, row_agent, ev.commit_ts_us, coords))
 
-    def _message(self, ev: ChangeEvent, coords: Coords) -> str:
+    def join(self, value: bytes | None, coords: Coords) -> None:
+        """A record of the messages topic, for the join only: a transaction's agent (or undo) is noted.
+
+        Rows it concerns are released to ``ready``. Nothing else happens here: no dead letter, no alert, no count,
+        since every member of the group reads every message this way and the group's reader of its partition
+        does the rest (:meth:`route`).
+        """
+        try:
+            ev = decode(value)
+            if isinstance(ev, ChangeEvent) and ev.op == "m":
+                self._message(ev, coords, check=False)
+        except EnvelopeError:
+            pass  # dead-lettered by the group's reader of this partition
+
+    def _message(self, ev: ChangeEvent, coords: Coords, *, attribute: bool = True, check: bool = True) -> str:
+        """An op m event: ``attribute`` joins it to its rows, ``check`` raises dead letters and emits alerts."""
         if ev.message_prefix == REFUSED_PREFIX and self._prefix is not None:
-            return self._refusal(ev, coords)
+            return self._refusal(ev, coords) if check else SKIP_MESSAGE
         if self._prefix is None or ev.message_prefix != self._prefix:
             return SKIP_MESSAGE
         try:
@@ -177,10 +210,12 @@ class Router:
         if self._undo_keys and ev.tx_id is not None and body.get("agent_id") == UNDO_AGENT:
             plan = verify_undo_message(self._undo_keys, body, ev.tx_id)
             if plan is not None:
-                self._undo_tx[ev.tx_id] = plan
-                if len(self._undo_tx) > self.max_tx:
-                    self._undo_tx.popitem(last=False)
-                self.pending.pop(ev.tx_id, None)  # its rows, held for an agent: compensation, not scored
+                if attribute:
+                    self._undo_tx[ev.tx_id] = plan
+                    if len(self._undo_tx) > self.max_tx:
+                        self._undo_tx.popitem(last=False)
+                    self.pending.pop(ev.tx_id, None)  # its rows, held for an agent: compensation, not scored
+                    self._held_at.pop(ev.tx_id, None)
                 return SKIP_MESSAGE
             # Unsigned or signed for another transaction: a writer claiming to be the undo. Scored as what it is.
         agent = identity(body.get("agent_id"))
@@ -196,38 +231,59 @@ class Router:
                 # Not the triggers' message (they always name the role): a writer emitting its own, which only a
                 # role that kept EXECUTE on pg_logical_emit_message can do. It is a claim, checked, never believed.
                 assert agent is not None
-                known = self._tx_agents.get(tx)
-                if known is None:
-                    self._claims.setdefault(tx, []).append((agent, ev.commit_ts_us, coords))
-                    if len(self._claims) > self.max_tx:
-                        self._claims.popitem(last=False)
-                elif known[0] != agent:
-                    table = self._table_of(body)
-                    self.ready.append(_mismatch(table, known[0], known[1], agent, ev.commit_ts_us, coords))
+                if check:
+                    self._claim(tx, agent, body, ev.commit_ts_us, coords)
                 return SKIP_MESSAGE
             agent = agent or role_identity(role)
-            table = self._table_of(body)
-            claimed = identity(body.get("claimed"))
-            if claimed is not None and claimed != agent:
-                self.ready.append(_mismatch(table, agent, run, claimed, ev.commit_ts_us, coords))
-            known = self._tx_agents.get(tx)
-            if known is not None:
-                # One transaction has one session, so one login role: a second identity is a forged message.
-                if known[0] != agent:
-                    self.ready.append(_mismatch(table, known[0], known[1], agent, ev.commit_ts_us, coords))
+            if check and not self._identify(tx, agent, run, body, ev.commit_ts_us, coords):
                 return SKIP_MESSAGE
-            for forged, ts, at in self._claims.pop(tx, ()):
-                if forged != agent:
-                    self.ready.append(_mismatch(table, agent, run, forged, ts, at))
+            if attribute and tx in self._tx_agents:
+                return SKIP_MESSAGE  # the first identity of a transaction names it (its rows are out already)
+        if not attribute:
+            return SKIP_MESSAGE
         assert agent is not None
         self._tx_agents[tx] = (agent, run)
         if len(self._tx_agents) > self.max_tx:
             self._tx_agents.popitem(last=False)
+        self._held_at.pop(tx, None)
         for row, watched, at in self.pending.pop(tx, ()):
             self.ready.append(_change(row, watched, agent, run, at))
             if self.database_identity:
                 self._check_row(row, watched, agent, run, at)
         return SKIP_MESSAGE
+
+    def _claim(self, tx: str, agent: str, body: dict[str, object], ts_us: int, coords: Coords) -> None:
+        """A writer's own message naming ``agent``: a mismatch if the database named another, or kept for later."""
+        known = self._tx_identity.get(tx)
+        if known is None:
+            self._claims.setdefault(tx, []).append((agent, ts_us, coords))
+            if len(self._claims) > self.max_tx:
+                self._claims.popitem(last=False)
+        elif known[0] != agent:
+            self.ready.append(_mismatch(self._table_of(body), known[0], known[1], agent, ts_us, coords))
+
+    def _identify(
+        self, tx: str, agent: str, run: str | None, body: dict[str, object], ts_us: int, coords: Coords
+    ) -> bool:
+        """The triggers' message naming ``agent``: checks against claims and earlier identities; False when the
+        transaction already had one (a forged second message)."""
+        table = self._table_of(body)
+        claimed = identity(body.get("claimed"))
+        if claimed is not None and claimed != agent:
+            self.ready.append(_mismatch(table, agent, run, claimed, ts_us, coords))
+        known = self._tx_identity.get(tx)
+        if known is not None:
+            # One transaction has one session, so one login role: a second identity is a forged message.
+            if known[0] != agent:
+                self.ready.append(_mismatch(table, known[0], known[1], agent, ts_us, coords))
+            return False
+        self._tx_identity[tx] = (agent, run)
+        if len(self._tx_identity) > self.max_tx:
+            self._tx_identity.popitem(last=False)
+        for forged, ts, at in self._claims.pop(tx, ()):
+            if forged != agent:
+                self.ready.append(_mismatch(table, agent, run, forged, ts, at))
+        return True
 
     def _refusal(self, ev: ChangeEvent, coords: Coords) -> str:
         """A statement the guard rails refused (``writeguard guard-sql``): an op ``m`` Change with ``refused``.
@@ -256,8 +312,25 @@ class Router:
             return t
         return next(iter(self._by_source))
 
+    def forget(self, partitions: set[tuple[str, int]]) -> int:
+        """Drop the held rows read from ``partitions`` (revoked: their next owner reads them again, as their
+        offsets were not committed past them); returns how many."""
+        dropped = 0
+        for tx in list(self.pending):
+            held = self.pending[tx]
+            kept = [h for h in held if not _read_from(h[2], partitions)]
+            if len(kept) != len(held):
+                dropped += len(held) - len(kept)
+                if kept:
+                    self.pending[tx] = kept
+                else:
+                    del self.pending[tx]
+                    self._held_at.pop(tx, None)
+        return dropped
+
     def expire(self, now_us: int) -> int:
-        """Release held rows whose transaction committed more than ``hold_s`` before ``now_us``.
+        """Release held rows whose transaction committed (or with ``arrival_clock``, was held) more than ``hold_s``
+        before ``now_us``.
 
         They are scored as ``UNATTRIBUTED`` (put in ``ready``), never dropped; returns how many.
         """
@@ -265,14 +338,19 @@ class Router:
         released = 0
         while self.pending:
             tx, held = next(iter(self.pending.items()))
-            if held[0][0].commit_ts_us > limit:
+            if self._held_at.get(tx, held[0][0].commit_ts_us) > limit:
                 break
             del self.pending[tx]
+            self._held_at.pop(tx, None)
             self._claims.pop(tx, None)
             for row, watched, coords in held:
                 self.ready.append(_change(row, watched, UNATTRIBUTED, None, coords))
                 released += 1
         return released
+
+
+def _read_from(coords: Coords, partitions: set[tuple[str, int]]) -> bool:
+    return isinstance(coords, KafkaCoords) and (coords.topic, coords.partition) in partitions
 
 
 def _mismatch(table: str, agent: str, run: str | None, claimed: str, ts_us: int, coords: Coords) -> Change:
@@ -417,7 +495,8 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
     elif f.scope == "table":
         tops = ", ".join(f"{c.feature.removeprefix('agent ')} {c.value:g}" for c in f.contributions[1:])
         summary = f"{f.table}: all agents together: {summarize(top) if top else ''}; top agents: {tops}"
-    undo = undo_command(f) if f.quarantine else None
+    quarantined = f.quarantine or f.requarantine  # a repeat of the quarantining alert says so too
+    undo = undo_command(f) if quarantined else None
     if undo is not None:
         summary += f"; quarantined: plan its undo with `{undo}`"
     return Alert(
@@ -450,7 +529,7 @@ def build_alert(f: Finding, detected_at_us: int) -> Alert:
         anomalous_events=len(f.triggers),
         agent_events=f.agent_events,
         actions=list(f.actions),
-        quarantined=f.quarantine,
+        quarantined=quarantined,
         learning=f.learning,
         undo_command=undo,
     )

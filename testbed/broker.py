@@ -179,6 +179,27 @@ class LocalKafka(JvmService):
             self._controller_port = None
             self._sasl_port = None
 
+    def pause(self, timeout: float = 20.0) -> None:
+        """Stop the broker (SIGTERM) but keep its ports, data and cluster id: :meth:`resume` brings it back as it
+        was, so clients that knew it reconnect to the same address (an outage, not a new cluster)."""
+        with self._lock:
+            if self._proc is None:
+                raise BrokerError("LocalKafka is not running")
+            self._kill_process(timeout=timeout)
+
+    def resume(self, timeout: float = 60.0) -> None:
+        """Start the broker :meth:`pause` stopped, on the same ports and log dir; returns once it serves again."""
+        with self._lock:
+            if self._proc is not None:
+                raise BrokerError("LocalKafka is running")
+            if self._port is None or self._workdir is None:
+                raise BrokerError("LocalKafka was never started")
+            deadline = time.monotonic() + timeout
+            with raise_as(BrokerError):
+                java = require_java()
+            self._launch(java, resolve_kafka_jars(progress=self._progress))
+            self._wait_ready(deadline)
+
     def __repr__(self) -> str:
         where = f"127.0.0.1:{self._port}" if self._port is not None else "not started"
         return f"LocalKafka({where}, workdir={self._workdir})"
@@ -395,6 +416,7 @@ class LocalKafka(JvmService):
                 return
             last_error = "metadata lists no brokers yet"
             time.sleep(0.1)
+
 
 _SASL_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 

@@ -7,6 +7,7 @@ row's primary key, as Debezium keys them.
 
 from __future__ import annotations
 
+import base64
 import math
 import random
 from collections.abc import Iterator, Mapping
@@ -238,3 +239,39 @@ class Fleet:
             a = self.agents[i]
             yield self.write(a, ts)
             heapq.heappush(heap, (ts + max(1, int(self.rng.expovariate(a.rate_per_s) * 1e6 / speedup)), i))
+
+
+def without_agent(value: bytes) -> tuple[bytes, int]:
+    """A change event with its agent and run columns emptied (the agent names itself in a logical decoding message
+    instead), and its transaction id.
+
+    >>> v, tx = without_agent(debezium_value("public.refunds", "c", None, {"id": 1, "agent_id": "a"}, 5, tx_id=9))
+    >>> orjson.loads(v)["after"], tx
+    ({'id': 1, 'agent_id': None, 'run_id': None}, 9)
+    """
+    ev = orjson.loads(value)
+    for image in (ev["before"], ev["after"]):
+        if image:
+            image["agent_id"] = image["run_id"] = None
+    return orjson.dumps(ev), ev["source"]["txId"]
+
+
+def logical_message(
+    tx_id: int, ts_us: int, content: bytes, *, prefix: str = TOPIC_PREFIX, message_prefix: str = "writeguard"
+) -> tuple[bytes, bytes]:
+    """Key and value of a transactional ``pg_logical_emit_message`` as Debezium writes it (op ``m``, keyed by its
+    prefix, the content in base64).
+
+    >>> key, value = logical_message(9, 5, b'{"agent_id": "a"}')
+    >>> key, orjson.loads(value)["source"]["txId"], base64.b64decode(orjson.loads(value)["message"]["content"])
+    (b'{"prefix":"writeguard"}', 9, b'{"agent_id": "a"}')
+    """
+    source = {"version": "3.6.1.Final", "connector": "postgresql", "name": prefix, "ts_ms": ts_us // 1000,
+              "ts_us": ts_us, "snapshot": "false", "db": "shop", "schema": "", "table": "", "txId": tx_id}  # fmt: skip
+    value = {
+        "op": "m",
+        "ts_ms": ts_us // 1000 + 3,
+        "source": source,
+        "message": {"prefix": message_prefix, "content": base64.b64encode(content).decode()},
+    }
+    return orjson.dumps({"prefix": message_prefix}), orjson.dumps(value)

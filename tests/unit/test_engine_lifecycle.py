@@ -196,3 +196,36 @@ def test_a_late_quarantined_record_of_a_released_alert_does_not_quarantine_again
     # A new incident has a new alert id and quarantines again.
     eng.apply_control("a1", "quarantined", "alert-3", "zscore on public.refunds", 7)
     assert eng.quarantined["a1"].alert_id == "alert-3"
+
+
+def test_the_quarantining_event_scored_again_after_a_restart_repeats_its_alert_without_a_second_quarantine() -> None:
+    from stream.pipeline import build_alert
+
+    spec = TableSpec(
+        name="public.refunds",
+        topic="shop.public.refunds",
+        features=(FeatureSpec(name="amount", column="amount", transform="log"),),
+        detectors=(ZScoreSpec(warmup=20),),
+        learning=Learning(writes=0, seconds=0),
+    )
+
+    def change(i: int, amount: float) -> Change:
+        return Change("public.refunds", "c", "a1", None, {"amount": amount}, i, KafkaCoords("t", 0, i))
+
+    def run(eng: Engine, quarantined_by: str | None = None) -> list[Finding]:
+        for i in range(40):
+            eng.process(change(i, 30.0 + i % 9))
+        if quarantined_by is not None:  # restored with the model set: the control topic's latest record
+            eng.apply_control("a1", "quarantined", quarantined_by, "zscore on public.refunds", 42)
+        return [f for i, amount in ((41, 900.0), (42, 990.0)) for f in eng.process(change(i, amount))]
+
+    [first] = run(Engine([spec]))
+    assert first.quarantine and not first.requarantine
+    # The restarted worker: the quarantine is back from the control topic, the same events are scored again.
+    [repeat] = run(Engine([spec]), first.alert_id)
+    assert (repeat.alert_id, repeat.quarantine, repeat.requarantine) == (first.alert_id, False, True)
+    a, b = build_alert(first, 100), build_alert(repeat, 100)
+    assert (b.alert_id, b.quarantined, b.summary) == (a.alert_id, True, a.summary)
+    # Another alert of an agent quarantined by an earlier one is not a repeat: it says it did not quarantine.
+    [later] = run(Engine([spec]), "an-earlier-alert")
+    assert not later.quarantine and not later.requarantine and not build_alert(later, 100).quarantined

@@ -126,8 +126,11 @@ UNDO_KEY = b"u" * 32
 def undo_body(plan: str, tx: int, key: bytes = UNDO_KEY) -> dict[str, object]:
     from connectors.messages import UNDO_AGENT, undo_signature
 
-    return {"agent_id": UNDO_AGENT, "run_id": plan, "undo": {"plan_id": plan, "batch": 1,
-            "signature": undo_signature(key, plan, tx)}}
+    return {
+        "agent_id": UNDO_AGENT,
+        "run_id": plan,
+        "undo": {"plan_id": plan, "batch": 1, "signature": undo_signature(key, plan, tx)},
+    }
 
 
 def undo_router() -> Router:
@@ -163,3 +166,99 @@ def test_an_undo_message_without_a_valid_signature_exempts_nothing(body: dict[st
     out = r.route("shop.public.refunds", row("c", 41, 1_000), ROW)
     # Scored, under the name it claimed: an agent hiding behind the undo's name is judged like any other.
     assert isinstance(out, Change) and out.agent_id == "writeguard-undo"
+
+
+# --- several workers: every member joins every message (Router.join), the group's reader only checks it ---------
+
+
+def split_router(**kw: object) -> Router:
+    return Router([SPEC], message_prefix="writeguard", hold_s=5.0, **kw)  # type: ignore[arg-type]
+
+
+def test_a_message_joined_by_another_reader_attributes_rows_read_here() -> None:
+    r = split_router()
+    assert r.route("shop.public.refunds", row("c", 9, 1_000, 1.0), ROW1) == SKIP_PENDING
+    r.join(message(9, 1_000, {"agent_id": "a2", "run_id": "r"}), MSG)
+    assert [(c.agent_id, c.run_id, c.coords) for c in r.ready] == [("a2", "r", ROW1)]
+    out = r.route("shop.public.refunds", row("u", 9, 1_000), ROW2)  # a later row of the same transaction
+    assert isinstance(out, Change) and out.agent_id == "a2"
+
+
+def test_a_message_read_by_both_readers_of_one_worker_releases_its_rows_once() -> None:
+    r = split_router()
+    assert r.route("shop.public.refunds", row("c", 9, 1_000), ROW1) == SKIP_PENDING
+    assert r.route("shop.message", message(9, 1_000, {"agent_id": "a2"}), MSG) == SKIP_MESSAGE  # the group's
+    r.join(message(9, 1_000, {"agent_id": "a2"}), MSG)  # the joiner's
+    assert [(c.agent_id, c.coords) for c in r.ready] == [("a2", ROW1)] and not r.pending
+
+
+def test_only_the_group_reader_dead_letters_a_bad_message_and_alerts_a_refusal() -> None:
+    from connectors.pg_guard import REFUSED_PREFIX
+
+    r = split_router()
+    for bad in (b"not json", {"run_id": "no agent"}):
+        r.join(message(2, 5, bad), MSG)  # every member: nothing
+        with pytest.raises(EnvelopeError):
+            r.route("shop.message", message(2, 5, bad), MSG)  # the one member whose group holds the partition
+    refusal = {
+        "v": 1,
+        "kind": "truncate",
+        "command": "TRUNCATE",
+        "table": "public.refunds",
+        "role": "agent_x",
+        "agent_id": "x",
+        "at": "2026-03-01T12:00:00+00:00",
+    }
+    r.join(message(3, 5, refusal, prefix=REFUSED_PREFIX), MSG)
+    assert r.ready == []
+    assert r.route("shop.message", message(3, 5, refusal, prefix=REFUSED_PREFIX), MSG) == SKIP_MESSAGE
+    assert [(c.op, c.agent_id, c.refused) for c in r.ready] == [("m", "x", "truncate: TRUNCATE")]
+
+
+def test_database_identity_is_checked_by_the_group_reader_and_joined_on_every_worker() -> None:
+    r = split_router(database_identity=True)
+    trig = {"agent_id": "owner", "role": "owner", "table": "public.refunds"}
+    forged = {"agent_id": "other", "role": "impostor", "table": "public.refunds"}
+    claim = {"agent_id": "victim"}  # the writer's own message, before the triggers'
+    # The group's reader of the messages partition, in topic order: the claim, the triggers', a forged second.
+    assert r.route("shop.message", message(5, 7, claim), MSG) == SKIP_MESSAGE
+    assert r.route("shop.message", message(5, 7, trig), MSG) == SKIP_MESSAGE
+    assert r.route("shop.message", message(5, 7, forged), MSG) == SKIP_MESSAGE
+    assert sorted((c.agent_id, c.claimed) for c in r.ready) == [("owner", "other"), ("owner", "victim")]
+    r.ready.clear()
+    # The joiner of the same worker reads them too: no second mismatch, the first identity names the rows.
+    for body in (claim, trig, forged):
+        r.join(message(5, 7, body), MSG)
+    assert r.ready == []
+    out = r.route("shop.public.refunds", row("c", 5, 7), ROW1)
+    assert isinstance(out, Change) and out.agent_id == "owner"
+    # On a worker that does not read the partition through the group, the joiner alone: the same attribution.
+    other = split_router(database_identity=True)
+    assert other.route("shop.public.refunds", row("c", 5, 7), ROW1) == SKIP_PENDING
+    for body in (claim, trig, forged):
+        other.join(message(5, 7, body), MSG)
+    assert [(c.agent_id, c.claimed, c.coords) for c in other.ready] == [("owner", None, ROW1)]
+
+
+def test_revoked_partitions_drop_their_held_rows_for_the_next_owner() -> None:
+    r = split_router()
+    other = KafkaCoords("shop.public.refunds", 1, 0)
+    r.route("shop.public.refunds", row("c", 9, 1_000), ROW1)
+    r.route("shop.public.refunds", row("c", 9, 1_000), other)
+    r.route("shop.public.refunds", row("c", 10, 1_000), ROW2)
+    assert r.forget({("shop.public.refunds", 0)}) == 2
+    assert [[c for _, _, c in held] for held in r.pending.values()] == [[other]]
+
+
+def test_with_an_arrival_clock_a_backlog_waits_from_when_it_was_read() -> None:
+    r = split_router()
+    clock = [100_000_000]
+    r.arrival_clock = lambda: clock[0]
+    r.route("shop.public.refunds", row("c", 30, 1_000), ROW1)  # committed long before it is read
+    assert r.expire(clock[0] + 4_000_000) == 0 and r.ready == []  # old by commit time, yet within hold_s
+    clock[0] += 1_000_000
+    r.route("shop.public.refunds", row("c", 31, 1_000), ROW2)
+    assert r.expire(100_000_000 + 5_500_000) == 1
+    assert [(c.coords, c.agent_id) for c in r.ready] == [(ROW1, UNATTRIBUTED)]
+    r.join(message(31, 1_000, {"agent_id": "late"}), MSG)
+    assert r.ready[-1].agent_id == "late" and not r.pending and not r._held_at
