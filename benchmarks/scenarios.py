@@ -1098,8 +1098,12 @@ def cli_check(workdir: Path, events: Path, labels: Sequence[Label], cfg_path: Pa
     if same:
         detail = f"the same {len(theirs)} alerts (agent, detector, triggering lines) as in process"
     else:
-        detail = (f"exit {proc.returncode}; {len(theirs - mine)} alerts only from the CLI, {len(mine - theirs)} only "
-                  "in process (the population model learns from fewer agents in a subset)")
+        # A subset holds fewer agents: models shared by the table (population, table-wide novelty, traffic) see
+        # less of the fleet, so they may judge differently; an agent's own models see the same writes.
+        only_cli = sorted({a.detector for a in got if _alert_key(a) not in mine})
+        detail = (f"exit {proc.returncode}; {len(theirs - mine)} alerts only from the CLI "
+                  f"({', '.join(only_cli) or '-'}), {len(mine - theirs)} only in process (the table's shared models "
+                  "see fewer agents in a subset)")
         if proc.returncode != 0:
             detail += f"; stderr: {proc.stderr.strip()[-500:]}"
     return CliCheck(scenario, shown, proc.returncode, len(line_map), len(got), n_scores, same, detail, summary, secs)
