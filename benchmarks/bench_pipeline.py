@@ -714,6 +714,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-fetch-max-wait-ms", type=int, metavar="MS",
                    help="set worker.fetch_max_wait_ms for the workers (example config: 20; Faust's own: 1500)")
     p.add_argument("--skip-lag", action="store_true", help="skip the detection-lag run")
+    p.add_argument("--replay-only", action="store_true",
+                   help="only the replay and memory figures: no Kafka, no workers (seconds, not minutes)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep", action="store_true", help="keep the work folder (worker logs, configs)")
     return p
@@ -734,6 +736,17 @@ def main(argv: list[str] | None = None) -> int:
         records = make_events(args.events, args.agents, args.seed, prefix)
         cfg0 = load_config(EXAMPLE_CONFIG)
         rep = bench_replay(cfg0, records, workdir)
+        if args.replay_only:
+            lines.append(f"writeguard replay benchmark ({args.events:,} events, {args.agents:,} agents, "
+                         f"{os.cpu_count() or 0} cores)")
+            lines.append(f"replay (no Kafka)                        : {fmt_rate(rep.events_per_s)}")
+            lines.append(f"memory per agent model set               : {rep.bytes_tracemalloc:,.0f} bytes "
+                         f"(tracemalloc); {rep.bytes_walk:,.0f} bytes (getsizeof walk)")
+            lines.append(f"  alerts (normal traffic, should be ~0): replay {rep.alerts}; changes scored "
+                         f"{rep.changes:,}")
+            lines += machine_lines(load0, wall0)
+            print("\n".join(lines), flush=True)
+            return 0
 
         if args.bootstrap_servers:
             bootstrap = args.bootstrap_servers
