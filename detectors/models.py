@@ -14,6 +14,7 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Protocol
 
 from river import stats
@@ -99,6 +100,7 @@ def t_over_z(df: int) -> float:
     return t / z
 
 
+@lru_cache(maxsize=256)  # past the table: a population model's n, scored for several features and agents in a row
 def _widen_exact(n: int) -> float:
     return t_over_z(n - 1) * math.sqrt(1 + 1 / n)
 
@@ -173,8 +175,10 @@ class ZScore:
                 w0 = self._prior_writes / (self._prior_writes + n)
                 var = w0 * max(pooled.get(), 0.0) + (1 - w0) * var
         # The predictive range of a new value from n observations: Student-t with n-1 degrees of freedom, and
-        # the mean's own uncertainty (1 + 1/n), so that 30 writes give a wider range than 3,000.
-        widen = _widen(int(n))
+        # the mean's own uncertainty (1 + 1/n), so that 30 writes give a wider range than 3,000 (_widen, inlined:
+        # this runs for every feature of every write).
+        k = int(n)
+        widen = _WIDEN[k - 1] if 0 < k <= 4096 else _widen_exact(max(k, 1))
         return max(math.sqrt(var) * widen, self._min_std)
 
     def _z(self, name: str, v: float) -> float | None:
@@ -186,16 +190,19 @@ class ZScore:
     def learn_one(self, w: Write) -> None:
         only = self._only
         prior = self.prior
+        log = self._log
+        by_name = self._stats
         for name, v in w.x.items():
             if only is not None and name not in only:
                 continue
-            s = self._stats.get(name)
+            s = by_name.get(name)
             if s is None:
-                s = self._stats[name] = stats.Var()
-            x = self._value(name, v)
-            if prior is not None and s.mean.n >= 2:
+                s = by_name[name] = stats.Var()
+            x = math.copysign(math.log1p(abs(v)), v) if name in log else v  # _value, inlined
+            mean = s.mean
+            if prior is not None and mean.n >= 2:
                 # A deviation from the agent's own mean (scaled so that its variance is the agent's variance).
-                d = (x - s.mean.get()) * math.sqrt(s.mean.n / (s.mean.n + 1))
+                d = (x - mean.get()) * math.sqrt(mean.n / (mean.n + 1))
                 pooled = prior.spread.get(name)
                 if pooled is None:
                     pooled = prior.spread[name] = stats.Var()
@@ -206,12 +213,20 @@ class ZScore:
     def score_one(self, w: Write) -> float:
         worst = 0.0
         only = self._only
+        log = self._log
+        by_name = self._stats
+        min_count = self._min_count
         for name, v in w.x.items():
             if only is not None and name not in only:
                 continue
-            z = self._z(name, v)
-            if z is not None and abs(z) > worst:
-                worst = abs(z)
+            # _z and _value, inlined: the hottest loop of the engine (every feature, every write, agent and table).
+            s = by_name.get(name)
+            if s is None or s.mean.n < min_count:
+                continue
+            x = math.copysign(math.log1p(abs(v)), v) if name in log else v
+            z = abs((x - s.mean.get()) / self._std(name, s))
+            if z > worst:
+                worst = z
         return worst / (worst + self.half_z)
 
     def explain(self, w: Write) -> list[Contribution]:
@@ -797,11 +812,18 @@ class Cusum:
         return max(0.0, self._hi + z - self.k), max(0.0, self._lo - z - self.k)
 
     def score_one(self, w: Write) -> float:
-        x = self._x(w)
-        nxt = None if x is None else self._next(x)
-        if nxt is None:
+        # _x, _next and _z, inlined (each write); the same arithmetic.
+        v = w.x.get(self.feature)
+        if v is None:
             return 0.0
-        return min(max(nxt) / self.h, 1.0)
+        ref = self._ref
+        n = int(ref.mean.n)
+        if n < self.warmup:
+            return 0.0
+        x = math.copysign(math.log1p(abs(v)), v) if self._log else v
+        std = max(math.sqrt(max(ref.get(), 0.0)) * _widen(n), 1e-9)
+        z = (x - ref.mean.get()) / std
+        return min(max(max(0.0, self._hi + z - self.k), max(0.0, self._lo - z - self.k)) / self.h, 1.0)
 
     def learn_one(self, w: Write) -> None:
         x = self._x(w)
