@@ -336,14 +336,17 @@ class WindowCounter:
         return idx
 
     def add(self, t: float, weight: int = 1) -> None:
-        idx = self._advance(t)
+        idx = int(t // self._width)
+        if idx > self._head:  # most writes land in the current slot: nothing to advance
+            self._advance(t)
         n = len(self._counts)
         # A late event older than the window still counts in the oldest slot: undercounting would hide a burst.
         slot = idx if idx > self._head - n else self._head - n + 1
         self._counts[slot % n] += weight
 
     def count(self, t: float) -> int:
-        self._advance(t)
+        if int(t // self._width) > self._head:
+            self._advance(t)
         return sum(self._counts)
 
 
@@ -947,6 +950,8 @@ class _Windows:
     def roll(self, t: float, on_close: Callable[[dict[str, int], float], None], max_gap: int = 3) -> None:
         """Close the current window if ``t`` is past it: ``on_close(counts, window start)``."""
         idx = int(t // self.width)
+        if 0 <= idx <= self._index:  # still the current window (or a late write): the common case
+            return
         if self._index < 0:
             self._index = idx
         elif idx > self._index:
@@ -1054,7 +1059,7 @@ class DailyProfile:
         s = self._s
         if s is None:
             return None
-        i = self._slot(t)
+        i = int(t % 86_400 // 3_600) * 4  # _slot, inlined: on every score of Volume and OpMix
         return None if s[i] == 0 or t // 86_400 <= s[i + 3] else (s[i], s[i + 1], s[i + 2])
 
 
@@ -1107,7 +1112,8 @@ class Volume:
         return max(math.sqrt(b.var), math.sqrt(max(b.mean, 0.0)), 1.0)
 
     def _z(self, count: int) -> float:
-        z = (count - self._baseline.mean) / self._std()
+        b = self._baseline
+        z = (count - b.mean) / max(math.sqrt(b.var), math.sqrt(max(b.mean, 0.0)), 1.0)  # _std, inlined
         day = self._daily.get(self._win.start()) if self._daily is not None else None
         if day is not None:
             _, mean, var = day
