@@ -615,18 +615,22 @@ class CategoricalNovelty:
 
     def learn_one(self, w: Write) -> None:
         self.n += 1
-        self.known.n += 1
+        known = self.known
+        known.n += 1
         c = w.categories
         if not c:
             return
+        seen = self._seen
         for col in self._columns:
             v = c.get(col)
             if v is None:
                 continue
-            mine = self._seen.setdefault(col, set())
-            if len(mine) < self._max:
+            mine = seen.get(col)
+            if mine is None:
+                mine = seen[col] = set()
+            if v not in mine and len(mine) < self._max:
                 mine.add(v)
-            self.known.learn(col, v, self._max * 16)
+            known.learn(col, v, self._max * 16)
 
     def explain(self, w: Write) -> list[Contribution]:
         out = []
@@ -640,6 +644,7 @@ class CategoricalNovelty:
         return out
 
 
+@lru_cache(maxsize=1024)  # a key is hashed when scored and again when learned
 def _key_hash(key: str) -> int:
     # Stable across processes (unlike hash()), so a checkpointed detector still recognises its keys.
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
@@ -826,14 +831,24 @@ class Cusum:
         x = math.copysign(math.log1p(abs(v)), v) if self._log else v
         std = max(math.sqrt(max(ref.get(), 0.0)) * _widen(n), 1e-9)
         z = (x - ref.mean.get()) / std
-        return min(max(max(0.0, self._hi + z - self.k), max(0.0, self._lo - z - self.k)) / self.h, 1.0)
+        nxt = max(0.0, self._hi + z - self.k), max(0.0, self._lo - z - self.k)
+        global _cusum_scored
+        _cusum_scored = (self, w, nxt)
+        return min(max(nxt) / self.h, 1.0)
 
     def learn_one(self, w: Write) -> None:
         x = self._x(w)
         if x is None:
             return
         self.n += 1
-        nxt = self._next(x)
+        global _cusum_scored
+        last = _cusum_scored
+        if last[0] is self:
+            # The sums score_one just computed for this very write, from the same state: not computed twice.
+            nxt = last[2] if last[1] is w else self._next(x)
+            _cusum_scored = _NOTHING_SCORED  # this learn changes the state they came from
+        else:
+            nxt = self._next(x)
         if nxt is None:
             self._ref.update(x)
             return
@@ -864,6 +879,11 @@ class Cusum:
         )
         return [Contribution(f"{self.feature} (sustained shift)", float(x or 0.0), lo, hi, s, text=text)]
 
+
+# The last Cusum.score_one: (detector, write, next sums). The engine scores a write, then learns it, and the sums
+# are the same both times. Kept here rather than on the detector so that no checkpoint carries it.
+_NOTHING_SCORED: tuple[Cusum | None, Write | None, tuple[float, float] | None] = (None, None, None)
+_cusum_scored = _NOTHING_SCORED
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     ">": lambda a, b: a > b,
@@ -1279,6 +1299,7 @@ class OpMix:
 
 # Op codes OpHabit keeps a habit of: a snapshot read ("r") is not something the agent did.
 _HABIT_OPS = ("c", "u", "d", "t")
+_HABIT_INDEX = {op: j for j, op in enumerate(_HABIT_OPS)}
 _HABIT_NAMES = {"c": "inserts", "u": "updates", "d": "hard deletes", "t": "truncates"}
 
 
@@ -1415,7 +1436,7 @@ writes); at that share, 5 or more in 55 writes has a chance of 3.2e-09
         if op not in self.ops:
             return None
         self._advance(w.t)
-        j = _HABIT_OPS.index(op)
+        j = _HABIT_INDEX[op]
         habit_n = sum(self._habit)
         if habit_n < self.warmup:
             return None
@@ -1439,13 +1460,14 @@ writes); at that share, 5 or more in 55 writes has a chance of 3.2e-09
 
     def learn_one(self, w: Write) -> None:
         self.n += 1
-        if w.op not in _HABIT_OPS:
+        j = _HABIT_INDEX.get(w.op)
+        if j is None:
             return
         idx = self._advance(w.t)
         head = self._head if self._head is not None else idx
         # A late write older than the window still counts in the oldest bucket, as WindowCounter does.
         slot = idx if idx > head - self.BUCKETS else head - self.BUCKETS + 1
-        self._counts[slot % self.BUCKETS * 4 + _HABIT_OPS.index(w.op)] += 1
+        self._counts[slot % self.BUCKETS * 4 + j] += 1
 
     def _span(self) -> str:
         s = self.window
