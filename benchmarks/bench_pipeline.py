@@ -205,6 +205,7 @@ def start_worker(cfg_path: Path, cfg: Config, workdir: Path, children: list[subp
 @dataclass
 class ReplayResult:
     events_per_s: float
+    events_per_cpu_s: float
     changes: int
     alerts: int
     bytes_tracemalloc: float
@@ -282,7 +283,8 @@ def bench_replay(cfg: Config, records: list[Record], workdir: Path) -> ReplayRes
     ids = sum(sys.getsizeof(agent) for _, agent in eng2.states)
     traced_per = (traced + ids) / max(len(eng2.states), 1)
     return ReplayResult(
-        events_per_s=stats.events_per_second, changes=stats.changes, alerts=stats.alerts,
+        events_per_s=stats.events_per_second, events_per_cpu_s=stats.events_per_cpu_second, changes=stats.changes,
+        alerts=stats.alerts,
         bytes_tracemalloc=traced_per, bytes_walk=walk_total / max(models, 1),
         walk_by_table={t: sum(v) / len(v) for t, v in by_table.items()}, models=models,
     )
@@ -739,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.replay_only:
             lines.append(f"writeguard replay benchmark ({args.events:,} events, {args.agents:,} agents, "
                          f"{os.cpu_count() or 0} cores)")
-            lines.append(f"replay (no Kafka)                        : {fmt_rate(rep.events_per_s)}")
+            lines.append(f"replay (no Kafka)                        : {fmt_rate(rep.events_per_s)} "
+                         f"({rep.events_per_cpu_s:,.0f} events per CPU second)")
             lines.append(f"memory per agent model set               : {rep.bytes_tracemalloc:,.0f} bytes "
                          f"(tracemalloc); {rep.bytes_walk:,.0f} bytes (getsizeof walk)")
             lines.append(f"  alerts (normal traffic, should be ~0): replay {rep.alerts}; changes scored "
