@@ -78,6 +78,10 @@ def signed_expm1(v: float) -> float:
     return math.copysign(math.expm1(abs(v)), v)
 
 
+# On the per-write paths below, max() and min() of two floats are spelled as conditional expressions: each builtin
+# call packs its arguments in a tuple, and these run for every feature of every write. ``max(a, b)`` is
+# ``b if b > a else a`` and ``min(a, b)`` is ``b if b < a else a``: the same value, ties and signed zeros included.
+
 # The 0.999 quantile of the standard normal: the level at which a Student-t range is compared with it.
 _Z999 = 3.090232306167813
 
@@ -165,7 +169,8 @@ class ZScore:
 
     def _std(self, name: str, s: stats.Var) -> float:
         n = s.mean.n
-        var = max(s.get(), 0.0)
+        var = s.get()
+        var = 0.0 if 0.0 > var else var  # max(var, 0.0)
         prior = self.prior
         if prior is not None and self._prior_writes > 0:
             pooled = prior.spread.get(name)
@@ -173,13 +178,15 @@ class ZScore:
             if pooled is not None and pooled.mean.n >= 4 * self._prior_writes:
                 # Shrinkage: with n0 = prior_writes, the estimate is the fleet's until n0 writes, then the agent's.
                 w0 = self._prior_writes / (self._prior_writes + n)
-                var = w0 * max(pooled.get(), 0.0) + (1 - w0) * var
+                pvar = pooled.get()
+                var = w0 * (0.0 if 0.0 > pvar else pvar) + (1 - w0) * var
         # The predictive range of a new value from n observations: Student-t with n-1 degrees of freedom, and
         # the mean's own uncertainty (1 + 1/n), so that 30 writes give a wider range than 3,000 (_widen, inlined:
         # this runs for every feature of every write).
         k = int(n)
         widen = _WIDEN[k - 1] if 0 < k <= 4096 else _widen_exact(max(k, 1))
-        return max(math.sqrt(var) * widen, self._min_std)
+        std = math.sqrt(var) * widen
+        return self._min_std if self._min_std > std else std  # max(std, min_std)
 
     def _z(self, name: str, v: float) -> float | None:
         s = self._stats.get(name)
@@ -829,12 +836,17 @@ class Cusum:
         if n < self.warmup:
             return 0.0
         x = math.copysign(math.log1p(abs(v)), v) if self._log else v
-        std = max(math.sqrt(max(ref.get(), 0.0)) * _widen(n), 1e-9)
+        var = ref.get()
+        std = math.sqrt(0.0 if 0.0 > var else var) * _widen(n)
+        if 1e-9 > std:
+            std = 1e-9
         z = (x - ref.mean.get()) / std
-        nxt = max(0.0, self._hi + z - self.k), max(0.0, self._lo - z - self.k)
+        hi, lo = self._hi + z - self.k, self._lo - z - self.k
+        nxt = hi if hi > 0.0 else 0.0, lo if lo > 0.0 else 0.0  # max(0.0, hi), max(0.0, lo)
         global _cusum_scored
         _cusum_scored = (self, w, nxt)
-        return min(max(nxt) / self.h, 1.0)
+        q = (nxt[1] if nxt[1] > nxt[0] else nxt[0]) / self.h
+        return 1.0 if 1.0 < q else q
 
     def learn_one(self, w: Write) -> None:
         x = self._x(w)
@@ -1133,11 +1145,12 @@ class Volume:
 
     def _z(self, count: int) -> float:
         b = self._baseline
-        z = (count - b.mean) / max(math.sqrt(b.var), math.sqrt(max(b.mean, 0.0)), 1.0)  # _std, inlined
+        z = (count - b.mean) / _count_std(b.var, b.mean)
         day = self._daily.get(self._win.start()) if self._daily is not None else None
         if day is not None:
             _, mean, var = day
-            z = min(z, (count - mean) / max(math.sqrt(var), math.sqrt(max(mean, 0.0)), 1.0))
+            zd = (count - mean) / _count_std(var, mean)
+            z = zd if zd < z else z  # min(z, zd)
         return z
 
     def score_one(self, w: Write) -> float:
@@ -1162,6 +1175,14 @@ class Volume:
         return [
             Contribution(f"writes_per_{self._win.width:g}s", float(count), 0.0, high, self._z(count), text=text)
         ]
+
+
+def _count_std(var: float, mean: float) -> float:
+    """``max(sqrt(var), sqrt(max(mean, 0)), 1)``: a window count's spread, at least Poisson's, at least one."""
+    sd = math.sqrt(var)
+    poisson = math.sqrt(0.0 if 0.0 > mean else mean)
+    sd = poisson if poisson > sd else sd
+    return 1.0 if 1.0 > sd else sd
 
 
 def _share_z(share: float, mean: float, var: float, total: int) -> float:
