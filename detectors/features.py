@@ -153,7 +153,7 @@ class Extractor:
             if op not in ops:
                 continue
             if kind == _PLAIN:
-                v = as_number(lookup(row, keys))
+                v = as_number(row.get(keys[0]) if type(row) is dict and len(keys) == 1 else lookup(row, keys))
                 if v is not None:
                     out[name] = v
             elif kind == _RATIO:
@@ -184,8 +184,9 @@ class Extractor:
             return None
         row = before if op == "d" else after
         out: dict[str, str] = {}
+        flat = type(row) is dict
         for col, keys in self._cats:
-            v = identity(lookup(row, keys), 128)
+            v = identity(row.get(keys[0]) if flat and len(keys) == 1 else lookup(row, keys), 128)  # type: ignore[union-attr]
             if v is not None:
                 out[col] = v
         return out
@@ -217,5 +218,9 @@ def _compile_path(path: FieldPath) -> tuple[int, tuple[str, ...]]:
 def _pick(path: tuple[int, tuple[str, ...]], op: str, before: Row | None, after: Row | None) -> Any:
     image, keys = path
     if image == 0:
-        return lookup(before if op == "d" else after, keys)
-    return lookup(after if image == 1 else before, keys)
+        row = before if op == "d" else after
+    else:
+        row = after if image == 1 else before
+    if type(row) is dict and len(keys) == 1:  # a top-level column of a decoded row: lookup's loop, unrolled
+        return row.get(keys[0])
+    return lookup(row, keys)
