@@ -895,7 +895,7 @@ class Cusum:
 # The last Cusum.score_one: (detector, write, next sums). The engine scores a write, then learns it, and the sums
 # are the same both times. Kept here rather than on the detector so that no checkpoint carries it.
 _NOTHING_SCORED: tuple[Cusum | None, Write | None, tuple[float, float] | None] = (None, None, None)
-_cusum_scored = _NOTHING_SCORED
+_cusum_scored: tuple[Cusum | None, Write | None, tuple[float, float] | None] = _NOTHING_SCORED
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     ">": lambda a, b: a > b,
