@@ -104,7 +104,7 @@ def t_over_z(df: int) -> float:
     return t / z
 
 
-@lru_cache(maxsize=256)  # past the table: a population model's n, scored for several features and agents in a row
+@lru_cache(maxsize=64)  # past the table: a population model's n, scored for several features and agents in a row
 def _widen_exact(n: int) -> float:
     return t_over_z(n - 1) * math.sqrt(1 + 1 / n)
 
@@ -651,7 +651,7 @@ class CategoricalNovelty:
         return out
 
 
-@lru_cache(maxsize=1024)  # a key is hashed when scored and again when learned
+@lru_cache(maxsize=16)  # a key is hashed when scored and again when learned, a few calls apart
 def _key_hash(key: str) -> int:
     # Stable across processes (unlike hash()), so a checkpointed detector still recognises its keys.
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
