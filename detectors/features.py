@@ -138,7 +138,7 @@ class Extractor:
              tuple(f.divide_by.split(".")) if f.divide_by else None)
             for f in spec.features
         )  # fmt: skip
-        self._cats = tuple((col, tuple(col.split("."))) for col in spec.categories)
+        self._cats = tuple((col, tuple(col.split(".")), "." not in col) for col in spec.categories)
         self._key = tuple(spec.idempotency_key.split(".")) if spec.idempotency_key else None
 
     def agent(self, op: str, before: Row | None, after: Row | None) -> tuple[str | None, str | None]:
@@ -152,8 +152,12 @@ class Extractor:
         for name, kind, ops, keys, per in self._features:
             if op not in ops:
                 continue
-            if kind == _PLAIN:
-                v = as_number(row.get(keys[0]) if type(row) is dict and len(keys) == 1 else lookup(row, keys))
+            if kind == _COLUMN:  # a top-level column of a decoded row: lookup's loop, unrolled
+                v = as_number(row.get(keys[0]) if type(row) is dict else lookup(row, keys))
+                if v is not None:
+                    out[name] = v
+            elif kind == _PLAIN:
+                v = as_number(lookup(row, keys))
                 if v is not None:
                     out[name] = v
             elif kind == _RATIO:
@@ -185,8 +189,8 @@ class Extractor:
         row = before if op == "d" else after
         out: dict[str, str] = {}
         flat = type(row) is dict
-        for col, keys in self._cats:
-            v = identity(row.get(keys[0]) if flat and len(keys) == 1 else lookup(row, keys), 128)  # type: ignore[union-attr]
+        for col, keys, single in self._cats:
+            v = identity(row.get(col) if flat and single else lookup(row, keys), 128)  # type: ignore[union-attr]
             if v is not None:
                 out[col] = v
         return out
@@ -199,7 +203,7 @@ class Extractor:
 
 
 # What a feature computes from its column, decided once per table rather than per change.
-_PLAIN, _RATIO, _RELATIVE, _DELTA = range(4)
+_COLUMN, _PLAIN, _RATIO, _RELATIVE, _DELTA = range(5)  # _COLUMN: _PLAIN of a top-level column
 _IMAGES = {"row": 0, "after": 1, "before": 2}
 
 
@@ -208,19 +212,21 @@ def _kind(f: FeatureSpec) -> int:
         return _RATIO
     if f.relative:
         return _RELATIVE
-    return _DELTA if f.delta else _PLAIN
+    if f.delta:
+        return _DELTA
+    return _COLUMN if "." not in f.column else _PLAIN
 
 
-def _compile_path(path: FieldPath) -> tuple[int, tuple[str, ...]]:
-    return _IMAGES[path.image], path.keys
+def _compile_path(path: FieldPath) -> tuple[int, tuple[str, ...], bool]:
+    return _IMAGES[path.image], path.keys, len(path.keys) == 1
 
 
-def _pick(path: tuple[int, tuple[str, ...]], op: str, before: Row | None, after: Row | None) -> Any:
-    image, keys = path
+def _pick(path: tuple[int, tuple[str, ...], bool], op: str, before: Row | None, after: Row | None) -> Any:
+    image, keys, single = path
     if image == 0:
         row = before if op == "d" else after
     else:
         row = after if image == 1 else before
-    if type(row) is dict and len(keys) == 1:  # a top-level column of a decoded row: lookup's loop, unrolled
+    if single and type(row) is dict:  # a top-level column of a decoded row: lookup's loop, unrolled
         return row.get(keys[0])
     return lookup(row, keys)
