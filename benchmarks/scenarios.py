@@ -1515,7 +1515,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             *acceptance(sc),
             f"replay (in process)  : {stats.events_per_second:,.0f} events/s ({stats.lines:,} lines, "
             f"{stats.changes:,} changes, {stats.alerts} alerts, {len(stats.quarantined)} quarantines, "
-            f"{stats.seconds:.1f} s)",
+            f"{stats.seconds:.1f} s; {stats.events_per_cpu_second:,.0f} events per CPU second)",
         ]
         if mem is not None:
             lines.append(f"memory per (table, agent): {mem[0]:,.0f} bytes (tracemalloc over the engine's states, "

@@ -264,6 +264,12 @@ def _plan(table: TableSpec, d: AnyDetector, known: TableValues, table_scope: boo
         make = partial(_table_ceiling, make)
     learning = s.learning or table.learning
     regime = (s.regime_writes or 0) if s.learns and not table_scope else 0
+    population = make() if s.population else None
+    shared = make() if s.per_table or table_scope else None
+    if population is None and shared is None:
+        # One throwaway build now, so that the first change does not pay a detector's imports: river.drift (and
+        # with it scipy.stats) takes over a second, which would be the first alert's lag and replay's clock.
+        make()
     return _Plan(
         name=detector_name(d),
         kind=d.kind,
@@ -275,8 +281,8 @@ def _plan(table: TableSpec, d: AnyDetector, known: TableValues, table_scope: boo
         nmask=(1 << s.debounce.n) - 1,
         learned=s.learned,
         make=make,
-        population=make() if s.population else None,
-        shared=make() if s.per_table or table_scope else None,
+        population=population,
+        shared=shared,
         table_scope=table_scope,
         learns=s.learns and not table_scope,
         ceiling=s.ceiling if s.ceiling is not None else float("inf"),
@@ -624,7 +630,8 @@ class Engine:
         tab = self.tables[ch.table]
         if ch.op == "m":
             return self._mismatch(tab, ch)
-        key = (ch.table, ch.agent_id)
+        agent = ch.agent_id
+        key = (ch.table, agent)
         st = self._state(tab, key)
         if self.dirty is not None:
             self.dirty[key] = None
@@ -638,47 +645,55 @@ class Engine:
             st.learning = False
             tab.learning -= 1
         x = ch.x
-        w = Write(x, ch.op, ch.commit_ts_us / 1e6, ch.categories, ch.idempotency_key, ch.tx_id, ch.agent_id)
-        quarantine = self.quarantined.get(ch.agent_id)
+        snapshot = ch.snapshot
+        w = Write(x, ch.op, now / 1e6, ch.categories, ch.idempotency_key, ch.tx_id, agent)
+        quarantine = self.quarantined.get(agent)
         findings: list[Finding] = []
         value_anomaly = False
         any_anomaly = False
-        for i, p in enumerate(tab.plans):
-            det = st.dets[i]
+        # Once per change, for every detector: local names instead of attribute look-ups in the loop.
+        plans = tab.plans
+        dets = st.dets
+        masks = st.masks
+        for i, p in enumerate(plans):
+            det = dets[i]
             scope = "agent"
+            limit = p.threshold
             if p.learned:
                 if not x:
                     continue
                 if det.n < p.warmup:
-                    if p.population is None or not p.population_ready():
+                    population = p.population
+                    if population is None or not p.population_ready():
                         continue
-                    det, scope = p.population, "population"
+                    det, scope, limit = population, "population", p.population_threshold
             score = det.score_one(w)
             if scores is not None:
                 scores.append((p.name, score))
-            limit = p.threshold if scope == "agent" else p.population_threshold
-            anomalous = score >= limit and not ch.snapshot
+            anomalous = score >= limit and not snapshot
             if p.table_scope:
                 if self._table_wide(tab, p, ch, w, det, score, anomalous, st.n, findings):
                     any_anomaly = True
                 continue
-            mask = ((st.masks[i] << 1) | anomalous) & p.nmask
-            st.masks[i] = mask
-            bit = 1 << i
+            mask = ((masks[i] << 1) | anomalous) & p.nmask
+            masks[i] = mask
             if not anomalous:
-                # A quarantined agent keeps its incidents open: late, out-of-order normal events from other
-                # CDC partitions must not close them and re-alert on the same burst.
-                if mask == 0 and not (st.open & bit and quarantine is not None):
-                    st.open &= ~bit
-                    if st.recent is not None:
-                        st.recent[i].clear()  # a lone outlier long ago is not part of a later incident
+                if mask == 0:
+                    bit = 1 << i
+                    # A quarantined agent keeps its incidents open: late, out-of-order normal events from other
+                    # CDC partitions must not close them and re-alert on the same burst.
+                    if not (st.open & bit and quarantine is not None):
+                        st.open &= ~bit
+                        if st.recent is not None and st.recent[i]:
+                            st.recent[i].clear()  # a lone outlier long ago is not part of a later incident
                 continue
+            bit = 1 << i
             any_anomaly = True
             value_anomaly = value_anomaly or p.learned
             if st.recent is None:
-                st.recent = [[] for _ in tab.plans]
+                st.recent = [[] for _ in plans]
             recent = st.recent[i]
-            recent.append(Trigger(ch.coords, ch.commit_ts_us, score, w if p.keep_write else None))
+            recent.append(Trigger(ch.coords, now, score, w if p.keep_write else None))
             if len(recent) > 64:
                 del recent[0]
             if mask.bit_count() < p.k:
@@ -708,19 +723,21 @@ class Engine:
         if quarantine is not None:
             quarantine.events_after += 1
             quarantine.anomalous_after += any_anomaly
-        for i, p in enumerate(tab.plans):
+        learn_values = bool(x) and not value_anomaly and quarantine is None
+        for i, p in enumerate(plans):
             if not p.learned:
-                if not ch.snapshot:  # a snapshot replays history: those rows were not written just now
-                    st.dets[i].learn_one(w)
-            elif x and not value_anomaly and quarantine is None:
-                st.dets[i].learn_one(w)
-                if p.population is not None:
-                    p.population.learn_one(w)
+                if not snapshot:  # a snapshot replays history: those rows were not written just now
+                    dets[i].learn_one(w)
+            elif learn_values:
+                dets[i].learn_one(w)
+                population = p.population
+                if population is not None:
+                    population.learn_one(w)
                     p.population_n[0] += 1
                     if p.population_first_us is None:
                         p.population_first_us = now
                     if len(p.population_seen) < p.population_agents:
-                        p.population_seen.add(ch.agent_id)
+                        p.population_seen.add(agent)
         if st.open and tab.regime and quarantine is None:
             self._regime(tab, st, ch, findings)
         return findings

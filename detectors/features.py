@@ -19,7 +19,8 @@ Row = Mapping[str, Any]
 def lookup(row: Row | None, keys: tuple[str, ...]) -> Any:
     cur: Any = row
     for k in keys:
-        if not isinstance(cur, Mapping):
+        # A decoded row is a plain dict: the exact type check spares the ABC's isinstance on every column read.
+        if type(cur) is not dict and not isinstance(cur, Mapping):
             return None
         cur = cur.get(k)
     return cur
@@ -27,6 +28,8 @@ def lookup(row: Row | None, keys: tuple[str, ...]) -> Any:
 
 def as_number(v: Any) -> float | None:
     """A finite float from a JSON number or a numeric string (Debezium's decimal.handling.mode=string)."""
+    if type(v) is float:  # the common case first: a JSON number with a fraction
+        return v if math.isfinite(v) else None
     if isinstance(v, bool):
         return float(v)
     if isinstance(v, int | float):
@@ -71,6 +74,8 @@ def identity(v: Any, limit: int = ID_LIMIT) -> str | None:
     >>> a[:3], a[200:208], len(a), a == identity("x" * 300), a == b, identity(a) == a
     ('xxx', '~sha256:', 272, True, False, False)
     """
+    if type(v) is str and 0 < len(v) <= limit:  # the common case first: a short id, kept as it is
+        return v
     if v is None or isinstance(v, dict | list):
         return None
     try:
@@ -125,52 +130,56 @@ class Extractor:
     __slots__ = ("_agent", "_cats", "_features", "_key", "_run")
 
     def __init__(self, spec: TableSpec) -> None:
-        self._agent = FieldPath.parse(spec.agent_id)
-        self._run = FieldPath.parse(spec.run_id) if spec.run_id else None
-        self._features: tuple[tuple[FeatureSpec, tuple[str, ...], tuple[str, ...] | None], ...] = tuple(
-            (f, tuple(f.column.split(".")), tuple(f.divide_by.split(".")) if f.divide_by else None)
+        self._agent = _compile_path(FieldPath.parse(spec.agent_id))
+        self._run = _compile_path(FieldPath.parse(spec.run_id)) if spec.run_id else None
+        # Compiled once per table, read on every change: (name, kind, ops, keys, divide_by keys).
+        self._features: tuple[tuple[str, int, frozenset[str], tuple[str, ...], tuple[str, ...] | None], ...] = tuple(
+            (f.name, _kind(f), frozenset(f.ops), tuple(f.column.split(".")),
+             tuple(f.divide_by.split(".")) if f.divide_by else None)
             for f in spec.features
-        )
-        self._cats = tuple((col, tuple(col.split("."))) for col in spec.categories)
+        )  # fmt: skip
+        self._cats = tuple((col, tuple(col.split(".")), "." not in col) for col in spec.categories)
         self._key = tuple(spec.idempotency_key.split(".")) if spec.idempotency_key else None
 
     def agent(self, op: str, before: Row | None, after: Row | None) -> tuple[str | None, str | None]:
-        agent = identity(pick(self._agent, op, before, after))
-        run = identity(pick(self._run, op, before, after)) if self._run is not None else None
+        agent = identity(_pick(self._agent, op, before, after))
+        run = identity(_pick(self._run, op, before, after)) if self._run is not None else None
         return agent, run
 
     def features(self, op: str, before: Row | None, after: Row | None) -> dict[str, float]:
         out: dict[str, float] = {}
         row = before if op == "d" else after
-        for f, keys, per in self._features:
-            if op not in f.ops:
+        for name, kind, ops, keys, per in self._features:
+            if op not in ops:
                 continue
-            if per is not None:
-                num, den = as_number(lookup(row, keys)), as_number(lookup(row, per))
+            if kind == _COLUMN:  # a top-level column of a decoded row: lookup's loop, unrolled
+                v = as_number(row.get(keys[0]) if type(row) is dict else lookup(row, keys))
+                if v is not None:
+                    out[name] = v
+            elif kind == _PLAIN:
+                v = as_number(lookup(row, keys))
+                if v is not None:
+                    out[name] = v
+            elif kind == _RATIO:
+                num, den = as_number(lookup(row, keys)), as_number(lookup(row, per))  # type: ignore[arg-type]
                 # Two finite numbers can still divide or subtract to inf (1e308 / 1e-308): such a value has no
                 # meaning for a model, and inf would not survive the JSON of the changes topic either.
                 if num is not None and den and math.isfinite(q := num / den):
-                    out[f.name] = q
-                continue
-            if f.relative:
+                    out[name] = q
+            elif kind == _RELATIVE:
                 a = as_number(lookup(after, keys))
                 b = as_number(lookup(before, keys))
                 if a is not None and b is not None and a != b:
                     r = math.copysign(math.log1p(abs(a)), a) - math.copysign(math.log1p(abs(b)), b)
                     if math.isfinite(r):
-                        out[f.name] = r
-                continue
-            if f.delta:
+                        out[name] = r
+            else:
                 a = as_number(lookup(after, keys))
                 b = as_number(lookup(before, keys))
                 # An update that left the column as it was says nothing about the size of a change: learned as
                 # zeros, a job's thousands of status-only updates would make every real change look extreme.
                 if a is not None and b is not None and math.isfinite(d := a - b) and d != 0:
-                    out[f.name] = d
-                continue
-            v = as_number(lookup(row, keys))
-            if v is not None:
-                out[f.name] = v
+                    out[name] = d
         return out
 
     def categories(self, op: str, before: Row | None, after: Row | None) -> dict[str, str] | None:
@@ -179,8 +188,9 @@ class Extractor:
             return None
         row = before if op == "d" else after
         out: dict[str, str] = {}
-        for col, keys in self._cats:
-            v = identity(lookup(row, keys), 128)
+        flat = type(row) is dict
+        for col, keys, single in self._cats:
+            v = identity(row.get(col) if flat and single else lookup(row, keys), 128)  # type: ignore[union-attr]
             if v is not None:
                 out[col] = v
         return out
@@ -190,3 +200,33 @@ class Extractor:
         if self._key is None:
             return None
         return identity(lookup(before if op == "d" else after, self._key), 256)
+
+
+# What a feature computes from its column, decided once per table rather than per change.
+_COLUMN, _PLAIN, _RATIO, _RELATIVE, _DELTA = range(5)  # _COLUMN: _PLAIN of a top-level column
+_IMAGES = {"row": 0, "after": 1, "before": 2}
+
+
+def _kind(f: FeatureSpec) -> int:
+    if f.divide_by is not None:
+        return _RATIO
+    if f.relative:
+        return _RELATIVE
+    if f.delta:
+        return _DELTA
+    return _COLUMN if "." not in f.column else _PLAIN
+
+
+def _compile_path(path: FieldPath) -> tuple[int, tuple[str, ...], bool]:
+    return _IMAGES[path.image], path.keys, len(path.keys) == 1
+
+
+def _pick(path: tuple[int, tuple[str, ...], bool], op: str, before: Row | None, after: Row | None) -> Any:
+    image, keys, single = path
+    if image == 0:
+        row = before if op == "d" else after
+    else:
+        row = after if image == 1 else before
+    if single and type(row) is dict:  # a top-level column of a decoded row: lookup's loop, unrolled
+        return row.get(keys[0])
+    return lookup(row, keys)

@@ -16,6 +16,7 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Protocol
 
 from river import stats
@@ -79,6 +80,10 @@ def signed_expm1(v: float) -> float:
     return math.copysign(math.expm1(abs(v)), v)
 
 
+# On the per-write paths below, max() and min() of two floats are spelled as conditional expressions: each builtin
+# call packs its arguments in a tuple, and these run for every feature of every write. ``max(a, b)`` is
+# ``b if b > a else a`` and ``min(a, b)`` is ``b if b < a else a``: the same value, ties and signed zeros included.
+
 # The 0.999 quantile of the standard normal: the level at which a Student-t range is compared with it.
 _Z999 = 3.090232306167813
 
@@ -101,6 +106,7 @@ def t_over_z(df: int) -> float:
     return t / z
 
 
+@lru_cache(maxsize=64)  # past the table: a population model's n, scored for several features and agents in a row
 def _widen_exact(n: int) -> float:
     return t_over_z(n - 1) * math.sqrt(1 + 1 / n)
 
@@ -165,7 +171,8 @@ class ZScore:
 
     def _std(self, name: str, s: stats.Var) -> float:
         n = s.mean.n
-        var = max(s.get(), 0.0)
+        var = s.get()
+        var = 0.0 if 0.0 > var else var  # max(var, 0.0)
         prior = self.prior
         if prior is not None and self._prior_writes > 0:
             pooled = prior.spread.get(name)
@@ -173,11 +180,15 @@ class ZScore:
             if pooled is not None and pooled.mean.n >= 4 * self._prior_writes:
                 # Shrinkage: with n0 = prior_writes, the estimate is the fleet's until n0 writes, then the agent's.
                 w0 = self._prior_writes / (self._prior_writes + n)
-                var = w0 * max(pooled.get(), 0.0) + (1 - w0) * var
+                pvar = pooled.get()
+                var = w0 * (0.0 if 0.0 > pvar else pvar) + (1 - w0) * var
         # The predictive range of a new value from n observations: Student-t with n-1 degrees of freedom, and
-        # the mean's own uncertainty (1 + 1/n), so that 30 writes give a wider range than 3,000.
-        widen = _widen(int(n))
-        return max(math.sqrt(var) * widen, self._min_std)
+        # the mean's own uncertainty (1 + 1/n), so that 30 writes give a wider range than 3,000 (_widen, inlined:
+        # this runs for every feature of every write).
+        k = int(n)
+        widen = _WIDEN[k - 1] if 0 < k <= 4096 else _widen_exact(max(k, 1))
+        std = math.sqrt(var) * widen
+        return self._min_std if self._min_std > std else std  # max(std, min_std)
 
     def _z(self, name: str, v: float) -> float | None:
         s = self._stats.get(name)
@@ -188,16 +199,19 @@ class ZScore:
     def learn_one(self, w: Write) -> None:
         only = self._only
         prior = self.prior
+        log = self._log
+        by_name = self._stats
         for name, v in w.x.items():
             if only is not None and name not in only:
                 continue
-            s = self._stats.get(name)
+            s = by_name.get(name)
             if s is None:
-                s = self._stats[name] = stats.Var()
-            x = self._value(name, v)
-            if prior is not None and s.mean.n >= 2:
+                s = by_name[name] = stats.Var()
+            x = math.copysign(math.log1p(abs(v)), v) if name in log else v  # _value, inlined
+            mean = s.mean
+            if prior is not None and mean.n >= 2:
                 # A deviation from the agent's own mean (scaled so that its variance is the agent's variance).
-                d = (x - s.mean.get()) * math.sqrt(s.mean.n / (s.mean.n + 1))
+                d = (x - mean.get()) * math.sqrt(mean.n / (mean.n + 1))
                 pooled = prior.spread.get(name)
                 if pooled is None:
                     pooled = prior.spread[name] = stats.Var()
@@ -208,12 +222,20 @@ class ZScore:
     def score_one(self, w: Write) -> float:
         worst = 0.0
         only = self._only
+        log = self._log
+        by_name = self._stats
+        min_count = self._min_count
         for name, v in w.x.items():
             if only is not None and name not in only:
                 continue
-            z = self._z(name, v)
-            if z is not None and abs(z) > worst:
-                worst = abs(z)
+            # _z and _value, inlined: the hottest loop of the engine (every feature, every write, agent and table).
+            s = by_name.get(name)
+            if s is None or s.mean.n < min_count:
+                continue
+            x = math.copysign(math.log1p(abs(v)), v) if name in log else v
+            z = abs((x - s.mean.get()) / self._std(name, s))
+            if z > worst:
+                worst = z
         return worst / (worst + self.half_z)
 
     def levels(self) -> dict[str, float]:
@@ -332,14 +354,17 @@ class WindowCounter:
         return idx
 
     def add(self, t: float, weight: int = 1) -> None:
-        idx = self._advance(t)
+        idx = int(t // self._width)
+        if idx > self._head:  # most writes land in the current slot: nothing to advance
+            self._advance(t)
         n = len(self._counts)
         # A late event older than the window still counts in the oldest slot: undercounting would hide a burst.
         slot = idx if idx > self._head - n else self._head - n + 1
         self._counts[slot % n] += weight
 
     def count(self, t: float) -> int:
-        self._advance(t)
+        if int(t // self._width) > self._head:
+            self._advance(t)
         return sum(self._counts)
 
 
@@ -608,18 +633,22 @@ class CategoricalNovelty:
 
     def learn_one(self, w: Write) -> None:
         self.n += 1
-        self.known.n += 1
+        known = self.known
+        known.n += 1
         c = w.categories
         if not c:
             return
+        seen = self._seen
         for col in self._columns:
             v = c.get(col)
             if v is None:
                 continue
-            mine = self._seen.setdefault(col, set())
-            if len(mine) < self._max:
+            mine = seen.get(col)
+            if mine is None:
+                mine = seen[col] = set()
+            if v not in mine and len(mine) < self._max:
                 mine.add(v)
-            self.known.learn(col, v, self._max * 16)
+            known.learn(col, v, self._max * 16)
 
     def explain(self, w: Write) -> list[Contribution]:
         out = []
@@ -633,6 +662,7 @@ class CategoricalNovelty:
         return out
 
 
+@lru_cache(maxsize=16)  # a key is hashed when scored and again when learned, a few calls apart
 def _key_hash(key: str) -> int:
     # Stable across processes (unlike hash()), so a checkpointed detector still recognises its keys.
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
@@ -837,18 +867,43 @@ class Cusum:
         return max(0.0, self._hi + z - self.k), max(0.0, self._lo - z - self.k)
 
     def score_one(self, w: Write) -> float:
-        x = self._x(w)
-        nxt = None if x is None else self._next(x)
-        if nxt is None:
+        # _x, _next and _z, inlined (each write); the same arithmetic.
+        v = w.x.get(self.feature)
+        if v is None:
             return 0.0
-        return min(max(nxt) / self.h, 1.0)
+        ops = getattr(self, "ops", None)  # None in a checkpoint from before the option
+        if ops is not None and w.op not in ops:
+            return 0.0
+        ref = self._ref
+        n = int(ref.mean.n)
+        if n < self.warmup:
+            return 0.0
+        x = math.copysign(math.log1p(abs(v)), v) if self._log else v
+        var = ref.get()
+        std = math.sqrt(0.0 if 0.0 > var else var) * _widen(n)
+        if 1e-9 > std:
+            std = 1e-9
+        z = (x - ref.mean.get()) / std
+        hi, lo = self._hi + z - self.k, self._lo - z - self.k
+        nxt = hi if hi > 0.0 else 0.0, lo if lo > 0.0 else 0.0  # max(0.0, hi), max(0.0, lo)
+        global _cusum_scored
+        _cusum_scored = (self, w, nxt)
+        q = (nxt[1] if nxt[1] > nxt[0] else nxt[0]) / self.h
+        return 1.0 if 1.0 < q else q
 
     def learn_one(self, w: Write) -> None:
         x = self._x(w)
         if x is None:
             return
         self.n += 1
-        nxt = self._next(x)
+        global _cusum_scored
+        last = _cusum_scored
+        if last[0] is self:
+            # The sums score_one just computed for this very write, from the same state: not computed twice.
+            nxt = last[2] if last[1] is w else self._next(x)
+            _cusum_scored = _NOTHING_SCORED  # this learn changes the state they came from
+        else:
+            nxt = self._next(x)
         if nxt is None:
             self._ref.update(x)
             return
@@ -943,6 +998,10 @@ def regime_shift(before: Mapping[str, float], after: Mapping[str, float], writes
         out.append(Contribution(f"{name} level", a, b, b, text=text))
     return out
 
+# The last Cusum.score_one: (detector, write, next sums). The engine scores a write, then learns it, and the sums
+# are the same both times. Kept here rather than on the detector so that no checkpoint carries it.
+_NOTHING_SCORED: tuple[Cusum | None, Write | None, tuple[float, float] | None] = (None, None, None)
+_cusum_scored: tuple[Cusum | None, Write | None, tuple[float, float] | None] = _NOTHING_SCORED
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     ">": lambda a, b: a > b,
@@ -1029,6 +1088,8 @@ class _Windows:
     def roll(self, t: float, on_close: Callable[[dict[str, int], float], None], max_gap: int = 3) -> None:
         """Close the current window if ``t`` is past it: ``on_close(counts, window start)``."""
         idx = int(t // self.width)
+        if 0 <= idx <= self._index:  # still the current window (or a late write): the common case
+            return
         if self._index < 0:
             self._index = idx
         elif idx > self._index:
@@ -1136,7 +1197,7 @@ class DailyProfile:
         s = self._s
         if s is None:
             return None
-        i = self._slot(t)
+        i = int(t % 86_400 // 3_600) * 4  # _slot, inlined: on every score of Volume and OpMix
         return None if s[i] == 0 or t // 86_400 <= s[i + 3] else (s[i], s[i + 1], s[i + 2])
 
 
@@ -1189,11 +1250,13 @@ class Volume:
         return max(math.sqrt(b.var), math.sqrt(max(b.mean, 0.0)), 1.0)
 
     def _z(self, count: int) -> float:
-        z = (count - self._baseline.mean) / self._std()
+        b = self._baseline
+        z = (count - b.mean) / _count_std(b.var, b.mean)
         day = self._daily.get(self._win.start()) if self._daily is not None else None
         if day is not None:
             _, mean, var = day
-            z = min(z, (count - mean) / max(math.sqrt(var), math.sqrt(max(mean, 0.0)), 1.0))
+            zd = (count - mean) / _count_std(var, mean)
+            z = zd if zd < z else z  # min(z, zd)
         return z
 
     def score_one(self, w: Write) -> float:
@@ -1218,6 +1281,14 @@ class Volume:
         return [
             Contribution(f"writes_per_{self._win.width:g}s", float(count), 0.0, high, self._z(count), text=text)
         ]
+
+
+def _count_std(var: float, mean: float) -> float:
+    """``max(sqrt(var), sqrt(max(mean, 0)), 1)``: a window count's spread, at least Poisson's, at least one."""
+    sd = math.sqrt(var)
+    poisson = math.sqrt(0.0 if 0.0 > mean else mean)
+    sd = poisson if poisson > sd else sd
+    return 1.0 if 1.0 > sd else sd
 
 
 def _share_z(share: float, mean: float, var: float, total: int) -> float:
@@ -1355,6 +1426,7 @@ class OpMix:
 
 # Op codes OpHabit keeps a habit of: a snapshot read ("r") is not something the agent did.
 _HABIT_OPS = ("c", "u", "d", "t")
+_HABIT_INDEX = {op: j for j, op in enumerate(_HABIT_OPS)}
 _HABIT_NAMES = {"c": "inserts", "u": "updates", "d": "hard deletes", "t": "truncates"}
 
 
@@ -1491,7 +1563,7 @@ writes); at that share, 5 or more in 55 writes has a chance of 3.2e-09
         if op not in self.ops:
             return None
         self._advance(w.t)
-        j = _HABIT_OPS.index(op)
+        j = _HABIT_INDEX[op]
         habit_n = sum(self._habit)
         if habit_n < self.warmup:
             return None
@@ -1515,13 +1587,14 @@ writes); at that share, 5 or more in 55 writes has a chance of 3.2e-09
 
     def learn_one(self, w: Write) -> None:
         self.n += 1
-        if w.op not in _HABIT_OPS:
+        j = _HABIT_INDEX.get(w.op)
+        if j is None:
             return
         idx = self._advance(w.t)
         head = self._head if self._head is not None else idx
         # A late write older than the window still counts in the oldest bucket, as WindowCounter does.
         slot = idx if idx > head - self.BUCKETS else head - self.BUCKETS + 1
-        self._counts[slot % self.BUCKETS * 4 + _HABIT_OPS.index(w.op)] += 1
+        self._counts[slot % self.BUCKETS * 4 + j] += 1
 
     def _span(self) -> str:
         s = self.window

@@ -29,6 +29,7 @@ from stream.checkpoints import CheckpointWriter, partition_for
 from stream.config import Config, client_settings
 from stream.logs import kafka_logging
 from stream.pipeline import Router, router_for
+from stream.replay import READ_BUFFER
 
 _PARTITION_EOF = getattr(KafkaError, "_PARTITION_EOF")  # noqa: B009 - librdkafka's underscored name
 
@@ -89,7 +90,8 @@ def _routed(router: Router, topic: str | None, value: bytes | None, coords: Kafk
 
 def changes_from_file(path: str | Path, router: Router, stats: LearnStats) -> Iterator[Change]:
     name = str(path)
-    with open(path, "rb") as fh:
+    # A large buffer: with the default 8 KiB, reading the lines costs a system call every dozen events.
+    with open(path, "rb", buffering=READ_BUFFER) as fh:
         for lineno, raw in enumerate(fh, 1):
             stats.events = lineno
             value = raw.strip()

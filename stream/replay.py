@@ -23,6 +23,7 @@ from stream.config import Config, make_engine
 from stream.pipeline import SKIP_PENDING, Intake, build_alert, router_for
 
 _enc = msgspec.json.Encoder()
+READ_BUFFER = 1 << 20  # bytes read at a time from an events file
 
 
 class _Score(msgspec.Struct):
@@ -44,10 +45,15 @@ class ReplayStats:
     dead_letters: Counter[str] = field(default_factory=Counter)
     dead_letter_lines: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time over the same span: what the events cost on one core
 
     @property
     def events_per_second(self) -> float:
         return self.lines / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def events_per_cpu_second(self) -> float:
+        return self.lines / self.cpu_seconds if self.cpu_seconds > 0 else 0.0
 
 
 def replay(
@@ -65,7 +71,11 @@ def replay(
     scores: list[tuple[str, float]] | None = [] if scores_out is not None else None
     name = str(path)
 
-    def score(ch: Change) -> None:
+    lineno = 0
+    last_ts = [0]
+
+    def change(ch: Change) -> None:
+        last_ts[0] = ch.commit_ts_us
         stats.changes += 1
         findings = engine.process(ch, scores)
         if scores is not None and scores_out is not None:
@@ -81,13 +91,6 @@ def replay(
             if alerts_out is not None:
                 alerts_out.write(build_alert(f, time.time_ns() // 1000).to_bytes() + b"\n")
 
-    lineno = 0
-    last_ts = [0]
-
-    def change(ch: Change) -> None:
-        last_ts[0] = ch.commit_ts_us
-        score(ch)
-
     def skipped(reason: str) -> None:
         stats.skipped[reason] += 1
 
@@ -100,7 +103,9 @@ def replay(
     intake = Intake(router, change, skipped, dead)
 
     started = last = time.perf_counter()
-    with open(path, "rb") as fh:
+    cpu_started = time.process_time()
+    # A large buffer: with the default 8 KiB, reading the lines costs a system call every dozen events.
+    with open(path, "rb", buffering=READ_BUFFER) as fh:
         for lineno, raw in enumerate(fh, 1):
             stats.lines = lineno
             value = raw.strip()
@@ -120,6 +125,7 @@ def replay(
     stats.skipped.pop(SKIP_PENDING, None)  # every held row ended up scored or unattributed
     stats.skipped = +stats.skipped
     stats.seconds = time.perf_counter() - started
+    stats.cpu_seconds = time.process_time() - cpu_started
     return stats
 
 
