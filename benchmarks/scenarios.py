@@ -937,6 +937,17 @@ class Row:
     delays_events: list[int] = field(default_factory=list)
     delays_s: list[float] = field(default_factory=list)
 
+    def add(self, r: Row) -> None:
+        """Add ``r``'s counts to this row's and pool its delays (the overall row, several seeds' rows)."""
+        self.incidents += r.incidents
+        self.detected += r.detected
+        self.alerts += r.alerts
+        self.tp += r.tp
+        self.normal_events += r.normal_events
+        self.anomalous_events += r.anomalous_events
+        self.delays_events += r.delays_events
+        self.delays_s += r.delays_s
+
     @property
     def false_alarms(self) -> int:
         return self.alerts - self.tp
@@ -1027,14 +1038,7 @@ def score(labels: Sequence[Label], alerts: Sequence[AlertRef]) -> Score:
     ordered = [rows[s] for s in SCENARIOS if s in rows] + [r for s, r in rows.items() if s not in SCENARIOS]
     overall = Row("overall")
     for r in ordered:
-        overall.incidents += r.incidents
-        overall.detected += r.detected
-        overall.alerts += r.alerts
-        overall.tp += r.tp
-        overall.normal_events += r.normal_events
-        overall.anomalous_events += r.anomalous_events
-        overall.delays_events += r.delays_events
-        overall.delays_s += r.delays_s
+        overall.add(r)
     order = {s: i for i, s in enumerate(SCENARIOS)}
     results = sorted(incidents.values(), key=lambda r: (order.get(r.scenario, 99), r.first_ts_us))
     return Score(ordered, overall, results, without, fa_by)
@@ -1213,14 +1217,7 @@ def combine(scores: Sequence[Score]) -> Score:
     for one in scores:
         for r in [*one.rows, one.overall]:
             into = overall if r is one.overall else rows.setdefault(r.scenario, Row(r.scenario))
-            into.incidents += r.incidents
-            into.detected += r.detected
-            into.alerts += r.alerts
-            into.tp += r.tp
-            into.normal_events += r.normal_events
-            into.anomalous_events += r.anomalous_events
-            into.delays_events += r.delays_events
-            into.delays_s += r.delays_s
+            into.add(r)
     fa_by: Counter[tuple[str, str]] = Counter()
     for one in scores:
         fa_by.update(one.false_alarms_by)

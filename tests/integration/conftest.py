@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,21 +17,52 @@ import pytest
 import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from detectors.engine import Change
 from stream.config import Config, load_config
+from stream.ingest import decode_changes
 from testbed.broker import LocalKafka
 from testbed.fleet import ORDERS, REFUNDS, Record
 from testbed.process import ROOT, WorkerProcess, spawn_worker
 from testbed.stack import example_config
 
 
-@pytest.fixture(scope="session")
-def kafka() -> Iterator[LocalKafka]:
+@contextmanager
+def local_kafka() -> Iterator[LocalKafka]:
+    """A local KRaft broker for the block, stopped after it."""
     broker = LocalKafka(progress=lambda m: print(m, file=sys.stderr))
     broker.start()
     try:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[LocalKafka]:
+    with local_kafka() as broker:
+        yield broker
+
+
+def poll_worker(what: str, probe: Callable[[], tuple[bool, Any]], w: Worker, timeout: float = 120.0) -> Any:
+    """Call ``probe`` until it says done and return what it saw; fail after ``timeout`` s with what it last saw, or
+    at once if the worker died."""
+    deadline = time.monotonic() + timeout
+    seen: Any = None
+    while time.monotonic() < deadline:
+        assert w.proc.poll() is None, f"worker died waiting for {what}:\n{w.process.log_tail()}"
+        try:
+            done, seen = probe()
+        except OSError as e:  # the metrics endpoint between two requests of a busy worker: ask again
+            done, seen = False, repr(e)
+        if done:
+            return seen
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s; last seen: {seen!r}\n{w.process.log_tail()}")
+
+
+def changes_on_topic(bootstrap: str, topic: str) -> list[Change]:
+    """Every change on the changes topic, in topic order (each record is a batch of them)."""
+    return [ch for _, v, _, _ in read_topic(bootstrap, topic) if v for ch in decode_changes(v)]
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,10 +26,17 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from stream.ingest import decode_changes
 from testbed.broker import LocalKafka
 from testbed.fleet import REFUNDS, Fleet
-from tests.integration.conftest import Worker, produce, read_topic, start_worker
+from tests.integration.conftest import (
+    Worker,
+    changes_on_topic,
+    local_kafka,
+    poll_worker,
+    produce,
+    read_topic,
+    start_worker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,28 +47,13 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def poll(what: str, probe: Callable[[], tuple[bool, Any]], w: Worker, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    seen: Any = None
-    while time.monotonic() < deadline:
-        assert w.proc.poll() is None, f"worker died waiting for {what}:\n{w.process.log_tail()}"
-        try:
-            done, seen = probe()
-        except OSError as e:  # the metrics endpoint between two requests of a busy worker: ask again
-            done, seen = False, repr(e)
-        if done:
-            return seen
-        time.sleep(0.3)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s; last seen: {seen!r}\n{w.process.log_tail()}")
-
 
 def forwarded(w: Worker) -> set[tuple[str, int, int]]:
     """The CDC coordinates of every change on the changes topic."""
     out = set()
-    for _, v, _, _ in read_topic(w.bootstrap, w.config.topics.changes):
-        for ch in decode_changes(v or b"[]"):
-            c = ch.coords
-            out.add((c.topic, c.partition, c.offset))  # type: ignore[union-attr]
+    for ch in changes_on_topic(w.bootstrap, w.config.topics.changes):
+        c = ch.coords
+        out.add((c.topic, c.partition, c.offset))  # type: ignore[union-attr]
     return out
 
 
@@ -71,12 +62,8 @@ def forwarded(w: Worker) -> set[tuple[str, int, int]]:
 
 @pytest.fixture
 def own_kafka() -> Iterator[LocalKafka]:
-    broker = LocalKafka(progress=lambda m: print(m, file=sys.stderr))
-    broker.start()
-    try:
+    with local_kafka() as broker:  # its own: this test stops it
         yield broker
-    finally:
-        broker.stop()
 
 
 def test_a_broker_outage_loses_nothing_and_the_worker_rides_it_out(own_kafka: LocalKafka, tmp_path: Path) -> None:
@@ -124,7 +111,7 @@ def test_a_broker_outage_loses_nothing_and_the_worker_rides_it_out(own_kafka: Lo
         assert len(coords) == total
 
         w.wait_for("writeguard_events_total", total)
-        missing = poll(
+        missing = poll_worker(
             "every event on the changes topic",
             lambda: (not (m := coords - forwarded(w)), sorted(m)[:5]),
             w,
@@ -136,7 +123,7 @@ def test_a_broker_outage_loses_nothing_and_the_worker_rides_it_out(own_kafka: Lo
             got = [a for a in got if a["agent_id"] == rogue.agent_id and a["quarantined"]]
             return bool(got), got
 
-        poll(f"a quarantine of {rogue.agent_id}", quarantined, w)
+        poll_worker(f"a quarantine of {rogue.agent_id}", quarantined, w)
         assert w.proc.poll() is None
         # 10 s of outage and the recovery: without rate limiting this was thousands of lines (issue 11).
         grown = w.process.log.read_bytes().splitlines()[lines_before:]
@@ -230,7 +217,7 @@ def test_fuzzed_records_are_dead_letters_or_scored_and_the_counts_add_up(kafka: 
             }
             return sum(got.values()) >= len(batch), got
 
-        got = poll(f"all {len(batch)} records dead-lettered, skipped or scored", accounted, w, timeout=180)
+        got = poll_worker(f"all {len(batch)} records dead-lettered, skipped or scored", accounted, w, timeout=180)
         assert w.proc.poll() is None
         assert sum(got.values()) == len(batch), got  # no record counted twice, none lost
         assert got["dead_letters_total"] > FUZZ / 3 and got["events_total"] > len(valid_at), got
@@ -340,7 +327,7 @@ def test_sigkill_before_and_after_an_alert_decides_as_an_uninterrupted_run(kafka
         rogue.rogue = "inflate"
         t1 = history[-1].commit_ts_us + S
         put([fleet.write(rogue, t1 + i * 200_000) for i in range(8)])
-        poll("the rogue's alert", lambda: (bool(a := _alerts(w)), a), w)
+        poll_worker("the rogue's alert", lambda: (bool(a := _alerts(w)), a), w)
         _kill(w)  # after the alert, before the incident's last writes may be scored
         w = _restart(w, tmp_path / "b3")
         rogue.rogue = None
@@ -356,7 +343,7 @@ def test_sigkill_before_and_after_an_alert_decides_as_an_uninterrupted_run(kafka
     u = start_worker(kafka, tmp_path / "a", prefix=prefix, edit=_own_topics(other, prefix))
     try:
         _all_scored(u, cdc)
-        poll("the uninterrupted run's alerts", lambda: (bool(a := _alerts(u)), a), u)
+        poll_worker("the uninterrupted run's alerts", lambda: (bool(a := _alerts(u)), a), u)
         uninterrupted, quarantined_once = _alerts(u), _quarantines(u)
     finally:
         u.process.stop()

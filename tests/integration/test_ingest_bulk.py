@@ -18,12 +18,12 @@ from confluent_kafka import Consumer, TopicPartition
 from detectors.engine import Change
 from stream.app import ensure_topics
 from stream.config import Config, load_config
-from stream.ingest import BulkIngest, decode_changes, ingest_group
+from stream.ingest import BulkIngest, ingest_group
 from stream.metrics import Metrics
 from stream.pipeline import router_for
 from testbed.broker import LocalKafka
 from testbed.fleet import REFUNDS, Fleet
-from tests.integration.conftest import make_config, produce, read_topic, start_worker
+from tests.integration.conftest import changes_on_topic, make_config, produce, read_topic, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +34,8 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def changes_on_topic(cfg: Config) -> list[Change]:
-    return [
-        ch
-        for _, v, _, _ in read_topic(cfg.kafka.bootstrap_servers, cfg.topics.changes)
-        if v
-        for ch in decode_changes(v)
-    ]
+def changes_of(cfg: Config) -> list[Change]:
+    return changes_on_topic(cfg.kafka.bootstrap_servers, cfg.topics.changes)
 
 
 def committed(cfg: Config, topics: list[str], partitions: int = 3) -> dict[tuple[str, int], int]:
@@ -68,7 +63,7 @@ def test_a_clean_run_scores_every_event_once_and_alerts_the_rogue(kafka: LocalKa
         assert w.wait_for("writeguard_events_total", total, timeout=120) == total
 
         # Each CDC record crossed the changes topic once, in batches, and nothing else did.
-        chs = changes_on_topic(w.config)
+        chs = changes_of(w.config)
         coords = sorted((c.coords.topic, c.coords.partition, c.coords.offset) for c in chs)  # type: ignore[union-attr]
         sent = sorted((r.topic, p, o) for r, (p, o) in zip([*history, *burst], where, strict=True))
         assert coords == sent
@@ -133,7 +128,7 @@ def test_a_batch_sent_but_not_committed_is_sent_again_not_skipped(kafka: LocalKa
 
     # The first batch twice (sent, then re-sent), the second once: at least once, never lost.
     counts: dict[tuple[str, int, int], int] = {}
-    for c in changes_on_topic(cfg):
+    for c in changes_of(cfg):
         k = (c.coords.topic, c.coords.partition, c.coords.offset)  # type: ignore[union-attr]
         counts[k] = counts.get(k, 0) + 1
     assert len(counts) == len(first) + len(second)

@@ -23,7 +23,7 @@ from detectors.engine import UNATTRIBUTED, Change
 from stream.ingest import decode_changes
 from testbed.broker import LocalKafka
 from testbed.fleet import Fleet, logical_message, without_agent
-from tests.integration.conftest import read_topic
+from tests.integration.conftest import changes_on_topic, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +36,7 @@ def alerts(pair: Pair) -> list[dict[str, Any]]:
 
 
 def changes(pair: Pair) -> list[Change]:
-    return [
-        ch
-        for _, v, _, _ in read_topic(pair.group.bootstrap, pair.config.topics.changes)
-        if v
-        for ch in decode_changes(v)
-    ]
+    return changes_on_topic(pair.group.bootstrap, pair.config.topics.changes)
 
 
 def wait(what: str, probe: Any, pair: Pair, timeout: float = 120.0) -> Any:

@@ -30,7 +30,7 @@ from detectors.spec import RateSpec
 from testbed.broker import LocalKafka
 from testbed.fleet import Fleet, Record
 from testbed.process import ROOT, spawn_worker
-from tests.integration.conftest import Worker, produce, read_topic, start_worker
+from tests.integration.conftest import Worker, poll_worker, produce, read_topic, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -49,18 +49,6 @@ def messages(w: Worker, topic: str) -> list[dict[str, Any]]:
     return [json.loads(v) for _, v, _, _ in read_topic(w.bootstrap, topic) if v is not None]
 
 
-def poll(what: str, probe: Callable[[], tuple[bool, Any]], worker: Worker, timeout: float = 120.0) -> Any:
-    """Call ``probe`` until it says done; fail after ``timeout`` s with what it last saw."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert worker.proc.poll() is None, f"worker died:\n{worker.process.log_tail()}"
-        done, seen = probe()
-        if done:
-            return seen
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s; last seen: {seen!r}\n{worker.process.log_tail()}")
-        time.sleep(0.5)
-
 
 def gauge(w: Worker, name: str) -> float | None:
     try:
@@ -76,7 +64,7 @@ def wait_gauge(w: Worker, name: str, ok: Callable[[float], bool], what: str) -> 
         v = gauge(w, name)
         return v is not None and ok(v), v
 
-    return float(poll(f"{name} {what}", probe, w))
+    return float(poll_worker(f"{name} {what}", probe, w))
 
 
 def wait_alerts(w: Worker, match: Callable[[dict[str, Any]], bool], what: str) -> list[dict[str, Any]]:
@@ -84,7 +72,7 @@ def wait_alerts(w: Worker, match: Callable[[dict[str, Any]], bool], what: str) -
         got = [a for a in messages(w, w.config.topics.alerts) if match(a)]
         return bool(got), got
 
-    return list(poll(f"alert for {what}", probe, w))
+    return list(poll_worker(f"alert for {what}", probe, w))
 
 
 def of_agent(agent: str) -> Callable[[dict[str, Any]], bool]:
@@ -363,7 +351,7 @@ def test_a_new_worker_process_rebuilds_the_quarantine_from_the_control_topic(sho
     shop.send(shop.burst(ROGUE, shop.t0 + 2000 * S, 12))
     alert = wait_alerts(w, of_agent(ROGUE), ROGUE)
     assert len(alert) == 1 and alert[0]["quarantined"] is True, alert
-    control = poll("its control record", lambda: (bool(got := control_for(w, ROGUE)), got), w)
+    control = poll_worker("its control record", lambda: (bool(got := control_for(w, ROGUE)), got), w)
     assert [(c["state"], c["alert_id"]) for c in control] == [("quarantined", alert[0]["alert_id"])], control
     wait_gauge(w, "writeguard_quarantined_agents", lambda v: v == 1, "== 1")
 
