@@ -276,11 +276,12 @@ class WriteguardApp:
         loop = asyncio.get_running_loop()
         bulk = self.bulk
         try:
-            while not bulk.closed:
-                await loop.run_in_executor(bulk.executor, bulk.step)
+            await loop.run_in_executor(bulk.executor, bulk.run)
         except Exception as e:  # a batch the broker would not take: stop rather than skip it
             log.exception("ingest stopped")
             await self.app.crash(e)
+        finally:
+            bulk.stop()  # cancelled at shutdown: the thread would run on, and the interpreter's exit wait for it
 
     async def detect(self, stream: Any) -> None:  # a faust.Stream: StreamT does not declare take_events
         """Batches of changes, keyed by agent: every write of an agent reaches this worker's models."""
@@ -307,6 +308,8 @@ class WriteguardApp:
                     findings = self.score(ch)
                     if findings:
                         await self.publish(findings)
+                # Up to 2,000 changes a record: let the loop send the alerts published so far before the next.
+                await asyncio.sleep(0)
 
     async def ingest_direct(self, stream: Any) -> None:
         """Without the hop, the CDC records scored where they are read.
@@ -426,6 +429,7 @@ class WriteguardApp:
 
     # mode's stubs do not accept an async receiver with these keywords, though its Signal.send awaits one.
     async def _close_ingest(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        self.bulk.stop()  # run() returns after its batch; close() runs after it on the same thread
         await asyncio.get_running_loop().run_in_executor(self.bulk.executor, self.bulk.close)
 
     async def _close_joiner(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -516,6 +520,7 @@ def run_worker(
     engine = make_engine(cfg, store)
     metrics = Metrics()
     metrics.prime(cfg)
+    metrics.watch_gc()
     port = metrics.serve(cfg.worker.metrics.host, cfg.worker.metrics.port if metrics_port is None else metrics_port)
     print(f"writeguard worker: metrics on http://{cfg.worker.metrics.host}:{port}/metrics", flush=True)
     app = build_app(cfg, engine, metrics, datadir=datadir)

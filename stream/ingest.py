@@ -128,6 +128,7 @@ class BulkIngest:
                 "session.timeout.ms": int(w.session_timeout_s * 1000),
                 "heartbeat.interval.ms": int(w.heartbeat_interval_s * 1000),
                 "fetch.wait.max.ms": w.fetch_max_wait_ms,
+                "fetch.min.bytes": w.fetch_min_bytes,
                 # A CDC topic Debezium creates after the worker started is found within 10 s, not 5 minutes.
                 "topic.metadata.refresh.interval.ms": 10_000,
             }
@@ -144,6 +145,7 @@ class BulkIngest:
         self._partition_of: dict[str, int] = {}
         self._lag_at = 0.0
         self._started = False
+        self._stopping = False
         self.closed = False
         self.forwarded = 0  # changes acknowledged by the broker, since start
 
@@ -165,6 +167,19 @@ class BulkIngest:
         self.consumer.subscribe(self.inputs, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._started = True
         log.info("ingest: group %s reads %s", printable(self.group), printable(", ".join(self.inputs)))
+
+    def run(self) -> None:
+        """Batch after batch until :meth:`stop`: on :attr:`executor`, once.
+
+        One call for the life of the worker rather than one per batch: a batch handed over by the event loop
+        waits for the loop, which may be scoring a large batch of its own, and the CDC backlog grows meanwhile.
+        """
+        while not self._stopping and not self.closed:
+            self.step()
+
+    def stop(self) -> None:
+        """Let :meth:`run` return after the batch it is in (any thread)."""
+        self._stopping = True
 
     def step(self) -> int:
         """Consume one batch, route it, forward it, and commit it; returns the changes forwarded."""

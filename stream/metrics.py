@@ -6,7 +6,9 @@ and dead-letter reasons); agent ids never become labels, so cardinality stays bo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, get_args
+import gc
+import time
+from typing import TYPE_CHECKING, Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -137,7 +139,28 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "writeguard_gc_pause_seconds",
+            "Python's cyclic garbage collector: how long each collection stopped the worker, by generation. "
+            "A collection of the oldest generation walks every model set in memory.",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         self._events: dict[tuple[str, str], Counter] = {}
+        self._gc_started = 0.0
+
+    def watch_gc(self) -> None:
+        """Time the garbage collector's pauses into ``writeguard_gc_pause_seconds`` (the worker calls this once)."""
+        hists = [self.gc_pause.labels(str(g)) for g in range(3)]
+
+        def on_gc(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                self._gc_started = time.perf_counter()
+            else:
+                hists[min(int(info.get("generation", 2)), 2)].observe(time.perf_counter() - self._gc_started)
+
+        gc.callbacks.append(on_gc)
 
     def event(self, table: str, op: str) -> None:
         c = self._events.get((table, op))
