@@ -677,6 +677,10 @@ def realtime_phase(bootstrap: str, fleet: Fleet, args: argparse.Namespace, watch
         log(f"lag: WARNING the writes were ready {late:.1f} s after the phase's start; its first alerts carry that")
     # linger.ms 5: the default of Kafka 4's Java producer, the one Debezium's Connect worker sends with (KIP-1030).
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
+    # Connected, with the topics' metadata, before the first write is due: as Debezium's long-lived producer is.
+    # A new one holds its first writes until then, and the run's first alerts would carry that.
+    for topic in sorted({s[1] for s in sends}):
+        producer.list_topics(topic, timeout=30)
     res.phase_start_us = int(t0 * 1e6)
     last_report = last_drain = time.monotonic()
     i, n = 0, len(sends)
