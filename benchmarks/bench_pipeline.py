@@ -52,7 +52,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    TIMESTAMP_LOG_APPEND_TIME,
+    Consumer,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # re-export not declared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,9 +119,11 @@ def fmt_rate(v: float | None) -> str:
 # -- Kafka ---------------------------------------------------------------------------------------------
 
 
-def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> None:
+def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0,
+                  config: dict[str, str] | None = None) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(t, n, 1) for t, n in topics.items()], request_timeout=timeout)
+    futures = admin.create_topics([NewTopic(t, n, 1, config=config or {}) for t, n in topics.items()],
+                                  request_timeout=timeout)
     for name, fut in futures.items():
         try:
             fut.result()
@@ -532,13 +541,19 @@ class LagResult:
     points: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, lag_ms)
     late_ms: list[float] = field(default_factory=list)  # produce time minus commit time, 1 write in 64
     gc: list[tuple[int, float]] = field(default_factory=list)  # the worker's collections and ms, by generation
+    # (detected_at µs, topic, partition, offset) of each alert's triggering write, for the worker's share
+    triggers: list[tuple[int, str, int, int]] = field(default_factory=list)
+    worker_share_ms: list[float] = field(default_factory=list)  # CDC record's arrival -> alert published
 
 
 def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Path,
               children: list[subprocess.Popen[bytes]], *, repartition: bool = True) -> LagResult:
     prefix = f"lag{uuid.uuid4().hex[:8]}"
     fleet = Fleet(n_agents=args.agents, seed=args.seed + 1, prefix=prefix)
-    create_topics(bootstrap, {f"{prefix}.{t}": 3 for t in {a.table for a in fleet.agents}})
+    # The broker stamps each CDC record with its arrival: an alert's lag then splits into the load generator's
+    # and the broker's share (commit -> arrival) and the worker's (arrival -> alert published).
+    create_topics(bootstrap, {f"{prefix}.{t}": 3 for t in {a.table for a in fleet.agents}},
+                  config={"message.timestamp.type": "LogAppendTime"})
     scale = rate / sum(a.rate_per_s for a in fleet.agents)
     for a in fleet.agents:
         a.rate_per_s *= scale
@@ -597,6 +612,7 @@ def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Pa
             time.sleep(0.2)
         drain_alerts(watch, res, rogue_ids)
         cpu1, wall1 = cpu_seconds(w.proc.pid), time.monotonic()
+        res.worker_share_ms = worker_share(bootstrap, res.triggers)
         end = w.metrics()
         hist1 = hist_buckets(end, "writeguard_processing_lag_seconds")
         for g in range(3):
@@ -714,6 +730,24 @@ def realtime_phase(bootstrap: str, fleet: Fleet, args: argparse.Namespace, watch
     return rogue_ids
 
 
+def worker_share(bootstrap: str, triggers: list[tuple[int, str, int, int]]) -> list[float]:
+    """Per alert, its triggering CDC record's arrival at the broker (LogAppendTime) to the alert's detected_at."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wg-bench-share-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False})
+    out: list[float] = []
+    try:
+        for detected_us, topic, partition, offset in triggers:
+            c.assign([TopicPartition(topic, partition, offset)])
+            msg = c.consume(1, 10.0)
+            if msg and msg[0].error() is None and msg[0].offset() == offset:
+                kind, ts_ms = msg[0].timestamp()
+                if kind == TIMESTAMP_LOG_APPEND_TIME:
+                    out.append(detected_us / 1000 - ts_ms)
+    finally:
+        c.close()
+    return out
+
+
 def drain_alerts(watch: Consumer, res: LagResult, rogue_ids: set[str]) -> None:
     msgs = watch.consume(num_messages=500, timeout=0)
     if not msgs:
@@ -729,6 +763,10 @@ def drain_alerts(watch: Consumer, res: LagResult, rogue_ids: set[str]) -> None:
             res.warmup_alerts += 1  # raised on the warm-up history: its commit times are in the past
             continue
         res.alert_lags_ms.append(float(body["lag_ms"]))
+        last = next((t for t in reversed(body.get("triggering_events") or [])
+                     if t.get("topic") is not None and iso_us(str(t["commit_ts"])) == commit_us), None)
+        if last is not None:
+            res.triggers.append((iso_us(str(body["detected_at"])), last["topic"], last["partition"], last["offset"]))
         res.points.append(((commit_us - res.phase_start_us) / 1e6, float(body["lag_ms"])))
         res.e2e_lags_ms.append((recv_us - commit_us) / 1000.0)
         if body["agent_id"] in rogue_ids:
@@ -871,6 +909,11 @@ def main(argv: list[str] | None = None) -> int:
                 p99 = f"p99 {percentile(lags, 0.99):,.0f} ms" if n >= 100 else \
                     f"p99 n/a (only {n} alerts, < 100; max {lags[-1]:,.0f} ms)"
                 lines.append(f"{head}: p50 {percentile(lags, 0.5):,.0f} ms, {p99} ({n} alerts)")
+            share = sorted(lag.worker_share_ms)
+            if share:
+                p99s = f"p99 {percentile(share, 0.99):,.0f} ms" if len(share) >= 100 else f"max {share[-1]:,.0f} ms"
+                lines.append(f"  of which the worker's (CDC record at the broker -> alert published): "
+                             f"p50 {percentile(share, 0.5):,.0f} ms, {p99s} ({len(share)} alerts)")
             lines.append(f"processing lag histogram p50/p99         : {1000 * lag.hist_p50_s:,.0f} ms / "
                          f"{1000 * lag.hist_p99_s:,.0f} ms ({lag.hist_samples:,} samples, 1 event in 16, "
                          "bucket-interpolated)")
