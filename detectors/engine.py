@@ -16,6 +16,7 @@ from itertools import islice
 
 import msgspec
 
+from detectors import pickling
 from detectors.features import Extractor
 from detectors.models import (
     CategoricalNovelty,
@@ -33,6 +34,8 @@ from detectors.models import (
 )
 from detectors.spec import QUARANTINING, SEVERITY_RANK, AnyDetector, Suppression, TableSpec, detector_name
 from detectors.write import Op, Write
+
+pickling.register()  # checkpoints must not slow down the model sets they copy (detectors/pickling.py)
 
 # Alert ids are uuid5 in this namespace, so the same triggering event always yields the same alert id.
 ALERT_NAMESPACE = uuid.UUID("6f1c3d2e-52a8-4c1b-9d0e-77a1c0ffee42")
