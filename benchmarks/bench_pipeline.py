@@ -615,13 +615,13 @@ def bench_lag(bootstrap: str, args: argparse.Namespace, rate: float, workdir: Pa
         res.worker_share_ms = worker_share(bootstrap, res.triggers)
         end = w.metrics()
         hist1 = hist_buckets(end, "writeguard_processing_lag_seconds")
+        def grown(key: str) -> float:
+            return end.get(key, 0.0) - base.get(key, 0.0)
+
         for g in range(3):
             k = f'{{generation="{g}"}}'
-            n_gc = end.get(f"writeguard_gc_pause_seconds_count{k}", 0.0) - base.get(
-                f"writeguard_gc_pause_seconds_count{k}", 0.0)
-            s_gc = end.get(f"writeguard_gc_pause_seconds_sum{k}", 0.0) - base.get(
-                f"writeguard_gc_pause_seconds_sum{k}", 0.0)
-            res.gc.append((int(n_gc), 1000 * s_gc))
+            res.gc.append((int(grown(f"writeguard_gc_pause_seconds_count{k}")),
+                           1000 * grown(f"writeguard_gc_pause_seconds_sum{k}")))
         delta = {b: hist1.get(b, 0.0) - hist0.get(b, 0.0) for b in hist1}
         res.hist_samples = int(delta.get(float("inf"), 0.0))
         res.hist_p50_s = histogram_quantile(delta, 0.50)
@@ -944,9 +944,9 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"  CPU, direct worker run: {cpu(direct)}")
         if lag is not None:
             e2e = sorted(lag.e2e_lags_ms)
-            late = sorted(lag.late_ms) or [0.0]
-            lines.append(f"  lag run: the load generator produced its writes p50 {percentile(late, 0.5):,.1f} ms, "
-                         f"p99 {percentile(late, 0.99):,.1f} ms, max {late[-1]:,.1f} ms after their commit time")
+            behind = sorted(lag.late_ms) or [0.0]
+            lines.append(f"  lag run: the load generator produced its writes p50 {percentile(behind, 0.5):,.1f} ms, "
+                         f"p99 {percentile(behind, 0.99):,.1f} ms, max {behind[-1]:,.1f} ms after their commit time")
             lines.append(f"  lag run: target {lag.target_rate:,.0f} events/s, achieved {lag.achieved_rate:,.0f}, "
                          f"{lag.produced:,} events, {lag.rogues} rogue agents, {lag.rogue_alerts} rogue alerts, "
                          f"{lag.other_alerts} other alerts ({lag.warmup_alerts} more on the warm-up history), "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -148,19 +149,22 @@ class Metrics:
             registry=r,
         )
         self._events: dict[tuple[str, str], Counter] = {}
-        self._gc_started = 0.0
 
-    def watch_gc(self) -> None:
-        """Time the garbage collector's pauses into ``writeguard_gc_pause_seconds`` (the worker calls this once)."""
+    def watch_gc(self) -> Callable[[str, dict[str, Any]], None]:
+        """Time the garbage collector's pauses into ``writeguard_gc_pause_seconds`` (the worker calls this once);
+        returns the callback put in ``gc.callbacks``."""
         hists = [self.gc_pause.labels(str(g)) for g in range(3)]
+        started = 0.0
 
         def on_gc(phase: str, info: dict[str, Any]) -> None:
+            nonlocal started
             if phase == "start":
-                self._gc_started = time.perf_counter()
+                started = time.perf_counter()
             else:
-                hists[min(int(info.get("generation", 2)), 2)].observe(time.perf_counter() - self._gc_started)
+                hists[info["generation"]].observe(time.perf_counter() - started)
 
         gc.callbacks.append(on_gc)
+        return on_gc
 
     def event(self, table: str, op: str) -> None:
         c = self._events.get((table, op))

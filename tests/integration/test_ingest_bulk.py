@@ -134,3 +134,31 @@ def test_a_batch_sent_but_not_committed_is_sent_again_not_skipped(kafka: LocalKa
     assert len(counts) == len(first) + len(second)
     assert {k for k, n in counts.items() if n == 2} == sent_first
     assert set(counts.values()) == {1, 2}
+
+
+def test_run_forwards_batch_after_batch_until_stopped_then_closes(kafka: LocalKafka, tmp_path: Path) -> None:
+    cfg = load_config(make_config(tmp_path, kafka.bootstrap_servers, f"t{uuid.uuid4().hex[:8]}"))
+    kafka.create_topics({t.topic: 3 for t in cfg.tables})
+    ensure_topics(cfg)
+    fleet = Fleet(n_agents=8, seed=33, prefix=cfg.tables[0].topic.split(".")[0])
+    b = bulk(cfg)
+    # The worker's way: run() once on the ingest thread, for as long as the worker lives.
+    done = b.executor.submit(b.run)
+    first = list(fleet.stream(300, now_us() - 300 * S))
+    produce(cfg.kafka.bootstrap_servers, first)
+    deadline = time.monotonic() + 60
+    while b.forwarded < len(first):
+        assert time.monotonic() < deadline and not done.done(), f"forwarded {b.forwarded} of {len(first)}"
+        time.sleep(0.1)
+    later = list(fleet.stream(200, now_us() - 100 * S))  # arrives while run() is in its loop, not in a new call
+    produce(cfg.kafka.bootstrap_servers, later)
+    while b.forwarded < len(first) + len(later):
+        assert time.monotonic() < deadline and not done.done(), f"forwarded {b.forwarded}"
+        time.sleep(0.1)
+
+    b.stop()  # from another thread, as the worker's shutdown does
+    done.result(timeout=10)  # run() returns after the batch it was in
+    closing = b.executor.submit(b.close)  # queued behind run() on the same thread, as _close_ingest does
+    closing.result(timeout=30)
+    assert b.closed
+    assert b.forwarded == len(first) + len(later) == len(changes_of(cfg))

@@ -31,3 +31,17 @@ def test_prime_creates_the_configs_series_at_zero() -> None:
     assert 'writeguard_alerts_total{detector="zscore",severity="critical",table="public.refunds"} 1.0' in (
         generate_latest(m.registry).decode()
     )
+
+
+def test_a_full_collection_is_timed_in_the_gc_pause_histogram() -> None:
+    import gc
+
+    m = Metrics()
+    on_gc = m.watch_gc()
+    try:
+        gc.collect()  # a collection of generation 2, the oldest
+    finally:
+        gc.callbacks.remove(on_gc)
+    full = m.registry.get_sample_value("writeguard_gc_pause_seconds_count", {"generation": "2"})
+    took = m.registry.get_sample_value("writeguard_gc_pause_seconds_sum", {"generation": "2"})
+    assert full is not None and full >= 1 and took is not None and took > 0
